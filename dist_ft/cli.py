@@ -1,0 +1,154 @@
+"""`dist-ft` command line: plan, render, launch (launcher side) and train (rank side)."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+from .artifacts import PLAN_FILE, RunDirConflict, render_files, write_run_dir
+from .config import load_recipe
+from .local_launch import torchrun_command
+from .plan import Plan, make_plan
+from .plan_report import format_plan
+from .preflight import check_inputs, model_shape, resolve_recipe_paths
+from .strict import Problem, RecipeError
+
+EXIT_BAD_INPUT = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (RecipeError, RunDirConflict) as err:
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        _report_error(err, getattr(args, "recipe", None))
+        return EXIT_BAD_INPUT
+
+
+def _report_error(err: Exception, recipe: str | None) -> None:
+    if isinstance(err, RecipeError):
+        where = f"recipe {recipe}" if recipe else "the recipe"
+        print(f"error: {where} has {len(err.problems)} problem(s); nothing was written or submitted.",
+              file=sys.stderr)
+        for problem in err.problems:
+            print("  " + str(problem).replace("\n", "\n  "), file=sys.stderr)
+    else:
+        print(f"error: {err}", file=sys.stderr)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dist-ft", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def recipe_command(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("recipe", help="YAML recipe, e.g. launch/demo.yaml")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe field, e.g. --set cluster.nodes=4 (repeatable)")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+        return p
+
+    p = recipe_command("plan", "validate a recipe and print the resolved plan")
+    p.add_argument("--json", action="store_true", help="print plan.json instead of the table")
+    p.set_defaults(func=cmd_plan)
+
+    p = recipe_command("render", "write the run dir (plan, DeepSpeed configs, sbatch scripts); submit nothing")
+    p.add_argument("--out", help="run dir (default: checkpointing.output_root/name)")
+    p.add_argument("--force", action="store_true", help="overwrite a run dir that holds a different plan")
+    p.set_defaults(func=cmd_render)
+
+    p = recipe_command("launch", "render, then run locally with torchrun or submit to SLURM")
+    p.add_argument("--backend", choices=("local", "slurm"), default="local")
+    p.add_argument("--dry-run", action="store_true", help="render and print the commands; run nothing")
+    p.add_argument("--out", help="run dir (default: checkpointing.output_root/name)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("train", help="(per rank) train one stage of a rendered run")
+    p.add_argument("--run", required=True, help="run dir written by render/launch")
+    p.add_argument("--stage", required=True)
+    p.add_argument("--debug", action="store_true")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def _load_plan(args: argparse.Namespace) -> tuple[object, Plan]:
+    recipe_path = Path(args.recipe)
+    recipe = load_recipe(recipe_path, args.overrides)
+    recipe = resolve_recipe_paths(recipe, recipe_path.resolve().parent)
+    check_inputs(recipe)
+    out = getattr(args, "out", None)
+    run_dir = Path(out) if out else Path(recipe.checkpointing.output_root) / recipe.name
+    if not all(ch.isprintable() for ch in str(run_dir)):
+        raise RecipeError([Problem("--out", "the run dir path contains a control character",
+                                   "use a plain path")])
+    return recipe, make_plan(recipe, model_shape(recipe), str(run_dir.resolve()))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    _, plan = _load_plan(args)
+    print(plan.to_json() if args.json else format_plan(plan))
+    return 0
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    recipe, plan = _load_plan(args)
+    files = render_files(recipe, plan)
+    write_run_dir(Path(plan.run_dir), files, force=args.force)
+    print(f"wrote {plan.run_dir}: " + ", ".join(sorted(files)))
+    return 0
+
+
+def cmd_launch(args: argparse.Namespace) -> int:
+    recipe, plan = _load_plan(args)
+    if args.backend == "local" and plan.nodes > 1:
+        raise RecipeError([Problem("cluster.nodes", f"the local backend runs one node, the recipe asks for "
+                                    f"{plan.nodes}", "use --backend slurm, or --set cluster.nodes=1")])
+    files = render_files(recipe, plan)
+    write_run_dir(Path(plan.run_dir), files, force=args.force)
+    print(f"run dir: {plan.run_dir}")
+    if args.backend == "slurm":
+        from .slurm_jobs import submit_stages
+
+        return submit_stages(plan, dry_run=args.dry_run)
+    return _run_local(plan, dry_run=args.dry_run)
+
+
+def _run_local(plan: Plan, dry_run: bool) -> int:
+    port = int(plan.cluster.get("rdzv_port", 29500))
+    for stage in plan.stages:
+        cmd = torchrun_command(plan, stage, port)
+        print(f"[{stage.name}] " + " ".join(cmd), flush=True)
+        if dry_run:
+            continue
+        status = subprocess.call(cmd, env=_local_env())
+        if status != 0:
+            print(f"error: stage {stage.name} failed with exit status {status}; later stages were not run. "
+                  f"Re-run the same command to resume from its last checkpoint.", file=sys.stderr)
+            return status
+    return 0
+
+
+def _local_env() -> dict[str, str]:
+    import os
+
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    plan = Plan.from_json((Path(args.run) / PLAN_FILE).read_text())
+    stage = plan.stage(args.stage)
+    from .trainer import train_stage
+
+    return train_stage(plan, stage)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,363 @@
+"""The recipe: typed, frozen, strictly loaded. No I/O here beyond reading the YAML text.
+
+Single-object checks live in `__post_init__`; checks that need several sections
+or the model's shape live in `plan.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .strict import Invalid, Problem, RecipeError, build, spec
+
+RopeType = Literal["none", "linear", "dynamic", "yarn", "llama3", "longrope"]
+Method = Literal["full", "lora", "qlora", "dora", "prefix", "prompt", "ptuning", "ia3",
+                 "bitfit", "freeze", "longlora"]
+PEFT_ADAPTERS = ("lora", "qlora", "dora", "prefix", "prompt", "ptuning", "ia3", "longlora")
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
+
+
+@dataclass(frozen=True)
+class Rope:
+    type: RopeType = spec("none", doc="RoPE scaling kind; none keeps the model's own.")
+    factor: float | None = spec(None, doc="Scale factor; derived from seq_len / original context when unset.")
+    original_max_position_embeddings: int | None = spec(None, min=1, doc="The model's pre-training context.")
+    rope_theta: float | None = spec(None, min=1, doc="New RoPE base (theta raise, as Llama 3 / EasyContext).")
+    beta_fast: float | None = spec(None, doc="YaRN: high-frequency boundary.")
+    beta_slow: float | None = spec(None, doc="YaRN: low-frequency boundary.")
+    attention_factor: float | None = spec(None, doc="YaRN/LongRoPE: attention temperature.")
+    low_freq_factor: float | None = spec(None, doc="llama3: low-frequency factor (default 1).")
+    high_freq_factor: float | None = spec(None, doc="llama3: high-frequency factor (default 4).")
+    short_factor: list[float] | None = spec(None, doc="LongRoPE: per-frequency factors within the original window.")
+    long_factor: list[float] | None = spec(None, doc="LongRoPE: per-frequency factors beyond it.")
+
+
+@dataclass(frozen=True)
+class Model:
+    name_or_path: str | None = spec(None, doc="Local dir, hub name, or `package:NAME` (folder of an installed package).")
+    gguf_file: str | None = spec(None, doc="GGUF file inside name_or_path.")
+    config: dict[str, Any] | None = spec(None, doc="Random-init model from this transformers config (tiny models) "
+                                                   "when name_or_path is unset.")
+    tokenizer: str | None = spec(None, doc="`byte` for the built-in byte tokenizer, or a tokenizer path.")
+    dtype: Literal["fp32", "bf16", "fp16"] = spec("bf16", doc="Training precision.")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = spec("auto")
+    gradient_checkpointing: bool = spec(False, doc="Recompute activations in backward.")
+    trust_remote_code: bool = spec(False)
+
+    def __post_init__(self) -> None:
+        if self.name_or_path is None and self.config is None:
+            raise Invalid("name_or_path", "is required unless `model.config` builds a model from scratch",
+                          "set `model.name_or_path` to a local dir or hub name")
+        if self.config is not None and self.name_or_path is None and "model_type" not in self.config:
+            raise Invalid("config.model_type", "is required to build a model from a config",
+                          "add `model_type: llama` (or another transformers model type)")
+
+
+@dataclass(frozen=True)
+class Data:
+    paths: list[str] = spec(factory=list, doc="Local files or directories (jsonl, json, parquet, txt).")
+    hub_dataset: str | None = spec(None, doc="Hub dataset name; used only when online.")
+    hub_split: str = spec("train")
+    text_field: str = spec("text", doc="Field holding the text in json/jsonl/parquet rows.")
+    packing: bool = spec(True, doc="Pack documents into full rows (per-document positions, no cross attention).")
+    long_documents: Literal["split", "truncate", "skip"] = spec("split", doc="What to do with documents over seq_len.")
+    validation_fraction: float = spec(0.0, min=0.0, max=0.5)
+    seed: int = spec(0)
+
+    def __post_init__(self) -> None:
+        if not self.paths and not self.hub_dataset:
+            raise Invalid("paths", "no data: neither local paths nor a hub dataset",
+                          "add `paths: [data/train.jsonl]` or `hub_dataset: org/name`")
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str = spec(doc="Unique stage name; used in file names.")
+    seq_len: int = spec(min=16, doc="Tokens per sequence.")
+    steps: int | None = spec(None, min=1, doc="Optimizer steps (or give tokens).")
+    tokens: int | None = spec(None, min=1, doc="Tokens to train on; steps = tokens / tokens_per_step.")
+    lr: float = spec(2e-5, min=0.0)
+    min_lr_ratio: float = spec(0.1, min=0.0, max=1.0, doc="Cosine floor as a fraction of lr.")
+    warmup_steps: int = spec(0, min=0)
+    rope: Rope = spec(factory=Rope)
+    micro_batch_size: int | None = spec(None, min=1, doc="Sequences per rank per micro-step; planned when unset.")
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if (self.steps is None) == (self.tokens is None):
+            raise Invalid("steps", "give exactly one of `steps` and `tokens`",
+                          "keep `steps: N` or `tokens: N`, not both")
+
+
+@dataclass(frozen=True)
+class Progressive:
+    start: int = spec(min=16, doc="First seq_len.")
+    target: int = spec(min=16, doc="Last seq_len.")
+    growth: float = spec(2.0, min=1.01, doc="seq_len multiplier between stages.")
+    steps: int | None = spec(None, min=1, doc="Optimizer steps per stage.")
+    tokens: int | None = spec(None, min=1, doc="Tokens per stage.")
+    lr: float = spec(2e-5, min=0.0)
+    min_lr_ratio: float = spec(0.1, min=0.0, max=1.0)
+    warmup_steps: int = spec(0, min=0)
+    rope: Rope = spec(factory=Rope, doc="Applied to every stage; factor derived per stage when unset.")
+    name_prefix: str = spec("ctx")
+
+    def __post_init__(self) -> None:
+        if self.target < self.start:
+            raise Invalid("target", f"{self.target} is below start {self.start}",
+                          "set target >= start")
+        if (self.steps is None) == (self.tokens is None):
+            raise Invalid("steps", "give exactly one of `steps` and `tokens`", "keep one of them")
+
+    def expand(self) -> list[Stage]:
+        lengths, n = [], self.start
+        while n < self.target:
+            lengths.append(int(n))
+            n = int(n * self.growth)
+        lengths.append(self.target)
+        return [Stage(name=f"{self.name_prefix}{_short(n)}", seq_len=n, steps=self.steps, tokens=self.tokens,
+                      lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps, rope=self.rope)
+                for n in lengths]
+
+
+@dataclass(frozen=True)
+class LongContext:
+    tokens_per_step: int = spec(min=16, doc="Global tokens per optimizer step, kept as seq_len grows.")
+    data: Data = spec(doc="Long documents for continued pretraining.")
+    stages: list[Stage] = spec(factory=list)
+    progressive: Progressive | None = spec(None, doc="Compact form: start, target, growth.")
+
+    def __post_init__(self) -> None:
+        if bool(self.stages) == (self.progressive is not None):
+            raise Invalid("stages", "give exactly one of `stages` and `progressive`",
+                          "list stages explicitly or use `progressive: {start, target, growth}`")
+
+    def expanded(self) -> list[Stage]:
+        return self.progressive.expand() if self.progressive else list(self.stages)
+
+
+@dataclass(frozen=True)
+class MethodOptions:
+    r: int = spec(16, min=1, doc="LoRA rank.")
+    alpha: float = spec(32.0, min=0.0, doc="LoRA scaling numerator.")
+    dropout: float = spec(0.05, min=0.0, max=1.0)
+    target_modules: list[str] | str = spec("all-linear", doc="Module names, or all-linear.")
+    num_virtual_tokens: int = spec(16, min=1, doc="prefix / prompt / ptuning tokens.")
+    encoder_hidden_size: int = spec(128, min=1, doc="ptuning prompt-encoder width.")
+    trainable_layers: int = spec(2, min=0, doc="freeze: last N decoder layers train.")
+    trainable_patterns: list[str] = spec(factory=list, doc="freeze: parameter-name substrings that also train.")
+    feedforward_modules: list[str] | None = spec(None, doc="ia3: modules scaled on their input.")
+
+
+@dataclass(frozen=True)
+class Finetune:
+    data: Data = spec(doc="Task data.")
+    name: str = spec("finetune")
+    method: Method = spec("lora")
+    options: MethodOptions = spec(factory=MethodOptions)
+    format: Literal["text", "instruction", "chat"] = spec("instruction")
+    template: str | None = spec(None, doc="Prompt template for instruction rows: `alpaca` or a format string "
+                                          "with {instruction} and {input}; chat uses the tokenizer's template.")
+    seq_len: int | None = spec(None, min=16, doc="Defaults to the last long-context stage's seq_len.")
+    rope: Rope | None = spec(None, doc="RoPE for a fine-tune-only recipe; otherwise the last long-context "
+                                       "stage's RoPE is kept.")
+    epochs: float | None = spec(None, min=0.0)
+    steps: int | None = spec(None, min=1)
+    global_batch_size: int = spec(8, min=1, doc="Sequences per optimizer step.")
+    micro_batch_size: int | None = spec(None, min=1)
+    lr: float = spec(2e-4, min=0.0)
+    min_lr_ratio: float = spec(0.1, min=0.0, max=1.0)
+    warmup_steps: int = spec(0, min=0)
+    eval_every: int | None = spec(None, min=1, doc="Evaluate on the validation split every N steps.")
+    early_stopping_patience: int | None = spec(None, min=1, doc="Stop after N evaluations without improvement.")
+    merge_adapter: bool = spec(False, doc="Also export a merged model for adapter methods.")
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if (self.steps is None) == (self.epochs is None):
+            raise Invalid("steps", "give exactly one of `steps` and `epochs`", "keep one of them")
+        if self.early_stopping_patience and not self.eval_every:
+            raise Invalid("early_stopping_patience", "needs `eval_every`", "set `eval_every: N`")
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int = spec(1, min=1)
+    gpus_per_node: int = spec(0, min=0, doc="0 means CPU ranks (then procs_per_node).")
+    procs_per_node: int = spec(1, min=1, doc="CPU ranks per node when gpus_per_node is 0.")
+    gpu_memory_gb: float = spec(80.0, min=1.0, doc="Per-GPU memory the plan must fit in.")
+    partition: str | None = spec(None)
+    account: str | None = spec(None)
+    qos: str | None = spec(None)
+    time_limit: str | None = spec(None, doc="SLURM time: MM, HH:MM:SS, D-HH, D-HH:MM:SS.")
+    constraint: str | None = spec(None)
+    mem: str | None = spec(None, doc="SLURM --mem, e.g. 0 or 480G.")
+    cpus_per_task: int | None = spec(None, min=1)
+    exclusive: bool = spec(False)
+    setup: list[str] = spec(factory=list, doc="Shell lines run before training (module load, venv activate).")
+    env: dict[str, str] = spec(factory=dict, doc="Environment for every rank (NCCL_*, ...).")
+    rdzv_port: int = spec(29500, min=1024, max=65535)
+    signal_grace_s: int = spec(120, min=10, doc="Seconds before the time limit to signal a checkpoint.")
+    requeue: bool = spec(True)
+    max_restarts: int = spec(3, min=0)
+    job_name: str | None = spec(None, doc="Defaults to the recipe name.")
+
+    def __post_init__(self) -> None:
+        for name in ("partition", "account", "qos", "constraint", "mem", "job_name", "time_limit"):
+            value = getattr(self, name)
+            if value is not None and not _printable_line(value):
+                raise Invalid(name, f"{value!r} contains a line break or control character",
+                              "write it on one line; it becomes an #SBATCH directive")
+        for key in self.env:
+            if not key.isidentifier() or not key.isascii():
+                raise Invalid(f"env.{key}", "is not a valid environment variable name",
+                              "use letters, digits and '_' (not starting with a digit)")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus_per_node or self.procs_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+
+@dataclass(frozen=True)
+class Parallelism:
+    zero_stage: Literal[1, 2, 3] = spec(2)
+    offload_optimizer: Literal["none", "cpu", "nvme"] = spec("none")
+    offload_params: Literal["none", "cpu", "nvme"] = spec("none")
+    nvme_path: str | None = spec(None)
+    sequence_parallel: int = spec(1, min=1, doc="Ulysses degree: ranks sharing one sequence.")
+
+    def __post_init__(self) -> None:
+        if self.offload_params != "none" and self.zero_stage != 3:
+            raise Invalid("offload_params", "parameter offload needs ZeRO stage 3", "set `zero_stage: 3`")
+        if self.offload_optimizer != "none" and self.zero_stage == 1:
+            raise Invalid("offload_optimizer", "optimizer offload needs ZeRO stage 2 or 3", "set `zero_stage: 2`")
+        if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
+            raise Invalid("nvme_path", "nvme offload needs a path", "set `nvme_path: /local/nvme`")
+
+
+@dataclass(frozen=True)
+class Tracking:
+    mode: Literal["online", "offline", "disabled", "auto"] = spec("auto", doc="auto: online with a key, else offline.")
+    project: str = spec("dist-ft")
+    entity: str | None = spec(None)
+    group: str | None = spec(None, doc="Defaults to the recipe name: one group per pipeline.")
+    tags: list[str] = spec(factory=list)
+    run_name: str | None = spec(None)
+
+
+@dataclass(frozen=True)
+class Checkpointing:
+    every_steps: int | None = spec(None, min=1, doc="Also checkpoint every N steps (always at stage end).")
+    keep_last: int = spec(2, min=1)
+    output_root: str = spec("runs", doc="Run dirs are created under this folder.")
+
+    def __post_init__(self) -> None:
+        if not _printable_line(self.output_root):
+            raise Invalid("output_root", "contains a line break or control character", "use a plain path")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str = spec(doc="Run name; the run dir is output_root/name.")
+    model: Model = spec(doc="What to train.")
+    seed: int = spec(0)
+    long_context: LongContext | None = spec(None)
+    finetune: Finetune | None = spec(None)
+    cluster: Cluster = spec(factory=Cluster)
+    parallelism: Parallelism = spec(factory=Parallelism)
+    tracking: Tracking = spec(factory=Tracking)
+    checkpointing: Checkpointing = spec(factory=Checkpointing)
+
+    def __post_init__(self) -> None:
+        check_name(self.name)
+        if self.long_context is None and self.finetune is None:
+            raise Invalid("long_context", "the recipe has no stage",
+                          "add a `long_context` section, a `finetune` section, or both")
+
+
+def check_name(name: str) -> None:
+    """Names become file names and job names: keep them tame."""
+    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+        raise Invalid("name", f"{name!r} is not a valid name",
+                      "use letters, digits, '-', '_' and '.' only")
+
+
+def _printable_line(text: str) -> bool:
+    return all(ch.isprintable() for ch in text)
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+# ---- loading -------------------------------------------------------------------------
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise RecipeError([Problem("<recipe>", f"file {path} does not exist", "check the path")]) from None
+    except yaml.YAMLError as err:
+        raise RecipeError([Problem("<recipe>", f"is not valid YAML: {err}", "fix the YAML syntax")]) from None
+    return recipe_from_dict(apply_overrides(raw or {}, overrides))
+
+
+def recipe_from_dict(raw: dict) -> Recipe:
+    return build(Recipe, raw)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Return a copy of `raw` with each `a.b.c=value` (YAML value) applied."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise RecipeError([Problem(key or item, "override is not of the form key=value",
+                                       "write e.g. --set cluster.nodes=4")])
+        _set_path(out, key.split("."), yaml.safe_load(text) if text else "")
+    return out
+
+
+def _set_path(node: Any, keys: list[str], value: Any) -> None:
+    *parents, last = keys
+    for key in parents:
+        if isinstance(node, list):
+            node = node[_index(node, key, keys)]
+        else:
+            node = node.setdefault(key, {})
+            if not isinstance(node, (dict, list)):
+                raise RecipeError([Problem(".".join(keys), f"`{key}` is not a section", "check the path")])
+    if isinstance(node, list):
+        node[_index(node, last, keys)] = value
+    else:
+        node[last] = value
+
+
+def _index(node: list, key: str, keys: list[str]) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise RecipeError([Problem(".".join(keys), f"`{key}` is not an index of a {len(node)}-item list",
+                                   f"use 0..{len(node) - 1}")])
+    return int(key)
+
+
+def to_dict(obj: Any) -> Any:
+    """Plain data for YAML/JSON output (dataclasses → dicts)."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj

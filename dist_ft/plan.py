@@ -1,0 +1,335 @@
+"""Recipe + model shape → Plan: every number a run needs. Pure: no I/O, no environment.
+
+The launcher writes the plan to `plan.json`; every rank reads the same file, so
+the two sides can never disagree about batch sizes, RoPE or schedules.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from . import memory
+from .config import PEFT_ADAPTERS, VIRTUAL_TOKEN_METHODS, Data, MethodOptions, Recipe, Rope, Stage, to_dict
+from .model_shape import ModelShape
+from .rope import rope_parameters
+from .strict import Problem, RecipeError
+from .timelimit import parse_time_limit
+
+PLAN_VERSION = 1
+MAX_MICRO_TOKENS = 32768  # beyond this a bigger micro-batch buys no throughput, only memory
+TIGHT_FRACTION = 0.85
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    index: int
+    name: str
+    phase: str  # "continued_pretraining" | "finetune"
+    seq_len: int
+    rope_parameters: dict[str, Any]
+    max_position_embeddings: int
+    method: str
+    method_options: dict[str, Any]
+    data: dict[str, Any]
+    data_format: str
+    template: str | None
+    micro_batch_size: int
+    grad_accum: int
+    global_batch_size: int
+    tokens_per_step: int
+    steps: int | None  # None: fine-tuning by epochs, counted from the data at run time
+    epochs: float | None
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    schedule: str
+    zero_stage: int
+    offload_optimizer: str
+    offload_params: str
+    sequence_parallel: int
+    init_from: str | None
+    eval_every: int | None
+    early_stopping_patience: int | None
+    merge_adapter: bool
+    memory: dict[str, float] | None
+    ds_config: str
+    sbatch: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    version: int
+    name: str
+    seed: int
+    run_dir: str
+    device: str  # "cuda" | "cpu"
+    nodes: int
+    ranks_per_node: int
+    world_size: int
+    dp: int
+    sp: int
+    model: dict[str, Any]
+    model_shape: dict[str, Any] | None
+    stages: list[StagePlan]
+    cluster: dict[str, Any]
+    parallelism: dict[str, Any]
+    tracking: dict[str, Any]
+    checkpointing: dict[str, Any]
+    time_limit_s: int | None
+    warnings: list[str] = field(default_factory=list)
+
+    def stage(self, name: str) -> StagePlan:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise KeyError(f"no stage {name!r} in plan (stages: {', '.join(s.name for s in self.stages)})")
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        raw = json.loads(text)
+        if raw.get("version") != PLAN_VERSION:
+            raise ValueError(f"plan version {raw.get('version')} is not {PLAN_VERSION}: re-render the run dir")
+        raw["stages"] = [StagePlan(**s) for s in raw["stages"]]
+        return cls(**raw)
+
+
+def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str) -> Plan:
+    """Validate everything that spans sections and compute the numbers. Raises RecipeError."""
+    problems: list[Problem] = []
+    warnings: list[str] = []
+    c, par = recipe.cluster, recipe.parallelism
+    world, sp = c.world_size, par.sequence_parallel
+    _check_cluster(recipe, shape, problems, warnings)
+    dp = world // sp if world % sp == 0 else 1
+    stages = _plan_stages(recipe, shape, dp, problems, warnings)
+    time_limit = _time_limit(recipe, problems)
+    if problems:
+        raise RecipeError(problems)
+    return Plan(
+        version=PLAN_VERSION, name=recipe.name, seed=recipe.seed, run_dir=run_dir,
+        device="cuda" if c.gpus_per_node else "cpu", nodes=c.nodes, ranks_per_node=c.ranks_per_node,
+        world_size=world, dp=dp, sp=sp, model=to_dict(recipe.model),
+        model_shape=asdict(shape) if shape else None, stages=stages, cluster=to_dict(c),
+        parallelism=to_dict(par), tracking=to_dict(recipe.tracking), checkpointing=to_dict(recipe.checkpointing),
+        time_limit_s=time_limit, warnings=warnings,
+    )
+
+
+def _check_cluster(recipe: Recipe, shape: ModelShape | None, problems: list[Problem],
+                   warnings: list[str]) -> None:
+    c, par, model = recipe.cluster, recipe.parallelism, recipe.model
+    sp = par.sequence_parallel
+    if c.world_size % sp:
+        problems.append(Problem("parallelism.sequence_parallel",
+                                f"{sp} does not divide the world size {c.world_size} "
+                                f"({c.nodes} nodes x {c.ranks_per_node} ranks)",
+                                f"use a divisor of {c.world_size}"))
+    if shape and sp > 1 and shape.num_heads % sp:
+        problems.append(Problem("parallelism.sequence_parallel",
+                                f"{sp} does not divide the model's {shape.num_heads} attention heads "
+                                "(Ulysses splits heads across ranks)",
+                                f"use a divisor of {shape.num_heads}"))
+    if not c.gpus_per_node:
+        if model.attn_implementation == "flash_attention_2":
+            problems.append(Problem("model.attn_implementation", "flash_attention_2 needs GPUs; these are CPU ranks",
+                                    "use `sdpa` (or `auto`), or set `cluster.gpus_per_node`"))
+        if model.dtype == "fp16":
+            problems.append(Problem("model.dtype", "fp16 training needs GPUs; these are CPU ranks",
+                                    "use `bf16` or `fp32` on CPU"))
+        if "cpu" in (par.offload_optimizer, par.offload_params):
+            warnings.append("offload to CPU on CPU ranks saves nothing")
+
+
+def _time_limit(recipe: Recipe, problems: list[Problem]) -> int | None:
+    c = recipe.cluster
+    if c.time_limit is None:
+        return None
+    try:
+        seconds = parse_time_limit(c.time_limit)
+    except ValueError as err:
+        problems.append(Problem("cluster.time_limit", str(err), "write e.g. `time_limit: \"1-12:00:00\"`"))
+        return None
+    if seconds is not None and c.signal_grace_s >= seconds:
+        problems.append(Problem("cluster.signal_grace_s",
+                                f"{c.signal_grace_s} s is not shorter than the time limit ({seconds} s)",
+                                "lower signal_grace_s or raise time_limit"))
+    return seconds
+
+
+def _plan_stages(recipe: Recipe, shape: ModelShape | None, dp: int, problems: list[Problem],
+                 warnings: list[str]) -> list[StagePlan]:
+    out: list[StagePlan] = []
+    long_stages = recipe.long_context.expanded() if recipe.long_context else []
+    path = "long_context.progressive" if recipe.long_context and recipe.long_context.progressive else None
+    for i, stage in enumerate(long_stages):
+        spath = path or f"long_context.stages[{i}]"
+        if out and stage.seq_len <= out[-1].seq_len:
+            problems.append(Problem(f"{spath}.seq_len", f"{stage.seq_len} does not grow past the previous "
+                                    f"stage's {out[-1].seq_len}", "make seq_len increase stage by stage"))
+        out.append(_long_stage(recipe, shape, stage, i, spath, dp, out[-1].name if out else None,
+                               problems, warnings))
+    if recipe.finetune:
+        out.append(_finetune_stage(recipe, shape, len(out), out[-1] if out else None, dp, problems, warnings))
+    seen: set[str] = set()
+    for stage in out:
+        if stage.name in seen:
+            problems.append(Problem("long_context.stages", f"stage name {stage.name!r} is used twice",
+                                    "give every stage a unique name"))
+        seen.add(stage.name)
+    return out
+
+
+def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: int, path: str, dp: int,
+                previous: str | None, problems: list[Problem], warnings: list[str]) -> StagePlan:
+    lc = recipe.long_context
+    rope = rope_parameters(stage.rope, stage.seq_len, shape, f"{path}.rope", problems)
+    global_seqs = max(1, round(lc.tokens_per_step / stage.seq_len))
+    batch = _batch(recipe, shape, "full", stage.seq_len, global_seqs, stage.micro_batch_size, dp,
+                   f"{path}.micro_batch_size", problems, warnings)
+    micro, accum, global_seqs, mem = batch
+    tokens_per_step = global_seqs * stage.seq_len
+    if tokens_per_step != lc.tokens_per_step:
+        warnings.append(f"{stage.name}: {tokens_per_step} tokens per step (asked {lc.tokens_per_step}): "
+                        f"{global_seqs} sequences of {stage.seq_len} over {dp} data-parallel ranks")
+    steps = stage.steps or math.ceil(stage.tokens / tokens_per_step)
+    return StagePlan(
+        index=index, name=stage.name, phase="continued_pretraining", seq_len=stage.seq_len,
+        rope_parameters=rope, max_position_embeddings=_max_positions(shape, stage.seq_len), method="full",
+        method_options={}, data=to_dict(lc.data), data_format="text", template=None,
+        micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs, tokens_per_step=tokens_per_step,
+        steps=steps, epochs=None, lr=stage.lr, min_lr=stage.lr * stage.min_lr_ratio,
+        warmup_steps=min(stage.warmup_steps, steps), schedule="warmup_cosine",
+        **_parallel_fields(recipe), init_from=previous, eval_every=None, early_stopping_patience=None,
+        merge_adapter=False, memory=mem, ds_config=f"ds_config.{stage.name}.json", sbatch=f"{stage.name}.sbatch",
+    )
+
+
+def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: StagePlan | None, dp: int,
+                    problems: list[Problem], warnings: list[str]) -> StagePlan:
+    ft = recipe.finetune
+    _check_method(recipe, problems)
+    seq_len = ft.seq_len or (last.seq_len if last else None)
+    if seq_len is None:
+        problems.append(Problem("finetune.seq_len", "is required when there is no long-context stage",
+                                "set `finetune.seq_len: 2048`"))
+        seq_len = 16
+    if last and ft.rope is not None:
+        problems.append(Problem("finetune.rope", "fine-tuning keeps the last long-context stage's RoPE",
+                                "remove finetune.rope, or set the RoPE on the long-context stages"))
+    rope = last.rope_parameters if last else rope_parameters(ft.rope or Rope(), seq_len, shape, "finetune.rope",
+                                                             problems)
+    micro, accum, global_seqs, mem = _batch(recipe, shape, ft.method, seq_len, ft.global_batch_size,
+                                            ft.micro_batch_size, dp, "finetune.micro_batch_size",
+                                            problems, warnings)
+    return StagePlan(
+        index=index, name=ft.name, phase="finetune", seq_len=seq_len, rope_parameters=rope,
+        max_position_embeddings=max(_max_positions(shape, seq_len), last.max_position_embeddings if last else 0),
+        method=ft.method, method_options=to_dict(ft.options), data=to_dict(ft.data), data_format=ft.format,
+        template=ft.template, micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs,
+        tokens_per_step=global_seqs * seq_len, steps=ft.steps, epochs=ft.epochs, lr=ft.lr,
+        min_lr=ft.lr * ft.min_lr_ratio, warmup_steps=ft.warmup_steps, schedule="warmup_cosine",
+        **_parallel_fields(recipe), init_from=last.name if last else None, eval_every=ft.eval_every,
+        early_stopping_patience=ft.early_stopping_patience, merge_adapter=ft.merge_adapter, memory=mem,
+        ds_config=f"ds_config.{ft.name}.json", sbatch=f"{ft.name}.sbatch",
+    )
+
+
+def _check_method(recipe: Recipe, problems: list[Problem]) -> None:
+    ft, model, c = recipe.finetune, recipe.model, recipe.cluster
+    if ft.method == "prefix" and model.gradient_checkpointing:
+        problems.append(Problem("finetune.method", "prefix tuning does not work with gradient checkpointing "
+                                "(peft refuses the combination)",
+                                "set `model.gradient_checkpointing: false` or use `prompt`/`lora`"))
+    if ft.method in VIRTUAL_TOKEN_METHODS and recipe.parallelism.sequence_parallel > 1:
+        problems.append(Problem("finetune.method", f"{ft.method} tuning prepends virtual tokens, which "
+                                "sequence parallelism cannot split", "use `lora` or set sequence_parallel: 1"))
+    if ft.method == "qlora" and not c.gpus_per_node:
+        problems.append(Problem("finetune.method", "qlora needs GPUs (bitsandbytes 4-bit training on CPU "
+                                "ranks is impractically slow and unsupported by ZeRO)",
+                                "use `lora` on CPU ranks, or set `cluster.gpus_per_node`"))
+    if ft.method == "qlora" and recipe.parallelism.zero_stage == 3:
+        problems.append(Problem("parallelism.zero_stage", "qlora keeps 4-bit weights that ZeRO-3 cannot "
+                                "partition here", "use `zero_stage: 2` with qlora"))
+    if ft.merge_adapter and ft.method not in PEFT_ADAPTERS:
+        problems.append(Problem("finetune.merge_adapter", f"{ft.method} has no adapter to merge",
+                                "remove merge_adapter"))
+
+
+def _batch(recipe: Recipe, shape: ModelShape | None, method: str, seq_len: int, global_seqs: int,
+           micro_override: int | None, dp: int, path: str, problems: list[Problem],
+           warnings: list[str]) -> tuple[int, int, int, dict | None]:
+    """(micro, accum, global sequences, memory) with global = micro x accum x dp."""
+    sp = recipe.parallelism.sequence_parallel
+    if seq_len % sp:
+        problems.append(Problem("parallelism.sequence_parallel", f"{sp} does not divide seq_len {seq_len}",
+                                "choose seq_len divisible by the sequence-parallel degree"))
+    per_rank = max(1, math.ceil(global_seqs / dp))
+    candidates = [micro_override] if micro_override else \
+        [m for m in range(per_rank, 0, -1) if per_rank % m == 0 and m * seq_len / sp <= MAX_MICRO_TOKENS] or [1]
+    for micro in candidates:
+        mem = _memory(recipe, shape, method, seq_len, micro, dp)
+        if mem is None or mem.total_gib <= TIGHT_FRACTION * _budget(recipe):
+            break
+    accum = max(1, math.ceil(per_rank / micro))
+    _check_fit(recipe, mem, path, seq_len, problems, warnings)
+    return micro, accum, micro * accum * dp, mem.as_dict() if mem else None
+
+
+def _memory(recipe: Recipe, shape: ModelShape | None, method: str, seq_len: int, micro: int,
+            dp: int) -> memory.MemoryEstimate | None:
+    if shape is None:
+        return None
+    par, opts = recipe.parallelism, recipe.finetune.options if recipe.finetune else MethodOptions()
+    return memory.estimate(memory.MemoryInputs(
+        shape=shape, trainable_params=memory.trainable_params(shape, method, opts), dtype=recipe.model.dtype,
+        quantized_4bit=method == "qlora", zero_stage=par.zero_stage,
+        offload_optimizer=par.offload_optimizer != "none", offload_params=par.offload_params != "none",
+        dp=dp, sp=par.sequence_parallel, micro_batch=micro, seq_len=seq_len,
+        checkpointing=recipe.model.gradient_checkpointing,
+        eager_attention=recipe.model.attn_implementation == "eager", on_gpu=bool(recipe.cluster.gpus_per_node)))
+
+
+def _budget(recipe: Recipe) -> float:
+    return recipe.cluster.gpu_memory_gb if recipe.cluster.gpus_per_node else float("inf")
+
+
+def _check_fit(recipe: Recipe, mem: memory.MemoryEstimate | None, path: str, seq_len: int,
+               problems: list[Problem], warnings: list[str]) -> None:
+    if mem is None or not recipe.cluster.gpus_per_node:
+        return
+    budget = recipe.cluster.gpu_memory_gb
+    if mem.total_gib > budget:
+        problems.append(Problem(path.rsplit(".", 1)[0], f"needs ~{mem.total_gib:.1f} GiB per GPU at seq_len "
+                                f"{seq_len}, more than the {budget:g} GiB declared "
+                                f"(weights {mem.weights_gib:.1f}, grads {mem.gradients_gib:.1f}, optimizer "
+                                f"{mem.optimizer_gib:.1f}, activations {mem.activations_gib:.1f})",
+                                "enable model.gradient_checkpointing, raise zero_stage/offload, "
+                                "or raise sequence_parallel"))
+    elif mem.total_gib > TIGHT_FRACTION * budget:
+        warnings.append(f"{path.rsplit('.', 1)[0]}: ~{mem.total_gib:.1f} of {budget:g} GiB per GPU: tight")
+
+
+def _parallel_fields(recipe: Recipe) -> dict[str, Any]:
+    par = recipe.parallelism
+    return dict(zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
+                offload_params=par.offload_params, sequence_parallel=par.sequence_parallel)
+
+
+def _max_positions(shape: ModelShape | None, seq_len: int) -> int:
+    return max(seq_len, shape.max_position_embeddings if shape else 0)
+
+
+def data_paths(recipe: Recipe) -> list[tuple[str, Data]]:
+    """(dotted path, data section) for each stage's data: what preflight checks exist."""
+    out = []
+    if recipe.long_context:
+        out.append(("long_context.data", recipe.long_context.data))
+    if recipe.finetune:
+        out.append(("finetune.data", recipe.finetune.data))
+    return out

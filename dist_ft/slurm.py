@@ -1,0 +1,95 @@
+"""Render one sbatch script per stage. Pure apart from reading the template.
+
+Two kinds of recipe text reach the script: #SBATCH values (comments to bash;
+sbatch parses them, honouring double quotes) and shell values (always
+`shlex.quote`d). Line breaks are rejected by the recipe before we get here, so
+no value can start a line of its own.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+
+from .assets import asset
+from .plan import Plan, StagePlan
+
+_PLAIN = re.compile(r"^[A-Za-z0-9_.,:@%/+=-]+$")
+OMP_THREADS_PER_RANK = 4
+
+
+def sbatch_value(value: str) -> str:
+    """A value sbatch reads back verbatim from an #SBATCH line."""
+    if "\n" in value or "\r" in value:
+        raise ValueError(f"{value!r}: an #SBATCH value cannot contain a line break")
+    if _PLAIN.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def slurm_filename(path: str) -> str:
+    """Escape SLURM's filename patterns (%j, %N, ...) in a literal path."""
+    return path.replace("\\", "\\\\").replace("%", "%%")
+
+
+def job_name(plan: Plan, stage: StagePlan) -> str:
+    return f"{plan.cluster.get('job_name') or plan.name}-{stage.name}"
+
+
+def sbatch_directives(plan: Plan, stage: StagePlan) -> list[tuple[str, str | None]]:
+    c = plan.cluster
+    items: list[tuple[str, str | None]] = [
+        ("job-name", job_name(plan, stage)),
+        ("nodes", str(plan.nodes)),
+        ("ntasks-per-node", "1"),
+    ]
+    if c["gpus_per_node"]:
+        items.append(("gpus-per-node", str(c["gpus_per_node"])))
+    optional = {"cpus-per-task": c.get("cpus_per_task"), "partition": c.get("partition"),
+                "account": c.get("account"), "qos": c.get("qos"), "time": c.get("time_limit"),
+                "constraint": c.get("constraint"), "mem": c.get("mem")}
+    items += [(k, str(v)) for k, v in optional.items() if v is not None]
+    if c.get("exclusive"):
+        items.append(("exclusive", None))
+    items += [
+        ("signal", f"B:USR1@{c['signal_grace_s']}"),
+        ("requeue" if c["requeue"] else "no-requeue", None),
+        ("open-mode", "append"),
+        ("output", f"{slurm_filename(plan.run_dir)}/logs/{stage.name}.%j.out"),
+    ]
+    return items
+
+
+def render_sbatch(plan: Plan, stage: StagePlan, template: str | None = None) -> str:
+    text = template if template is not None else load_template()
+    c = plan.cluster
+    lines = [f"#SBATCH --{key}" + (f"={sbatch_value(value)}" if value is not None else "")
+             for key, value in sbatch_directives(plan, stage)]
+    env = [f"export {key}={shlex.quote(value)}" for key, value in sorted(c["env"].items())]
+    values = {
+        "SBATCH": "\n".join(lines),
+        "RUN_NAME": plan.name,
+        "STAGE_NAME": stage.name,
+        "RUN_DIR": shlex.quote(plan.run_dir),
+        "STAGE": shlex.quote(stage.name),
+        "RDZV_PORT": str(int(c["rdzv_port"])),
+        "RANKS_PER_NODE": str(int(plan.ranks_per_node)),
+        "MAX_RESTARTS": str(int(c["max_restarts"])),
+        "REQUEUE": "1" if c["requeue"] else "0",
+        "SETUP": "\n".join(c["setup"]) or ":",
+        "ENV": "\n".join(env) or ":",
+        "OMP_THREADS": str(OMP_THREADS_PER_RANK),
+    }
+    return re.sub(r"@@([A-Z_]+)@@", lambda m: values[m.group(1)], text)
+
+
+def load_template() -> str:
+    return asset("slurm", "stage.sbatch.tmpl").read_text()
+
+
+def submit_command(script: str, dependency: str | None) -> list[str]:
+    """The sbatch argv for one stage; `dependency` is the previous stage's job id."""
+    cmd = ["sbatch", "--parsable"]
+    if dependency:
+        cmd.append(f"--dependency=afterok:{dependency}")
+    return cmd + [script]

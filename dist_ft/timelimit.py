@@ -1,0 +1,31 @@
+"""SLURM time-limit strings → seconds, with the formats `sbatch --time` accepts."""
+
+from __future__ import annotations
+
+import re
+
+_FORMS = [
+    (re.compile(r"^(\d+)$"), ("m",)),
+    (re.compile(r"^(\d+):(\d{1,2})$"), ("m", "s")),
+    (re.compile(r"^(\d+):(\d{1,2}):(\d{1,2})$"), ("h", "m", "s")),
+    (re.compile(r"^(\d+)-(\d{1,2})$"), ("d", "h")),
+    (re.compile(r"^(\d+)-(\d{1,2}):(\d{1,2})$"), ("d", "h", "m")),
+    (re.compile(r"^(\d+)-(\d{1,2}):(\d{1,2}):(\d{1,2})$"), ("d", "h", "m", "s")),
+]
+_SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+UNLIMITED = ("unlimited", "infinite")
+
+
+def parse_time_limit(text: str) -> int | None:
+    """Seconds, or None for no limit. Raises ValueError for what SLURM would reject."""
+    text = text.strip()
+    if text.lower() in UNLIMITED:
+        return None
+    for pattern, units in _FORMS:
+        match = pattern.match(text)
+        if match:
+            seconds = sum(int(v) * _SECONDS[u] for v, u in zip(match.groups(), units))
+            if seconds <= 0:
+                raise ValueError("a time limit must be positive")
+            return seconds
+    raise ValueError(f"{text!r} is not a SLURM time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)")
