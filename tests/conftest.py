@@ -1,0 +1,37 @@
+"""Shared test helpers: recipes as dicts, written to tmp dirs, and the CLI run in-process."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = ROOT / "launch"
+RECIPES = sorted(LAUNCH.glob("*.yaml"))
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def demo_raw() -> dict:
+    return yaml.safe_load((LAUNCH / "demo.yaml").read_text())
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    """Write a recipe dict next to a copy of the demo data and return its path."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "tiny_instructions.jsonl").write_text((LAUNCH / "data" / "tiny_instructions.jsonl").read_text())
+
+    def write(raw: dict, name: str = "recipe.yaml") -> Path:
+        raw = copy.deepcopy(raw)
+        raw.setdefault("checkpointing", {})["output_root"] = str(tmp_path / "runs")
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return write

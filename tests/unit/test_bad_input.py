@@ -1,0 +1,95 @@
+"""Every bad recipe fails at plan time: exit 2, the field's dotted path, a fix, nothing written."""
+
+import subprocess
+import sys
+
+import pytest
+
+from dist_ft.cli import main
+from tests.conftest import demo_raw
+
+
+def set_in(raw, dotted, value):
+    node = raw
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+
+
+DELETE = object()
+EXPLICIT_STAGES = {"tokens_per_step": 4096, "data": {"paths": ["package:json"]},
+                   "stages": [{"name": "a", "seq_len": 1024, "steps": 2}, {"name": "b", "seq_len": 512, "steps": 2}]}
+
+CASES = {
+    "unknown key": ([("model.dtpye", "bf16")], "model.dtpye", "did you mean `dtype`"),
+    "wrong type": ([("cluster.nodes", "four")], "cluster.nodes", "expected an integer"),
+    "missing field": ([("long_context.tokens_per_step", DELETE)], "long_context.tokens_per_step", "required"),
+    "zero size": ([("finetune.global_batch_size", 0)], "finetune.global_batch_size", ">= 1"),
+    "negative size": ([("long_context.progressive.start", -8)], "long_context.progressive.start", ">= 16"),
+    "seq_len not increasing": ([("long_context", EXPLICIT_STAGES)], "long_context.stages[1].seq_len",
+                               "does not grow"),
+    "rope factor below 1": ([("long_context.progressive.rope.factor", 0.5)],
+                            "long_context.progressive.rope.factor", "must be >= 1"),
+    "yarn without original context": ([("model.name_or_path", "some-org/unreadable-model"),
+                                       ("model.config", None)],
+                                      "long_context.progressive.rope.original_max_position_embeddings",
+                                      "original context"),
+    "sp not dividing world": ([("parallelism.sequence_parallel", 3)], "parallelism.sequence_parallel",
+                              "does not divide the world size 2"),
+    "sp not dividing heads": ([("cluster.procs_per_node", 3), ("parallelism.sequence_parallel", 3)],
+                              "parallelism.sequence_parallel", "4 attention heads"),
+    "prefix with checkpointing": ([("finetune.method", "prefix"), ("model.gradient_checkpointing", True)],
+                                  "finetune.method", "gradient checkpointing"),
+    "prompt with sequence parallel": ([("finetune.method", "prompt"), ("parallelism.sequence_parallel", 2),
+                                       ("model.config.num_attention_heads", 4)],
+                                      "finetune.method", "sequence parallelism"),
+    "qlora on cpu ranks": ([("finetune.method", "qlora")], "finetune.method", "qlora needs GPUs"),
+    "flash attention on cpu ranks": ([("model.attn_implementation", "flash_attention_2")],
+                                     "model.attn_implementation", "needs GPUs"),
+    "bad time limit": ([("cluster.time_limit", "1 day")], "cluster.time_limit", "not a SLURM time"),
+    "missing data path": ([("finetune.data.paths", ["data/nope.jsonl"])], "finetune.data.paths[0]",
+                          "does not exist"),
+    "unknown method": ([("finetune.method", "lorra")], "finetune.method", "did you mean `lora`"),
+    "offload on zero-1": ([("parallelism.zero_stage", 1), ("parallelism.offload_optimizer", "cpu")],
+                          "parallelism.offload_optimizer", "ZeRO stage 2 or 3"),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+@pytest.mark.parametrize("command", ["plan", "render", "launch"])
+def test_bad_recipe_exits_2_with_the_path_and_writes_nothing(case, command, recipe_file, tmp_path, capsys):
+    edits, path, message = CASES[case]
+    raw = demo_raw()
+    for dotted, value in edits:
+        set_in(raw, dotted, value)
+    recipe = recipe_file(raw)
+    extra = ["--dry-run"] if command == "launch" else []
+    assert main([command, str(recipe), *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: " in err and message in err, err
+    assert "fix:" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists(), "nothing may be written for a bad recipe"
+
+
+def test_console_script_exit_code_and_no_traceback_without_debug(recipe_file):
+    raw = demo_raw()
+    raw["cluster"]["nodes"] = 0
+    recipe = recipe_file(raw)
+    run = [sys.executable, "-m", "dist_ft", "plan", str(recipe)]
+    plain = subprocess.run(run, capture_output=True, text=True)
+    assert plain.returncode == 2 and "cluster.nodes: must be >= 1" in plain.stderr
+    assert "Traceback" not in plain.stderr
+    debug = subprocess.run(run + ["--debug"], capture_output=True, text=True)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr
+
+
+def test_local_backend_refuses_several_nodes(recipe_file, tmp_path, capsys):
+    raw = demo_raw()
+    raw["cluster"]["nodes"] = 2
+    assert main(["launch", str(recipe_file(raw)), "--dry-run"]) == 2
+    assert "cluster.nodes: the local backend runs one node" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()

@@ -1,0 +1,107 @@
+"""The pure plan: batch arithmetic, RoPE per stage (checked against transformers), memory."""
+
+import pytest
+
+from dist_ft.config import apply_overrides, recipe_from_dict
+from dist_ft.model_shape import CATALOGUE, shape_from_config
+from dist_ft.plan import Plan, make_plan
+from dist_ft.strict import RecipeError
+from tests.conftest import demo_raw
+
+LLAMA8B = shape_from_config(CATALOGUE["meta-llama/Meta-Llama-3-8B"], "test")
+
+
+def plan_of(overrides=(), raw=None, shape="inline"):
+    recipe = recipe_from_dict(apply_overrides(raw or demo_raw(), list(overrides)))
+    if shape == "inline":
+        shape = shape_from_config(recipe.model.config, "test")
+    return make_plan(recipe, shape, "/tmp/run")
+
+
+def test_global_batch_is_micro_times_accum_times_dp_and_tokens_follow_the_recipe():
+    plan = plan_of(["cluster.procs_per_node=4", "long_context.tokens_per_step=8192"])
+    for stage in plan.stages[:2]:
+        assert stage.global_batch_size == stage.micro_batch_size * stage.grad_accum * plan.dp
+        assert stage.tokens_per_step == 8192
+
+
+def test_tokens_per_step_rounds_up_to_fill_every_rank_and_says_so():
+    plan = plan_of(["cluster.procs_per_node=2", "long_context.tokens_per_step=512",
+                    "long_context.progressive.start=512", "long_context.progressive.target=1024"])
+    stage = plan.stage("ctx1k")
+    assert stage.global_batch_size == 2 and stage.tokens_per_step == 2048
+    assert any("ctx1k: 2048 tokens per step" in w for w in plan.warnings)
+
+
+def test_steps_from_tokens():
+    plan = plan_of(["long_context.progressive.steps=null", "long_context.progressive.tokens=40000"])
+    assert plan.stage("ctx512").steps == 10  # ceil(40000 / 4096)
+
+
+def test_rope_factor_is_derived_per_stage_and_finetune_keeps_the_last():
+    plan = plan_of()
+    assert [s.rope_parameters["factor"] for s in plan.stages] == [2.0, 4.0, 4.0]
+    assert plan.stage("sft").rope_parameters == plan.stage("ctx1k").rope_parameters
+    assert plan.stage("ctx1k").max_position_embeddings == 1024
+
+
+@pytest.mark.parametrize("kind", ["linear", "dynamic", "yarn", "llama3"])
+def test_rope_parameters_are_what_transformers_builds_a_rotary_embedding_from(kind):
+    import torch
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    plan = plan_of([f"long_context.progressive.rope.type={kind}"])
+    stage = plan.stage("ctx1k")
+    base = dict(demo_raw()["model"]["config"])
+    base.pop("model_type")
+    cfg = LlamaConfig(**{**base, "max_position_embeddings": stage.max_position_embeddings,
+                         "rope_parameters": stage.rope_parameters})
+    scaled = LlamaRotaryEmbedding(cfg).inv_freq
+    plain = LlamaRotaryEmbedding(LlamaConfig(**base)).inv_freq
+    if kind == "linear":
+        torch.testing.assert_close(scaled, plain / 4.0)
+    elif kind == "dynamic":  # dynamic rescales at run time, beyond the original window
+        torch.testing.assert_close(scaled, plain)
+    else:  # yarn and llama3 keep the highest frequencies and stretch the lowest
+        torch.testing.assert_close(scaled[0], plain[0])
+        assert scaled[-1] < plain[-1]
+
+
+def test_theta_raise_per_stage():
+    plan = plan_of(["long_context.progressive.rope.type=linear", "long_context.progressive.rope.rope_theta=500000"])
+    assert plan.stage("ctx512").rope_parameters["rope_theta"] == 500000.0
+
+
+def test_plan_round_trips_through_json():
+    plan = plan_of()
+    again = Plan.from_json(plan.to_json())
+    assert again == plan and again.stage("sft").method == "lora"
+
+
+def test_memory_shrinks_with_zero_stage_and_sequence_parallel():
+    raw = yaml_cluster_recipe()
+    totals = {}
+    for zero, sp in ((1, 1), (2, 1), (3, 1), (3, 4)):
+        plan = plan_of([f"parallelism.zero_stage={zero}", f"parallelism.sequence_parallel={sp}",
+                        "long_context.progressive.start=32768", "long_context.progressive.target=32768"],
+                       raw=raw, shape=LLAMA8B)
+        stage = plan.stages[0]
+        totals[(zero, sp)] = stage.memory["total_gib"] / stage.micro_batch_size
+    assert totals[(1, 1)] > totals[(2, 1)] > totals[(3, 1)] > totals[(3, 4)]
+
+
+def test_a_plan_that_cannot_fit_the_gpu_is_an_error_naming_the_parts():
+    with pytest.raises(RecipeError) as err:
+        plan_of(["parallelism.zero_stage=1", "model.gradient_checkpointing=false", "parallelism.sequence_parallel=1",
+                 "cluster.gpu_memory_gb=24"], raw=yaml_cluster_recipe(), shape=LLAMA8B)
+    text = str(err.value)
+    assert "GiB per GPU" in text and "activations" in text and "gradient_checkpointing" in text
+
+
+def yaml_cluster_recipe():
+    import yaml
+
+    from tests.conftest import LAUNCH
+
+    return yaml.safe_load((LAUNCH / "llama3-8b-64k-4node.yaml").read_text())
