@@ -70,7 +70,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("train", help="(per rank) train one stage of a rendered run")
-    p.add_argument("--run", required=True, help="run dir written by render/launch")
+    p.add_argument("--run-dir", "--run", dest="run", required=True, help="run dir written by render/launch")
     p.add_argument("--stage", required=True)
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -131,6 +131,10 @@ def _run_local(plan: Plan, dry_run: bool) -> int:
             print(f"error: stage {stage.name} failed with exit status {status}; later stages were not run. "
                   f"Re-run the same command to resume from its last checkpoint.", file=sys.stderr)
             return status
+    if not dry_run:
+        from .summary import pipeline_summary
+
+        print(pipeline_summary(plan))
     return 0
 
 
@@ -145,9 +149,23 @@ def _local_env() -> dict[str, str]:
 def cmd_train(args: argparse.Namespace) -> int:
     plan = Plan.from_json((Path(args.run) / PLAN_FILE).read_text())
     stage = plan.stage(args.stage)
+    _quiet_libraries(plan.device == "cuda")
     from .trainer import train_stage
 
     return train_stage(plan, stage)
+
+
+def _quiet_libraries(cuda: bool) -> None:
+    """Keep rank logs to what a person needs: library deprecation chatter is not it."""
+    import logging
+    import warnings
+
+    from .distributed import quiet_process_env
+
+    quiet_process_env(cuda)
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ from .plan import Plan, StagePlan
 def torchrun_command(plan: Plan, stage: StagePlan, port: int, python: str = sys.executable) -> list[str]:
     return [python, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={plan.ranks_per_node}",
             "--master_addr=127.0.0.1", f"--master_port={port}",
-            "-m", "dist_ft", "train", "--run", plan.run_dir, "--stage", stage.name]
+            "-m", "dist_ft", "train", "--run-dir", plan.run_dir, "--stage", stage.name]
 
 
 def local_script(plan: Plan, port: int) -> str:

@@ -4,6 +4,12 @@ Two kinds of recipe text reach the script: #SBATCH values (comments to bash;
 sbatch parses them, honouring double quotes) and shell values (always
 `shlex.quote`d). Line breaks are rejected by the recipe before we get here, so
 no value can start a line of its own.
+
+What real sbatch does with an #SBATCH line (slurm 22.05, checked by
+tests/integration/test_slurm_launcher.py): whitespace ends a value unless
+quoted; "..." and '...' group; inside either, a backslash escapes the next
+character (`\\'` too, unlike bash); an unquoted `#` starts a comment; `$` and
+backticks are not expanded. Only the --output path is read once more (`output_path`).
 """
 
 from __future__ import annotations
@@ -27,9 +33,16 @@ def sbatch_value(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def slurm_filename(path: str) -> str:
-    """Escape SLURM's filename patterns (%j, %N, ...) in a literal path."""
-    return path.replace("\\", "\\\\").replace("%", "%%")
+def output_path(run_dir: str, stage: str) -> str:
+    """The --output file of a stage, with `run_dir` taken literally.
+
+    SLURM expands %j (job id) and reads `%%` as `%` in the path, except when the
+    path holds a backslash: then it expands nothing and only drops one level of
+    backslash escapes. Such a run dir gets one output file for all the stage's jobs.
+    """
+    if "\\" in run_dir:
+        return f"{run_dir}/logs/{stage}.out".replace("\\", "\\\\")
+    return f"{run_dir.replace('%', '%%')}/logs/{stage}.%j.out"
 
 
 def job_name(plan: Plan, stage: StagePlan) -> str:
@@ -55,7 +68,7 @@ def sbatch_directives(plan: Plan, stage: StagePlan) -> list[tuple[str, str | Non
         ("signal", f"B:USR1@{c['signal_grace_s']}"),
         ("requeue" if c["requeue"] else "no-requeue", None),
         ("open-mode", "append"),
-        ("output", f"{slurm_filename(plan.run_dir)}/logs/{stage.name}.%j.out"),
+        ("output", output_path(plan.run_dir, stage.name)),
     ]
     return items
 

@@ -125,7 +125,7 @@ def test_sbatch_runs_one_torchrun_per_node_with_c10d_on_the_head(tmp_path):
     args = (tmp_path / "log" / "torchrun.args").read_text().split("\n")
     assert "--nnodes=2" in args and "--nproc_per_node=2" in args
     assert "--rdzv_endpoint=10.0.0.1:29500" in args and "--rdzv_id=4242" in args
-    assert args[args.index("--run") + 1] == str(out) and args[args.index("--stage") + 1] == "ctx512"
+    assert args[args.index("--run-dir") + 1] == str(out) and args[args.index("--stage") + 1] == "ctx512"
     srun = (tmp_path / "log" / "srun.args").read_text()
     assert "--ntasks-per-node=1" in srun and "--nodes=2" in srun
 
@@ -153,7 +153,7 @@ def test_recipe_strings_with_shell_syntax_execute_nothing(tmp_path, recipe_file)
     env = (tmp_path / "log" / "torchrun.env").read_text()
     assert f"NASTY={NASTY}" in env and "SPACES=a b  c" in env
     args = (tmp_path / "log" / "torchrun.args").read_text().split("\n")
-    assert args[args.index("--run") + 1] == str(out)
+    assert args[args.index("--run-dir") + 1] == str(out)
 
 
 def test_a_finished_stage_is_not_run_again(tmp_path):

@@ -1,0 +1,11 @@
+"""Data for a stage: read local files, tokenize, pack into rows, serve resumable micro-batches."""
+
+from .batches import BatchStream, collate
+from .pack import IGNORE_INDEX, LONG_DOC_POLICIES, pack_documents, pack_examples
+from .pipeline import pretraining_rows, sft_rows, tokenize_documents
+from .read import BadRows, DataError, read_documents, read_records
+from .sft import FORMATS, sft_example
+
+__all__ = ["FORMATS", "IGNORE_INDEX", "LONG_DOC_POLICIES", "BadRows", "BatchStream", "DataError", "collate",
+           "pack_documents", "pack_examples", "pretraining_rows", "read_documents", "read_records", "sft_example",
+           "sft_rows", "tokenize_documents"]

@@ -1,0 +1,129 @@
+"""The one training loop, for every stage and method. Methods differ in which parameters
+train (decided before the engine is built), never here."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import engine as ds
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    tokens_seen: int = 0
+    nonfinite_steps: int = 0
+    consecutive_nonfinite: int = 0
+    best_eval: float = math.inf
+    evals_without_gain: int = 0
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    total_steps: int
+    grad_accum: int
+    seq_len: int
+    checkpoint_every: int | None
+    eval_every: int | None
+    early_stopping_patience: int | None
+    max_consecutive_nonfinite: int = 5
+
+
+@dataclass(frozen=True)
+class LoopHooks:
+    """What the loop asks of the stage: evaluation, checkpointing, the stop request, metrics."""
+    evaluate: Callable[[], float] | None
+    checkpoint: Callable[[LoopState], None]
+    stop_requested: Callable[[], bool]
+    log: Callable[[dict[str, Any]], None]
+    step_extras: Callable[[float], dict[str, Any]]  # step time → tokens/s, memory, MFU
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def run_loop(engine, batches: Iterator[dict[str, torch.Tensor]], state: LoopState, cfg: LoopConfig,
+             hooks: LoopHooks) -> str:
+    """Train until total_steps; returns "finished", "stopped" (checkpointed on request) or "early_stopped"."""
+    while state.step < cfg.total_steps:
+        started = time.perf_counter()
+        lr = engine.get_lr()[0]  # the scheduler moves on inside the step
+        loss, tokens, finite = _optimizer_step(engine, batches, cfg.grad_accum)
+        state.step += 1
+        state.tokens_seen += tokens
+        _account_nonfinite(state, finite, cfg)
+        row = {"step": state.step, "loss": loss, "lr": lr, "tokens_seen": state.tokens_seen,
+               "grad_norm": _grad_norm(engine), "nonfinite_steps": state.nonfinite_steps}
+        row.update(hooks.step_extras(time.perf_counter() - started))
+        hooks.log(row)
+        if _evaluate_now(state, cfg) and _early_stop(state, cfg, hooks):
+            hooks.checkpoint(state)
+            return "early_stopped"
+        if hooks.stop_requested():
+            hooks.checkpoint(state)
+            return "stopped"
+        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.total_steps:
+            hooks.checkpoint(state)
+    if hooks.evaluate is not None:  # the exported model's loss, for comparison after reloading
+        hooks.log({"step": state.step, "eval_loss": hooks.evaluate()})
+    return "finished"
+
+
+def _optimizer_step(engine, batches, grad_accum: int) -> tuple[float, int, bool]:
+    """grad_accum micro-steps; DeepSpeed applies the update on the last. A non-finite loss on any
+    rank turns that micro-batch into a zero-gradient one on every rank, so collectives stay aligned."""
+    total, finite_all, tokens = 0.0, True, 0
+    for _ in range(grad_accum):
+        batch = {k: v.to(engine.device) for k, v in next(batches).items()}
+        out = engine(**batch, use_cache=False)
+        finite = ds.all_reduce_max(0.0 if torch.isfinite(out.loss).item() else 1.0) == 0.0
+        loss = out.loss if finite else _zero_loss(engine)
+        engine.backward(loss)
+        engine.step()
+        finite_all &= finite
+        total += ds.all_reduce_mean(out.loss.item()) if finite else math.nan
+        tokens += int(batch["input_ids"].numel()) * torch.distributed.get_world_size()
+    return total / grad_accum, tokens, finite_all
+
+
+def _zero_loss(engine) -> torch.Tensor:
+    params = [p for p in engine.module.parameters() if p.requires_grad]
+    return sum(p.sum() for p in params) * 0.0
+
+
+def _account_nonfinite(state: LoopState, finite: bool, cfg: LoopConfig) -> None:
+    if finite:
+        state.consecutive_nonfinite = 0
+        return
+    state.nonfinite_steps += 1
+    state.consecutive_nonfinite += 1
+    if state.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
+        raise NonFiniteLossError(f"{state.consecutive_nonfinite} optimizer steps in a row had a NaN/inf loss "
+                                 f"(step {state.step}); stopping with the last good checkpoint intact")
+
+
+def _grad_norm(engine) -> float | None:
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else None
+
+
+def _evaluate_now(state: LoopState, cfg: LoopConfig) -> bool:
+    return bool(cfg.eval_every) and state.step % cfg.eval_every == 0
+
+
+def _early_stop(state: LoopState, cfg: LoopConfig, hooks: LoopHooks) -> bool:
+    if hooks.evaluate is None:
+        return False
+    value = hooks.evaluate()
+    hooks.log({"step": state.step, "eval_loss": value})
+    if value < state.best_eval:
+        state.best_eval, state.evals_without_gain = value, 0
+        return False
+    state.evals_without_gain += 1
+    return bool(cfg.early_stopping_patience) and state.evals_without_gain >= cfg.early_stopping_patience

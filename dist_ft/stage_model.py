@@ -1,0 +1,92 @@
+"""A stage's model: where its weights come from, its RoPE, its method — and its export."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import engine as ds
+from .distributed import DistEnv
+from .methods import apply_method, save_trained
+from .model import build_model, export_model_dir, load_tokenizer
+from .plan import Plan, StagePlan
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXPORT = "export"
+ADAPTER = "adapter"
+MERGED = "merged"
+
+
+def stage_tokenizer(plan: Plan):
+    m = plan.model
+    return load_tokenizer(m["name_or_path"], m.get("gguf_file"), m.get("tokenizer"))
+
+
+def weights_source(plan: Plan, stage: StagePlan) -> tuple[str | None, str | None]:
+    """(name_or_path, gguf_file): the previous stage's export, or the recipe's model."""
+    if stage.init_from is None:
+        return plan.model["name_or_path"], plan.model.get("gguf_file")
+    export = Path(plan.run_dir) / "stages" / stage.init_from / EXPORT
+    if not (export / "config.json").is_file():
+        raise SystemExit(f"error: stage {stage.name} starts from stage {stage.init_from}, whose export "
+                         f"{export} is missing: run {stage.init_from} first")
+    return str(export), None
+
+
+def build_stage_model(plan: Plan, stage: StagePlan, ds_config: dict, tokenizer) -> torch.nn.Module:
+    name_or_path, gguf_file = weights_source(plan, stage)
+    m = plan.model
+    with ds.model_construction(ds_config):
+        model = build_model(
+            name_or_path=name_or_path, gguf_file=gguf_file,
+            config_overrides=m["config"] if name_or_path is None else None,
+            rope_parameters=stage.rope_parameters, max_position_embeddings=stage.max_position_embeddings,
+            attn_implementation=m["attn_implementation"], dtype=DTYPES[m["dtype"]],
+            quantize_4bit=stage.method == "qlora", trust_remote_code=m["trust_remote_code"],
+            vocab_size=len(tokenizer), seed=plan.seed)
+    if m["gradient_checkpointing"]:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()  # frozen embeddings + checkpointing need grads at the input
+    if stage.phase == "finetune":
+        model = apply_method(model, stage.method, stage.method_options,
+                             gradient_checkpointing=m["gradient_checkpointing"])
+    return model
+
+
+def export_stage(plan: Plan, stage: StagePlan, engine, tokenizer, out: Path, env: DistEnv) -> None:
+    """An HF directory plain transformers/peft can load, RoPE in config.json. Adapters are gathered
+    across ZeRO-3 ranks before saving (a naive save writes empty tensors)."""
+    model = engine.module
+    zero3 = ds.is_zero3(engine)
+    if _is_adapter(model):
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        with ds.gathered(trainable, enabled=zero3):
+            if env.is_main:
+                save_trained(model, out / ADAPTER, tokenizer=tokenizer)
+        ds.barrier()
+        if stage.merge_adapter and env.is_main:
+            _export_merged(out / ADAPTER, out / MERGED, tokenizer)
+        return
+    state = ds.full_state_dict(engine)
+    if env.is_main:
+        export_model_dir(model, tokenizer, out, state_dict=state)
+
+
+def export_path(plan: Plan, stage: StagePlan) -> Path:
+    """Where a finished stage's model is: the full directory, or the adapter directory."""
+    out = Path(plan.run_dir) / "stages" / stage.name / EXPORT
+    return out / ADAPTER if (out / ADAPTER).is_dir() else out
+
+
+def _is_adapter(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
+
+    return isinstance(model, PeftModel)
+
+
+def _export_merged(adapter_dir: Path, out: Path, tokenizer) -> None:
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32)
+    save_trained(model, out, tokenizer=tokenizer, merge=True)

@@ -1,0 +1,211 @@
+"""One stage on one rank: model, method, data, engine, resume, loop, export.
+
+Data flows one way: plan.json → model + data → DeepSpeed engine → loop → checkpoint/export/metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import engine as ds
+from .checkpoint import commit, latest_tag, read_meta, tag_for
+from .distributed import DistEnv, read_env
+from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
+from .metrics import NullMetrics, RankZeroMetrics, mfu
+from .plan import Plan, StagePlan
+from .schedule import lr_multiplier
+from .stage_data import StageData, load_stage_data
+from .stage_model import build_stage_model, export_stage, stage_tokenizer
+from .stop import StopRequest
+
+
+def stage_dir(plan: Plan, stage: StagePlan) -> Path:
+    return Path(plan.run_dir) / "stages" / stage.name
+
+
+def train_stage(plan: Plan, stage: StagePlan) -> int:
+    env = read_env()
+    ds.init_distributed(env)
+    folder = stage_dir(plan, stage)
+    if (folder / "DONE").exists():
+        _say(env, f"[{stage.name}] already complete ({folder / 'DONE'}); nothing to do")
+        return 0
+    torch.manual_seed(plan.seed + stage.index)
+    ds_config = _ds_config_for_world(plan, stage, env)
+    tokenizer = stage_tokenizer(plan)
+    data = load_stage_data(plan, stage, env, tokenizer, ds_config)
+    _say(env, data.report)
+    model = build_stage_model(plan, stage, ds_config, tokenizer)
+    total_steps = stage.steps or max(1, math.ceil(stage.epochs * data.steps_per_epoch))
+    resume_from = _find_resume(folder / "checkpoints", data.dp_size, env)
+    if resume_from and resume_from[0].name == "universal":
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine = ds.build_engine(model, ds_config, lambda s: lr_multiplier(
+        s, stage.warmup_steps, total_steps, stage.min_lr / stage.lr if stage.lr else 1.0))
+    state = _resume(engine, resume_from, data, env)
+    _write_rank_info(folder, env, data, engine)
+    metrics = _metrics(plan, stage, env, folder, total_steps, state.step)
+    outcome = _train(plan, stage, env, engine, data, state, total_steps, metrics, folder)
+    if outcome == "failed":
+        return 1
+    if outcome != "stopped":
+        export_stage(plan, stage, engine, tokenizer, folder / "export", env)
+        if env.is_main:
+            (folder / "DONE").write_text(json.dumps({"step": state.step, "outcome": outcome}) + "\n")
+    ds.barrier()
+    return 0
+
+
+def _train(plan, stage, env, engine, data, state, total_steps, metrics, folder) -> str:
+    stop = StopRequest(Path(plan.run_dir) / "control" / f"{stage.name}.stop")
+    save = _checkpointer(plan, stage, env, engine, data, folder / "checkpoints")
+    cfg = LoopConfig(total_steps=total_steps, grad_accum=engine.gradient_accumulation_steps(),
+                     seq_len=stage.seq_len, checkpoint_every=plan.checkpointing["every_steps"],
+                     eval_every=stage.eval_every, early_stopping_patience=stage.early_stopping_patience)
+    hooks = LoopHooks(evaluate=data.evaluator(engine), checkpoint=save, stop_requested=stop.agreed,
+                      log=lambda row: metrics.log({"stage": stage.name, "seq_len": stage.seq_len,
+                                                   "restart": env.restart_count, **row}),
+                      step_extras=_step_extras(plan, stage, env, engine))
+    try:
+        outcome = run_loop(engine, iter(data.train), state, cfg, hooks)
+    except NonFiniteLossError as err:
+        _say(env, f"error: [{stage.name}] {err}", err=True)
+        metrics.close()
+        return "failed"
+    if outcome != "stopped":
+        save(state)
+    metrics.close()
+    _say(env, f"[{stage.name}] {outcome} at step {state.step}/{total_steps}"
+              f"{' (checkpointed; resume continues here)' if outcome == 'stopped' else ''}")
+    return outcome
+
+
+def _checkpointer(plan, stage, env, engine, data, folder: Path):
+    frozen_excluded = stage.method != "full"
+
+    def save(state: LoopState) -> None:
+        tag = tag_for(state.step)
+        ds.save_checkpoint(engine, folder, tag, {"dist_ft": _client_state(state, data)}, frozen_excluded)
+        ds.barrier()
+        if env.is_main:
+            commit(folder, tag, {"step": state.step, "dp": data.dp_size, "world_size": env.world_size,
+                                 "time": time.time(), "restart": env.restart_count},
+                   plan.checkpointing["keep_last"])
+        ds.barrier()
+
+    return save
+
+
+def _client_state(state: LoopState, data: StageData) -> dict[str, Any]:
+    return {"step": state.step, "tokens_seen": state.tokens_seen, "nonfinite_steps": state.nonfinite_steps,
+            "best_eval": state.best_eval, "evals_without_gain": state.evals_without_gain,
+            "data": data.train.state_dict()}
+
+
+def _find_resume(folder: Path, dp: int, env: DistEnv) -> tuple[Path, str] | None:
+    """The latest complete checkpoint; converted to DeepSpeed's universal format when it was saved at
+    another data-parallel size (DeepSpeed refuses to load it directly)."""
+    tag = latest_tag(folder)
+    if tag is None:
+        return None
+    saved_dp = read_meta(folder, tag)["dp"]
+    if saved_dp == dp:
+        return folder, tag
+    universal = folder.parent / "universal"
+    _say(env, f"{tag} was saved at data-parallel {saved_dp}; this run has {dp}: converting it to DeepSpeed's "
+              f"universal checkpoint in {universal}")
+    if env.is_main and not (universal / tag).is_dir():
+        ds.convert_to_universal(folder, tag, universal / tag)
+    ds.barrier()
+    return universal, tag
+
+
+def _resume(engine, resume_from: tuple[Path, str] | None, data: StageData, env: DistEnv) -> LoopState:
+    if resume_from is None:
+        return LoopState()
+    folder, tag = resume_from
+    saved = ds.load_checkpoint(engine, folder, tag)["dist_ft"]
+    data.train.load_state_dict(saved["data"])
+    _say(env, f"resumed from {folder / tag} at step {saved['step']}")
+    return LoopState(step=saved["step"], tokens_seen=saved["tokens_seen"], nonfinite_steps=saved["nonfinite_steps"],
+                     best_eval=saved["best_eval"], evals_without_gain=saved["evals_without_gain"])
+
+
+def _ds_config_for_world(plan: Plan, stage: StagePlan, env: DistEnv) -> dict[str, Any]:
+    """The rendered config, re-balanced if this run has another world size than planned (a resume on
+    fewer or more ranks keeps the global batch by changing gradient accumulation)."""
+    cfg = json.loads((Path(plan.run_dir) / stage.ds_config).read_text())
+    dp = env.world_size // stage.sequence_parallel
+    if dp == plan.dp:
+        return cfg
+    per_step = stage.global_batch_size
+    if per_step % (stage.micro_batch_size * dp):
+        raise SystemExit(f"error: world size {env.world_size} cannot keep the planned {per_step} sequences per "
+                         f"step with micro-batch {stage.micro_batch_size}; re-render the run for this size")
+    cfg["gradient_accumulation_steps"] = per_step // (stage.micro_batch_size * dp)
+    cfg["train_batch_size"] = per_step
+    _say(env, f"[{stage.name}] world size {env.world_size} differs from the plan's {plan.world_size}: "
+              f"gradient accumulation {cfg['gradient_accumulation_steps']} keeps {per_step} sequences per step")
+    return cfg
+
+
+def _write_rank_info(folder: Path, env: DistEnv, data: StageData, engine) -> None:
+    """What this rank holds: evidence that ZeRO shards for real (tests and humans read it)."""
+    held, total = ds.parameter_residency(engine)
+    info = {"rank": env.rank, "world_size": env.world_size, "dp_rank": data.dp_rank, "dp_size": data.dp_size,
+            "zero_stage": engine.zero_optimization_stage(), "param_elements_held": held,
+            "param_elements_total": total, "device": env.device, "restart": env.restart_count}
+    (folder / "ranks").mkdir(parents=True, exist_ok=True)
+    (folder / "ranks" / f"rank{env.rank}.json").write_text(json.dumps(info) + "\n")
+
+
+def _metrics(plan, stage, env, folder, total_steps, start_step):
+    if not env.is_main:
+        return NullMetrics()
+    config = {"stage": stage.name, "phase": stage.phase, "seq_len": stage.seq_len, "method": stage.method,
+              "rope": stage.rope_parameters, "zero_stage": stage.zero_stage, "world_size": env.world_size,
+              "tokens_per_step": stage.tokens_per_step, "lr": stage.lr, "pipeline": plan.name}
+    return RankZeroMetrics(folder, plan.tracking, plan.name, plan.run_dir, stage.name, config, total_steps,
+                           start_step)
+
+
+def _step_extras(plan, stage, env, engine):
+    on_gpu = env.device.startswith("cuda")
+    shape = plan.model_shape or {}
+
+    def extras(seconds: float) -> dict[str, Any]:
+        tokens = stage.global_batch_size * stage.seq_len
+        row = {"step_time_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1)}
+        if on_gpu:
+            row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+            value = mfu(tokens / seconds, _num_params(engine), shape.get("num_layers", 0),
+                        shape.get("hidden_size", 0), stage.seq_len, env.world_size, torch.cuda.get_device_name())
+            if value is not None:
+                row["mfu"] = round(value, 4)
+        else:
+            row["peak_memory_gib"] = round(_max_rss_gib(), 3)
+        return row
+
+    return extras
+
+
+def _num_params(engine) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+
+
+def _max_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def _say(env: DistEnv, text: str, err: bool = False) -> None:
+    if env.is_main and text:
+        print(text, file=sys.stderr if err else sys.stdout, flush=True)
