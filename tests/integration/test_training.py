@@ -1,0 +1,178 @@
+"""The trainer for real: torchrun, DeepSpeed ZeRO on gloo, 2 CPU ranks, tiny Llama-shaped models."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.integration.training_helpers import (
+    free_port, kill_when, latest_step, lora_finetune, losses, metric_rows, rank_env, render, start, tiny_recipe,
+    torchrun_argv, train, wandb_history)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_zero_trains_two_ranks_shards_for_real_and_exports_with_rope(zero, tmp_path):
+    run = tmp_path / f"zero{zero}"
+    plan = render(tiny_recipe(zero=zero, steps=6), run)
+    train(run, "ctx")
+    series = losses(run, "ctx")
+    assert len(series) == 6 and series[-1] < series[0] - 0.1, series
+    ranks = [json.loads((run / "stages/ctx/ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for info in ranks:
+        assert info["zero_stage"] == zero and info["world_size"] == 2
+        if zero == 3:  # each rank holds about half of every parameter
+            assert info["param_elements_held"] <= info["param_elements_total"] / 2 + 1024
+        else:
+            assert info["param_elements_held"] == info["param_elements_total"]
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(run / "stages/ctx/export")
+    assert exported.config.rope_parameters["rope_type"] == "yarn"
+    assert exported.config.rope_parameters["factor"] == plan.stage("ctx").rope_parameters["factor"] == 2.0
+    assert (run / "stages/ctx/DONE").exists() and (run / "stages/ctx/loss.png").stat().st_size > 1000
+
+
+def test_wandb_offline_file_holds_the_logged_metrics(tmp_path):
+    run = tmp_path / "wb"
+    render(tiny_recipe(steps=3, every=None), run)
+    train(run, "ctx")
+    (run_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    history = [row for row in wandb_history(run_file) if "loss" in row]
+    expected = metric_rows(run, "ctx")
+    assert [round(r["loss"], 6) for r in history] == [round(r["loss"], 6) for r in expected if "loss" in r]
+    assert {"lr", "grad_norm", "tokens_per_s", "step_time_s", "seq_len", "restart"} <= set(history[0])
+    wandb_cli = str(Path(sys.executable).parent / "wandb")
+    sync = subprocess.run([wandb_cli, "sync", "--dry-run", str(run_file.parent)], capture_output=True, text=True,
+                          env=rank_env())
+    assert sync.returncode == 0
+
+
+def test_crash_after_a_checkpoint_resumes_with_the_same_losses(tmp_path):
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    render(tiny_recipe(steps=12, every=2), whole)
+    train(whole, "ctx")
+    render(tiny_recipe(steps=12, every=2), broken)
+    proc = start(broken, "ctx")
+    kill_when(proc, lambda: latest_step(broken, "ctx") >= 2)
+    assert not (broken / "stages/ctx/DONE").exists()
+    result = train(broken, "ctx")
+    assert "resumed from" in result.stdout
+    assert losses(broken, "ctx") == pytest.approx(losses(whole, "ctx"), abs=1e-6)
+
+
+def test_resume_on_another_world_size_through_the_universal_checkpoint(tmp_path):
+    whole, moved = tmp_path / "whole", tmp_path / "moved"
+    render(tiny_recipe(steps=10, every=2), whole)
+    train(whole, "ctx")
+    render(tiny_recipe(steps=10, every=2), moved)
+    kill_when(start(moved, "ctx"), lambda: latest_step(moved, "ctx") >= 2)
+    result = train(moved, "ctx", nproc=1)
+    assert "universal" in result.stdout and "resumed from" in result.stdout
+    assert losses(moved, "ctx") == pytest.approx(losses(whole, "ctx"), abs=1e-5)
+    info = json.loads((moved / "stages/ctx/ranks/rank0.json").read_text())
+    assert info["world_size"] == 1
+
+
+def test_two_nodes_on_loopback(tmp_path):
+    run = tmp_path / "nodes"
+    raw = tiny_recipe(steps=3, every=None, ranks=1)
+    raw["cluster"]["nodes"] = 2
+    render(raw, run)
+    port = free_port()
+    procs = [subprocess.Popen(torchrun_argv(run, "ctx", 1, port, nnodes=2, node_rank=r), env=rank_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
+    assert len(losses(run, "ctx")) == 3
+    infos = [json.loads((run / "stages/ctx/ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [i["world_size"] for i in infos] == [2, 2]
+
+
+def test_stop_request_checkpoints_then_the_rerun_finishes(tmp_path):
+    run = tmp_path / "stop"
+    render(tiny_recipe(steps=8, every=None), run)
+    proc = start(run, "ctx")
+    stop_file = run / "control" / "ctx.stop"
+    import time
+
+    deadline = time.monotonic() + 180
+    while not (run / "stages/ctx/metrics.jsonl").exists():
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    stop_file.touch()
+    assert proc.wait(timeout=180) == 0
+    stopped_at = latest_step(run, "ctx")
+    assert 1 <= stopped_at < 8 and not (run / "stages/ctx/DONE").exists()
+    stop_file.unlink()
+    train(run, "ctx")
+    assert (run / "stages/ctx/DONE").exists() and len(losses(run, "ctx")) == 8
+
+
+def test_lora_under_zero3_exports_an_adapter_whose_reload_has_the_engines_eval_loss(tmp_path):
+    run = tmp_path / "lora3"
+    plan = render(tiny_recipe(zero=3, steps=1, every=None, finetune=lora_finetune()), run)
+    train(run, "ctx")
+    train(run, "sft")
+    engine_eval = [r["eval_loss"] for r in metric_rows(run, "sft") if "eval_loss" in r][-1]
+    assert reloaded_eval_loss(plan, run, "sft") == pytest.approx(engine_eval, abs=1e-5)
+
+
+def reloaded_eval_loss(plan, run, stage_name: str) -> float:
+    """Plain transformers/peft, no DeepSpeed: load the export and score the same validation rows."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from dist_ft.data import collate
+    from dist_ft.stage_data import load_stage_data
+    from dist_ft.distributed import read_env
+    from dist_ft.stage_model import export_path, stage_tokenizer
+
+    stage = plan.stage(stage_name)
+    env = read_env({}, cuda_available=False)
+    cfg = json.loads((run / stage.ds_config).read_text())
+    cfg["gradient_accumulation_steps"] = cfg["train_batch_size"] // cfg["train_micro_batch_size_per_gpu"]
+    data = load_stage_data(plan, stage, env, stage_tokenizer(plan), cfg)
+    path = export_path(plan, stage)
+    if (path / "adapter_config.json").exists():
+        base = AutoModelForCausalLM.from_pretrained(run / "stages" / stage.init_from / "export")
+        model = PeftModel.from_pretrained(base, path)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    model.eval()
+    with torch.no_grad():
+        values = [model(**collate([row]), use_cache=False).loss.item() for row in data.validation]
+    return sum(values) / len(values)
+
+
+METHODS = ["full", "lora", "dora", "prefix", "prompt", "ptuning", "ia3", "bitfit", "freeze", "longlora"]
+
+
+@pytest.fixture(scope="module")
+def pretrained_stage(tmp_path_factory):
+    """One continued-pretraining stage every method fine-tunes from."""
+    run = tmp_path_factory.mktemp("base") / "run"
+    render(tiny_recipe(steps=1, every=None, finetune=lora_finetune()), run)
+    train(run, "ctx")
+    return run
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_trains_and_its_export_reloads_with_the_same_eval_loss(method, pretrained_stage, tmp_path):
+    run = tmp_path / method
+    plan = render(tiny_recipe(steps=1, every=None, finetune=lora_finetune(method, steps=2)), run)
+    shutil.copytree(pretrained_stage / "stages" / "ctx", run / "stages" / "ctx")
+    train(run, "sft")
+    rows = [r for r in metric_rows(run, "sft") if "loss" in r]
+    assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
+    engine_eval = [r["eval_loss"] for r in metric_rows(run, "sft") if "eval_loss" in r][-1]
+    assert reloaded_eval_loss(plan, run, "sft") == pytest.approx(engine_eval, abs=1e-5)
