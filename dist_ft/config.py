@@ -145,7 +145,8 @@ class MethodOptions:
     r: int = spec(16, min=1, doc="LoRA rank.")
     alpha: float = spec(32.0, min=0.0, doc="LoRA scaling numerator.")
     dropout: float = spec(0.05, min=0.0, max=1.0)
-    target_modules: list[str] | str = spec("all-linear", doc="Module names, or all-linear.")
+    target_modules: list[str] | str | None = spec(None, doc="Module names, or all-linear; unset: all-linear for "
+                                                            "the LoRA family, peft's per-model default for ia3.")
     num_virtual_tokens: int = spec(16, min=1, doc="prefix / prompt / ptuning tokens.")
     encoder_hidden_size: int = spec(128, min=1, doc="ptuning prompt-encoder width.")
     trainable_layers: int = spec(2, min=0, doc="freeze: last N decoder layers train.")

@@ -249,6 +249,10 @@ def _check_method(recipe: Recipe, problems: list[Problem]) -> None:
     if ft.method in VIRTUAL_TOKEN_METHODS and recipe.parallelism.sequence_parallel > 1:
         problems.append(Problem("finetune.method", f"{ft.method} tuning prepends virtual tokens, which "
                                 "sequence parallelism cannot split", "use `lora` or set sequence_parallel: 1"))
+    if ft.method in VIRTUAL_TOKEN_METHODS and ft.data.packing:
+        problems.append(Problem("finetune.data.packing", f"{ft.method} tuning cannot isolate packed examples "
+                                "(peft drops position_ids for prompt learning), so they would attend to each other",
+                                "set `finetune.data.packing: false`"))
     if ft.method == "qlora" and not c.gpus_per_node:
         problems.append(Problem("finetune.method", "qlora needs GPUs (bitsandbytes 4-bit training on CPU "
                                 "ranks is impractically slow and unsupported by ZeRO)",

@@ -63,7 +63,7 @@ def _rope(params: dict) -> str:
 def _options(s: StagePlan) -> str:
     o = s.method_options
     if s.method in ("lora", "qlora", "dora", "longlora"):
-        return f" (r {o['r']}, alpha {o['alpha']:g}, dropout {o['dropout']:g}, targets {o['target_modules']})"
+        return f" (r {o['r']}, alpha {o['alpha']:g}, dropout {o['dropout']:g}, targets {o['target_modules'] or 'all-linear'})"
     if s.method in ("prefix", "prompt", "ptuning"):
         return f" ({o['num_virtual_tokens']} virtual tokens)"
     if s.method == "freeze":
