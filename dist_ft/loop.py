@@ -62,17 +62,24 @@ def run_loop(engine, batches: Iterator[dict[str, torch.Tensor]], state: LoopStat
                "grad_norm": _grad_norm(engine), "nonfinite_steps": state.nonfinite_steps}
         row.update(hooks.step_extras(time.perf_counter() - started))
         hooks.log(row)
+        _stop_on_nonfinite_streak(state, cfg)
         if _evaluate_now(state, cfg) and _early_stop(state, cfg, hooks):
             hooks.checkpoint(state)
             return "early_stopped"
         if hooks.stop_requested():
             hooks.checkpoint(state)
             return "stopped"
-        if cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0 and state.step < cfg.total_steps:
+        if _checkpoint_due(state, cfg):
             hooks.checkpoint(state)
     if hooks.evaluate is not None:  # the exported model's loss, for comparison after reloading
         hooks.log({"step": state.step, "eval_loss": hooks.evaluate()})
     return "finished"
+
+
+def _checkpoint_due(state: LoopState, cfg: LoopConfig) -> bool:
+    """Periodic checkpoints, except inside a run of non-finite losses: the last good one must stay."""
+    return (bool(cfg.checkpoint_every) and state.step % cfg.checkpoint_every == 0
+            and state.step < cfg.total_steps and state.consecutive_nonfinite == 0)
 
 
 def _optimizer_step(engine, batches, grad_accum: int) -> tuple[float, int, bool]:
@@ -103,6 +110,9 @@ def _account_nonfinite(state: LoopState, finite: bool, cfg: LoopConfig) -> None:
         return
     state.nonfinite_steps += 1
     state.consecutive_nonfinite += 1
+
+
+def _stop_on_nonfinite_streak(state: LoopState, cfg: LoopConfig) -> None:
     if state.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
         raise NonFiniteLossError(f"{state.consecutive_nonfinite} optimizer steps in a row had a NaN/inf loss "
                                  f"(step {state.step}); stopping with the last good checkpoint intact")

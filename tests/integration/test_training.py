@@ -176,3 +176,34 @@ def test_every_method_trains_and_its_export_reloads_with_the_same_eval_loss(meth
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
     engine_eval = [r["eval_loss"] for r in metric_rows(run, "sft") if "eval_loss" in r][-1]
     assert reloaded_eval_loss(plan, run, "sft") == pytest.approx(engine_eval, abs=1e-5)
+
+
+def test_nonfinite_losses_stop_the_stage_with_the_last_good_checkpoint_intact(tmp_path):
+    run = tmp_path / "nan"
+    raw = tiny_recipe(steps=12, every=1)
+    raw["long_context"]["stages"][0].update(lr=1e20, warmup_steps=0)  # weights overflow to inf within steps
+    render(raw, run)
+    result = subprocess.run(torchrun_argv(run, "ctx", 2, free_port()), env=rank_env(), capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode != 0
+    assert "NaN/inf loss" in result.stdout + result.stderr
+    rows = [r for r in metric_rows(run, "ctx") if "loss" in r]
+    assert rows[-1]["nonfinite_steps"] >= 5 and not math.isfinite(rows[-1]["loss"])
+    good = [r["step"] for r in rows if math.isfinite(r["loss"])]
+    assert latest_step(run, "ctx") == max(good), "the latest checkpoint must be the last good one"
+    assert not (run / "stages/ctx/DONE").exists()
+
+
+def test_data_with_nothing_usable_fails_before_training_with_the_counts(tmp_path):
+    run = tmp_path / "bad"
+    data = tmp_path / "bad.jsonl"
+    data.write_text('{"title": "no text field"}\n{"text": ""}\nnot json at all\n')
+    raw = tiny_recipe(steps=2)
+    raw["long_context"]["data"] = {"paths": [str(data)]}
+    render(raw, run)
+    result = subprocess.run(torchrun_argv(run, "ctx", 2, free_port()), env=rank_env(), capture_output=True,
+                            text=True, timeout=240)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "[ctx]" in output and "no usable documents" in output and "missing_field" in output, output[-3000:]
+    assert not (run / "stages/ctx/checkpoints").exists()
