@@ -44,9 +44,10 @@ class Model:
                                                    "when name_or_path is unset.")
     tokenizer: str | None = spec(None, doc="`byte` for the built-in byte tokenizer, or a tokenizer path.")
     dtype: Literal["fp32", "bf16", "fp16"] = spec("bf16", doc="Training precision.")
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = spec("auto")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = spec(
+        "auto", doc="auto: flash_attention_2 when flash-attn imports and CUDA is present, else sdpa.")
     gradient_checkpointing: bool = spec(False, doc="Recompute activations in backward.")
-    trust_remote_code: bool = spec(False)
+    trust_remote_code: bool = spec(False, doc="Allow model code from the hub repository.")
 
     def __post_init__(self) -> None:
         if self.name_or_path is None and self.config is None:
@@ -61,12 +62,12 @@ class Model:
 class Data:
     paths: list[str] = spec(factory=list, doc="Local files or directories (jsonl, json, parquet, txt).")
     hub_dataset: str | None = spec(None, doc="Hub dataset name; used only when online.")
-    hub_split: str = spec("train")
+    hub_split: str = spec("train", doc="Split of the hub dataset.")
     text_field: str = spec("text", doc="Field holding the text in json/jsonl/parquet rows.")
     packing: bool = spec(True, doc="Pack documents into full rows (per-document positions, no cross attention).")
     long_documents: Literal["split", "truncate", "skip"] = spec("split", doc="What to do with documents over seq_len.")
     validation_fraction: float = spec(0.0, min=0.0, max=0.5)
-    seed: int = spec(0)
+    seed: int = spec(0, doc="Added to the recipe seed for shuffling and the validation split.")
 
     def __post_init__(self) -> None:
         if not self.paths and not self.hub_dataset:
@@ -83,7 +84,7 @@ class Stage:
     lr: float = spec(2e-5, min=0.0)
     min_lr_ratio: float = spec(0.1, min=0.0, max=1.0, doc="Cosine floor as a fraction of lr.")
     warmup_steps: int = spec(0, min=0)
-    rope: Rope = spec(factory=Rope)
+    rope: Rope = spec(factory=Rope, doc="RoPE scaling for this stage.")
     micro_batch_size: int | None = spec(None, min=1, doc="Sequences per rank per micro-step; planned when unset.")
 
     def __post_init__(self) -> None:
@@ -104,7 +105,7 @@ class Progressive:
     min_lr_ratio: float = spec(0.1, min=0.0, max=1.0)
     warmup_steps: int = spec(0, min=0)
     rope: Rope = spec(factory=Rope, doc="Applied to every stage; factor derived per stage when unset.")
-    name_prefix: str = spec("ctx")
+    name_prefix: str = spec("ctx", doc="Stage names are prefix + seq_len (ctx8k, ctx16k, ...).")
 
     def __post_init__(self) -> None:
         if self.target < self.start:
@@ -128,7 +129,7 @@ class Progressive:
 class LongContext:
     tokens_per_step: int = spec(min=16, doc="Global tokens per optimizer step, kept as seq_len grows.")
     data: Data = spec(doc="Long documents for continued pretraining.")
-    stages: list[Stage] = spec(factory=list)
+    stages: list[Stage] = spec(factory=list, doc="Explicit stages, seq_len increasing.")
     progressive: Progressive | None = spec(None, doc="Compact form: start, target, growth.")
 
     def __post_init__(self) -> None:
@@ -157,10 +158,10 @@ class MethodOptions:
 @dataclass(frozen=True)
 class Finetune:
     data: Data = spec(doc="Task data.")
-    name: str = spec("finetune")
-    method: Method = spec("lora")
-    options: MethodOptions = spec(factory=MethodOptions)
-    format: Literal["text", "instruction", "chat"] = spec("instruction")
+    name: str = spec("finetune", doc="Stage name.")
+    method: Method = spec("lora", doc="Which parameters train and how the model is wrapped.")
+    options: MethodOptions = spec(factory=MethodOptions, doc="Method options (see finetune.options).")
+    format: Literal["text", "instruction", "chat"] = spec("instruction", doc="text: loss on all tokens; instruction: instruction/input/output rows; chat: messages rows.")
     template: str | None = spec(None, doc="Prompt template for instruction rows: `alpaca` or a format string "
                                           "with {instruction} and {input}; chat uses the tokenizer's template.")
     seq_len: int | None = spec(None, min=16, doc="Defaults to the last long-context stage's seq_len.")
@@ -191,19 +192,19 @@ class Cluster:
     gpus_per_node: int = spec(0, min=0, doc="0 means CPU ranks (then procs_per_node).")
     procs_per_node: int = spec(1, min=1, doc="CPU ranks per node when gpus_per_node is 0.")
     gpu_memory_gb: float = spec(80.0, min=1.0, doc="Per-GPU memory the plan must fit in.")
-    partition: str | None = spec(None)
-    account: str | None = spec(None)
-    qos: str | None = spec(None)
+    partition: str | None = spec(None, doc="SLURM partition.")
+    account: str | None = spec(None, doc="SLURM account.")
+    qos: str | None = spec(None, doc="SLURM QOS.")
     time_limit: str | None = spec(None, doc="SLURM time: MM, HH:MM:SS, D-HH, D-HH:MM:SS.")
-    constraint: str | None = spec(None)
+    constraint: str | None = spec(None, doc="SLURM --constraint (node features).")
     mem: str | None = spec(None, doc="SLURM --mem, e.g. 0 or 480G.")
     cpus_per_task: int | None = spec(None, min=1)
-    exclusive: bool = spec(False)
+    exclusive: bool = spec(False, doc="Whole nodes (--exclusive).")
     setup: list[str] = spec(factory=list, doc="Shell lines run before training (module load, venv activate).")
     env: dict[str, str] = spec(factory=dict, doc="Environment for every rank (NCCL_*, ...).")
     rdzv_port: int = spec(29500, min=1024, max=65535)
     signal_grace_s: int = spec(120, min=10, doc="Seconds before the time limit to signal a checkpoint.")
-    requeue: bool = spec(True)
+    requeue: bool = spec(True, doc="Requeue the job after a pre-limit checkpoint.")
     max_restarts: int = spec(3, min=0)
     job_name: str | None = spec(None, doc="Defaults to the recipe name.")
 
@@ -229,10 +230,10 @@ class Cluster:
 
 @dataclass(frozen=True)
 class Parallelism:
-    zero_stage: Literal[1, 2, 3] = spec(2)
-    offload_optimizer: Literal["none", "cpu", "nvme"] = spec("none")
-    offload_params: Literal["none", "cpu", "nvme"] = spec("none")
-    nvme_path: str | None = spec(None)
+    zero_stage: Literal[1, 2, 3] = spec(2, doc="What DeepSpeed shards: 1 optimizer, 2 +gradients, 3 +weights.")
+    offload_optimizer: Literal["none", "cpu", "nvme"] = spec("none", doc="Optimizer states off the GPU (ZeRO 2/3).")
+    offload_params: Literal["none", "cpu", "nvme"] = spec("none", doc="Weights off the GPU (ZeRO 3).")
+    nvme_path: str | None = spec(None, doc="Local NVMe folder for nvme offload.")
     sequence_parallel: int = spec(1, min=1, doc="Ulysses degree: ranks sharing one sequence.")
 
     def __post_init__(self) -> None:
@@ -247,11 +248,11 @@ class Parallelism:
 @dataclass(frozen=True)
 class Tracking:
     mode: Literal["online", "offline", "disabled", "auto"] = spec("auto", doc="auto: online with a key, else offline.")
-    project: str = spec("dist-ft")
-    entity: str | None = spec(None)
+    project: str = spec("dist-ft", doc="W&B project.")
+    entity: str | None = spec(None, doc="W&B entity (team or user).")
     group: str | None = spec(None, doc="Defaults to the recipe name: one group per pipeline.")
-    tags: list[str] = spec(factory=list)
-    run_name: str | None = spec(None)
+    tags: list[str] = spec(factory=list, doc="W&B tags.")
+    run_name: str | None = spec(None, doc="W&B run name prefix (stage appended); defaults to the recipe name.")
 
 
 @dataclass(frozen=True)
@@ -269,13 +270,13 @@ class Checkpointing:
 class Recipe:
     name: str = spec(doc="Run name; the run dir is output_root/name.")
     model: Model = spec(doc="What to train.")
-    seed: int = spec(0)
-    long_context: LongContext | None = spec(None)
-    finetune: Finetune | None = spec(None)
-    cluster: Cluster = spec(factory=Cluster)
-    parallelism: Parallelism = spec(factory=Parallelism)
-    tracking: Tracking = spec(factory=Tracking)
-    checkpointing: Checkpointing = spec(factory=Checkpointing)
+    seed: int = spec(0, doc="Seeds model init, data order and splits.")
+    long_context: LongContext | None = spec(None, doc="Continued-pretraining stages at growing seq_len.")
+    finetune: Finetune | None = spec(None, doc="The task fine-tuning stage, after the long-context stages.")
+    cluster: Cluster = spec(factory=Cluster, doc="Where it runs: nodes, ranks, SLURM settings.")
+    parallelism: Parallelism = spec(factory=Parallelism, doc="ZeRO stage, offload, sequence parallelism.")
+    tracking: Tracking = spec(factory=Tracking, doc="Weights & Biases.")
+    checkpointing: Checkpointing = spec(factory=Checkpointing, doc="How often, how many, where.")
 
     def __post_init__(self) -> None:
         check_name(self.name)

@@ -4,8 +4,9 @@ Activations follow Korthikanti et al. (2022) without the attention score term
 (SDPA/flash keep it linear): per token and layer a 16-bit run keeps about
 11·h + 5·i values (q/k/v/o inputs, norms, the SwiGLU branches). Activation
 checkpointing keeps one h-vector per layer plus one layer being recomputed.
-The loss is computed in chunks (`LOSS_CHUNK_TOKENS`), so the fp32 logits and
-their gradient exist for one chunk at a time.
+The loss goes through transformers' full-vocabulary logits: fp32 logits and
+their gradient for every token of the micro-batch (this dominates at long context;
+a chunked loss is the planned fix, and this estimate will follow it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from .config import MethodOptions
 from .model_shape import ModelShape
 
 GIB = 1024**3
-LOSS_CHUNK_TOKENS = 4096
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -84,7 +84,7 @@ def estimate(m: MemoryInputs) -> MemoryEstimate:
     optimizer = 0.0 if m.offload_optimizer else m.trainable_params * (8 + master) / m.dp
     tokens = m.micro_batch * m.seq_len / m.sp
     activations = _activations(m, b, tokens)
-    logits = min(tokens, LOSS_CHUNK_TOKENS) * m.shape.vocab_size * 4 * 2
+    logits = tokens * m.shape.vocab_size * 4 * 2
     overhead = 1.5 * GIB if m.on_gpu else 0.5 * GIB
     return MemoryEstimate(*(x / GIB for x in (weights, gradients, optimizer, activations, logits, overhead)))
 

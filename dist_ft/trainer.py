@@ -37,6 +37,9 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
     if (folder / "DONE").exists():
         _say(env, f"[{stage.name}] already complete ({folder / 'DONE'}); nothing to do")
         return 0
+    if stage.sequence_parallel > 1:
+        raise SystemExit(f"error: [{stage.name}] sequence_parallel {stage.sequence_parallel} is planned but the "
+                         "trainer does not run Ulysses sequence parallelism yet; set parallelism.sequence_parallel: 1")
     torch.manual_seed(plan.seed + stage.index)
     ds_config = _ds_config_for_world(plan, stage, env)
     tokenizer = stage_tokenizer(plan)
