@@ -84,6 +84,7 @@ def test_memory_shrinks_with_zero_stage_and_sequence_parallel():
     totals = {}
     for zero, sp in ((1, 1), (2, 1), (3, 1), (3, 4)):
         plan = plan_of([f"parallelism.zero_stage={zero}", f"parallelism.sequence_parallel={sp}",
+                        "cluster.gpu_memory_gb=1000",
                         "long_context.progressive.start=32768", "long_context.progressive.target=32768"],
                        raw=raw, shape=LLAMA8B)
         stage = plan.stages[0]
