@@ -69,6 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_launch)
 
+    p = sub.add_parser("status", help="each stage of a submitted run: job state, restarts, DONE, last metrics")
+    p.add_argument("run_dir", help="run dir written by render/launch")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("cancel", help="scancel the run's jobs that are still pending or running")
+    p.add_argument("run_dir", help="run dir written by render/launch")
+    p.set_defaults(func=cmd_cancel)
+
     p = sub.add_parser("train", help="(per rank) train one stage of a rendered run")
     p.add_argument("--run-dir", "--run", dest="run", required=True, help="run dir written by render/launch")
     p.add_argument("--stage", required=True)
@@ -144,6 +152,28 @@ def _local_env() -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .slurm_jobs import run_status
+
+    return _on_run_dir(run_status, args.run_dir)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from .slurm_jobs import run_cancel
+
+    return _on_run_dir(run_cancel, args.run_dir)
+
+
+def _on_run_dir(action, run_dir: str) -> int:
+    from .slurm_jobs import NotARunDir
+
+    try:
+        return action(Path(run_dir))
+    except NotARunDir as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 def cmd_train(args: argparse.Namespace) -> int:

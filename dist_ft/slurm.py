@@ -7,8 +7,8 @@ no value can start a line of its own.
 
 What real sbatch does with an #SBATCH line (slurm 22.05, checked by
 tests/integration/test_slurm_launcher.py): whitespace ends a value unless
-quoted; "..." and '...' group; inside either, a backslash escapes the next
-character (`\\'` too, unlike bash); an unquoted `#` starts a comment; `$` and
+quoted; "..." and '...' group; inside either a backslash escapes the next
+character (in '...' too, unlike bash); an unquoted `#` starts a comment; `$` and
 backticks are not expanded. Only the --output path is read once more (`output_path`).
 """
 

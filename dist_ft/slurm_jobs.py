@@ -1,4 +1,5 @@
-"""Submitting a rendered run to SLURM: one sbatch per stage, chained with afterok."""
+"""A rendered run on SLURM: submit one sbatch per stage chained with afterok (ids in jobs.json),
+show each stage's status, cancel what still runs."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .artifacts import PLAN_FILE
 from .plan import Plan
 from .slurm import submit_command
+from .slurm_status import ACTIVE_STATES, SlurmClient, SlurmError, format_status, read_stage_files, summarize_run
 
 JOBS_FILE = "jobs.json"
 
@@ -40,3 +43,66 @@ def submit_stages(plan: Plan, dry_run: bool) -> int:
 
 def _record(run_dir: Path, jobs: dict[str, str]) -> None:
     (run_dir / JOBS_FILE).write_text(json.dumps(jobs, indent=2) + "\n")
+
+
+class NotARunDir(Exception):
+    pass
+
+
+def load_run(run_dir: Path) -> tuple[Plan, dict[str, str]]:
+    """The run's plan and its {stage: job id} (empty before submission)."""
+    plan_file = run_dir / PLAN_FILE
+    if not plan_file.is_file():
+        raise NotARunDir(f"{run_dir} has no {PLAN_FILE}: give a run dir written by `dist-ft render` or `launch`")
+    try:
+        plan = Plan.from_json(plan_file.read_text())
+        jobs_file = run_dir / JOBS_FILE
+        jobs = json.loads(jobs_file.read_text()) if jobs_file.exists() else {}
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # not JSON, or not a plan
+        raise NotARunDir(f"{run_dir}: {err}") from None
+    return plan, {str(stage): str(job) for stage, job in jobs.items()}
+
+
+def run_status(run_dir: Path, client: SlurmClient | None = None) -> int:
+    plan, jobs = load_run(run_dir)
+    client = client or SlurmClient()
+    stage_of_job = {job: stage for stage, job in jobs.items()}
+    inputs, error = [], None
+    for stage in plan.stages:
+        job, info = jobs.get(stage.name), None
+        if job and error is None:
+            try:
+                info = client.job(job)
+            except SlurmError as err:
+                error = str(err)  # asking again for every stage would only repeat the wait
+        inputs.append((stage.name, job, info, error if job else None, read_stage_files(run_dir, stage.name)))
+    title = f"run {plan.name} in {run_dir}: {len(jobs)} of {len(plan.stages)} stage(s) submitted"
+    print(format_status(title, summarize_run(inputs, stage_of_job)))
+    return 0
+
+
+def run_cancel(run_dir: Path, client: SlurmClient | None = None) -> int:
+    """scancel every job of the run that is still pending or running."""
+    plan, jobs = load_run(run_dir)
+    client = client or SlurmClient()
+    if not jobs:
+        print(f"nothing to cancel: {run_dir} has no {JOBS_FILE} (nothing was submitted)")
+        return 0
+    active: dict[str, tuple[str, str]] = {}
+    try:
+        for stage in [s.name for s in plan.stages if s.name in jobs]:
+            info = client.job(jobs[stage])
+            if info is not None and info.state in ACTIVE_STATES:
+                active[stage] = (jobs[stage], info.state)
+            else:
+                print(f"[{stage}] job {jobs[stage]} is {info.state if info else 'no longer in the queue'}: left alone")
+        if active:
+            client.cancel([job for job, _ in active.values()])
+    except SlurmError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    for stage, (job, state) in active.items():
+        print(f"[{stage}] cancelled job {job} (was {state})")
+    if not active:
+        print("nothing to cancel: no job of this run is pending or running")
+    return 0
