@@ -8,7 +8,7 @@ import torch
 
 from . import engine as ds
 from .distributed import DistEnv
-from .methods import apply_method, save_trained
+from .methods import apply_method, load_trained, save_trained
 from .model import build_model, export_model_dir, load_tokenizer
 from .plan import Plan, StagePlan
 
@@ -35,23 +35,27 @@ def weights_source(plan: Plan, stage: StagePlan) -> tuple[str | None, str | None
 
 
 def build_stage_model(plan: Plan, stage: StagePlan, ds_config: dict, tokenizer) -> torch.nn.Module:
-    name_or_path, gguf_file = weights_source(plan, stage)
     m = plan.model
     with ds.model_construction(ds_config):
-        model = build_model(
-            name_or_path=name_or_path, gguf_file=gguf_file,
-            config_overrides=m["config"] if name_or_path is None else None,
-            rope_parameters=stage.rope_parameters, max_position_embeddings=stage.max_position_embeddings,
-            attn_implementation=m["attn_implementation"], dtype=DTYPES[m["dtype"]],
-            quantize_4bit=stage.method == "qlora", trust_remote_code=m["trust_remote_code"],
-            vocab_size=len(tokenizer), seed=plan.seed)
+        model = _base_model(plan, stage, tokenizer)
     if m["gradient_checkpointing"]:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        model.enable_input_require_grads()  # frozen embeddings + checkpointing need grads at the input
     if stage.phase == "finetune":
         model = apply_method(model, stage.method, stage.method_options,
                              gradient_checkpointing=m["gradient_checkpointing"])
     return model
+
+
+def _base_model(plan: Plan, stage: StagePlan, tokenizer, quantize: bool | None = None) -> torch.nn.Module:
+    name_or_path, gguf_file = weights_source(plan, stage)
+    m = plan.model
+    return build_model(
+        name_or_path=name_or_path, gguf_file=gguf_file,
+        config_overrides=m["config"] if name_or_path is None else None,
+        rope_parameters=stage.rope_parameters, max_position_embeddings=stage.max_position_embeddings,
+        attn_implementation=m["attn_implementation"], dtype=DTYPES[m["dtype"]],
+        quantize_4bit=stage.method == "qlora" if quantize is None else quantize,
+        trust_remote_code=m["trust_remote_code"], vocab_size=len(tokenizer), seed=plan.seed)
 
 
 def export_stage(plan: Plan, stage: StagePlan, engine, tokenizer, out: Path, env: DistEnv) -> None:
@@ -66,7 +70,7 @@ def export_stage(plan: Plan, stage: StagePlan, engine, tokenizer, out: Path, env
                 save_trained(model, out / ADAPTER, tokenizer=tokenizer)
         ds.barrier()
         if stage.merge_adapter and env.is_main:
-            _export_merged(out / ADAPTER, out / MERGED, tokenizer)
+            _export_merged(plan, stage, out / ADAPTER, out / MERGED, tokenizer)
         return
     state = ds.full_state_dict(engine)
     if env.is_main:
@@ -85,8 +89,8 @@ def _is_adapter(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-def _export_merged(adapter_dir: Path, out: Path, tokenizer) -> None:
-    from peft import AutoPeftModelForCausalLM
-
-    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32)
-    save_trained(model, out, tokenizer=tokenizer, merge=True)
+def _export_merged(plan: Plan, stage: StagePlan, adapter_dir: Path, out: Path, tokenizer) -> None:
+    """Fold the adapter into a full-precision copy of the stage's base, built the way training built it
+    (a GGUF or random-init base has no directory the adapter could name)."""
+    base = _base_model(plan, stage, tokenizer, quantize=False).float()
+    save_trained(load_trained(adapter_dir, base_model=base), out, tokenizer=tokenizer, merge=True)

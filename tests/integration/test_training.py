@@ -118,14 +118,17 @@ def test_stop_request_checkpoints_then_the_rerun_finishes(tmp_path):
 
 def test_lora_under_zero3_exports_an_adapter_whose_reload_has_the_engines_eval_loss(tmp_path):
     run = tmp_path / "lora3"
-    plan = render(tiny_recipe(zero=3, steps=1, every=None, finetune=lora_finetune()), run)
+    plan = render(tiny_recipe(zero=3, steps=1, every=None, finetune={**lora_finetune(), "merge_adapter": True}), run)
     train(run, "ctx")
     train(run, "sft")
     engine_eval = [r["eval_loss"] for r in metric_rows(run, "sft") if "eval_loss" in r][-1]
     assert reloaded_eval_loss(plan, run, "sft") == pytest.approx(engine_eval, abs=1e-5)
+    merged = run / "stages/sft/export/merged"
+    assert not (merged / "adapter_config.json").exists()
+    assert reloaded_eval_loss(plan, run, "sft", path=merged) == pytest.approx(engine_eval, abs=1e-5)
 
 
-def reloaded_eval_loss(plan, run, stage_name: str) -> float:
+def reloaded_eval_loss(plan, run, stage_name: str, path=None) -> float:
     """Plain transformers/peft, no DeepSpeed: load the export and score the same validation rows."""
     import torch
     from peft import PeftModel
@@ -141,7 +144,7 @@ def reloaded_eval_loss(plan, run, stage_name: str) -> float:
     cfg = json.loads((run / stage.ds_config).read_text())
     cfg["gradient_accumulation_steps"] = cfg["train_batch_size"] // cfg["train_micro_batch_size_per_gpu"]
     data = load_stage_data(plan, stage, env, stage_tokenizer(plan), cfg)
-    path = export_path(plan, stage)
+    path = path or export_path(plan, stage)
     if (path / "adapter_config.json").exists():
         base = AutoModelForCausalLM.from_pretrained(run / "stages" / stage.init_from / "export")
         model = PeftModel.from_pretrained(base, path)

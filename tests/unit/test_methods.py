@@ -1,0 +1,173 @@
+"""Every method trains exactly its parameters, and what it saves reloads to the same loss."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from dist_ft.methods import MethodError, apply_method, load_trained, save_trained, trainable_summary
+from dist_ft.model import build_model
+
+TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 259, "max_position_embeddings": 256,
+        "attention_bias": True}
+OPTS = {"r": 4, "alpha": 8, "dropout": 0.0, "num_virtual_tokens": 4, "encoder_hidden_size": 32,
+        "trainable_layers": 1}
+BATCH = torch.randint(0, 259, (2, 24), generator=torch.Generator().manual_seed(1))
+
+# What each method should train, told by parameter name independently of the method's code.
+INTENDED = {
+    "full": r".",
+    "lora": r"\.lora_[AB]\.",
+    "qlora": r"\.lora_[AB]\.",
+    "dora": r"\.lora_([AB]|magnitude_vector)\.",
+    "longlora": r"\.lora_[AB]\.|(embed_tokens|norm)\.modules_to_save\.",
+    "prefix": r"^prompt_encoder\.",
+    "prompt": r"^prompt_encoder\.",
+    "ptuning": r"^prompt_encoder\.",
+    "ia3": r"\.ia3_l\.",
+    "bitfit": r"\.bias$",
+    "freeze": r"\.layers\.1\.",
+}
+
+
+def tiny_base(quantize_4bit=False, **overrides):
+    return build_model(name_or_path=None, config_overrides={**TINY, **overrides}, attn_implementation="sdpa",
+                       dtype=torch.float32, quantize_4bit=quantize_4bit)
+
+
+def eval_loss(model):
+    model.eval()
+    with torch.no_grad():
+        loss = model(input_ids=BATCH, labels=BATCH, use_cache=False).loss.item()
+    model.train()
+    return loss
+
+
+def train_steps(model, steps=2):
+    """Two steps: LoRA's B starts at zero, so A only gets a gradient on the second."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
+    for _ in range(steps):
+        model(input_ids=BATCH, labels=BATCH, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def snapshot(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def reload(method, out, qlora):
+    if method in ("full", "bitfit", "freeze"):
+        return AutoModelForCausalLM.from_pretrained(out)
+    return PeftModel.from_pretrained(tiny_base(quantize_4bit=qlora), out)
+
+
+@pytest.mark.parametrize("method", list(INTENDED))
+def test_method_trains_exactly_its_parameters_and_reloads(method, tmp_path):
+    qlora = method == "qlora"
+    model = apply_method(tiny_base(quantize_4bit=qlora), method, OPTS)
+    before = snapshot(model)
+    train_steps(model)
+    after = snapshot(model)
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    intended = {name for name in before if re.search(INTENDED[method], name)}
+    assert intended and changed == intended
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == intended
+
+    trained_loss = eval_loss(model)
+    save_trained(model, tmp_path / "out")
+    assert eval_loss(reload(method, tmp_path / "out", qlora)) == pytest.approx(trained_loss, abs=1e-5)
+
+
+def test_qlora_gradients_survive_an_eval_forward_before_training():
+    model = apply_method(tiny_base(quantize_4bit=True), "qlora", OPTS)
+    eval_loss(model)  # the bitsandbytes CPU trap: an eval, no-grad forward before the first backward
+    train_steps(model, steps=1)
+    model(input_ids=BATCH, labels=BATCH, use_cache=False).loss.backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_without_the_guard_the_qlora_trap_is_real():
+    """Shows the guard's test above can fail: bitsandbytes' CPU repack kills LoRA gradients."""
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16, so bitsandbytes never repacks")
+    model = apply_method(tiny_base(quantize_4bit=True, attention_bias=False), "qlora", OPTS)
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = True
+    eval_loss(model)
+    model(input_ids=BATCH, labels=BATCH, use_cache=False).loss.backward()
+    first_b = next(p.grad for name, p in model.named_parameters() if "layers.0.self_attn.q_proj.lora_B" in name)
+    assert first_b is None or first_b.abs().sum() == 0
+
+
+@pytest.mark.parametrize("method, tied", [("lora", False), ("dora", False), ("longlora", False), ("longlora", True)])
+def test_merged_export_reloads_in_plain_transformers(method, tied, tmp_path):
+    model = apply_method(tiny_base(tie_word_embeddings=tied), method, OPTS)
+    train_steps(model)
+    adapter_loss = eval_loss(model)
+    save_trained(model, tmp_path / "adapter")
+    save_trained(model, tmp_path / "merged", merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert eval_loss(merged) == pytest.approx(adapter_loss, abs=1e-5)
+    reloaded = load_trained(tmp_path / "adapter", base_model=tiny_base(tie_word_embeddings=tied))
+    assert eval_loss(reloaded) == pytest.approx(adapter_loss, abs=1e-5)
+
+
+def test_longlora_keeps_tied_embeddings_tied():
+    model = apply_method(tiny_base(tie_word_embeddings=True), "longlora", OPTS)
+    train_steps(model)
+    inner = model.get_base_model()
+    assert torch.equal(inner.get_input_embeddings().weight, inner.get_output_embeddings().weight)
+
+
+def test_trainable_summary_counts_parameters():
+    base = tiny_base()
+    total = sum(p.numel() for p in base.parameters())
+    assert trainable_summary(base) == (total, total)
+    model = apply_method(base, "lora", {"r": 4, "target_modules": ["q_proj"]})
+    # per layer: A (4×64) + B (64×4) on q_proj
+    assert trainable_summary(model) == (2 * (4 * 64 + 64 * 4), total + 2 * (4 * 64 + 64 * 4))
+
+
+def test_trainable_summary_counts_4bit_weights_at_full_size():
+    full = sum(p.numel() for p in tiny_base().parameters())
+    assert trainable_summary(tiny_base(quantize_4bit=True))[1] == full
+
+
+@pytest.mark.parametrize("method, opts, model_overrides, message", [
+    ("lorra", {}, {}, "did you mean 'lora'"),
+    ("lora", {"lora_alpha": 16}, {}, "did you mean 'alpha'"),
+    ("bitfit", {}, {"attention_bias": False}, "has none"),
+    ("freeze", {}, {}, "would train nothing"),
+    ("freeze", {"trainable_layers": 3}, {}, "has 2 layers"),
+    ("qlora", {}, {}, "4-bit base"),
+])
+def test_method_errors_say_what_to_do(method, opts, model_overrides, message):
+    with pytest.raises(MethodError, match=message):
+        apply_method(tiny_base(**model_overrides), method, opts)
+
+
+def test_prefix_tuning_with_gradient_checkpointing_is_refused():
+    with pytest.raises(MethodError, match="gradient checkpointing"):
+        apply_method(tiny_base(), "prefix", OPTS, gradient_checkpointing=True)
+
+
+def test_freeze_by_pattern():
+    model = apply_method(tiny_base(), "freeze", {"trainable_patterns": [r"lm_head", r"\.norm\."]})
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"lm_head.weight", "model.norm.weight"}
+
+
+def test_merging_a_prompt_adapter_is_refused(tmp_path):
+    model = apply_method(tiny_base(), "prompt", OPTS)
+    with pytest.raises(MethodError, match="LoRA family"):
+        save_trained(model, tmp_path, merge=True)
