@@ -173,3 +173,15 @@ def test_too_many_restarts_stop_with_a_clear_message(tmp_path):
     assert main(["render", str(demo), "--out", str(out), "--set", "cluster.max_restarts=2"]) == 0
     result = run_sbatch(out / "ctx512.sbatch", tmp_path, {"SLURM_RESTART_COUNT": "3"})
     assert result.returncode == 3 and "giving up" in result.stderr
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_launch_dry_run_works_for_every_recipe(recipe, tmp_path, capsys):
+    import yaml
+
+    assert main(["launch", str(recipe), "--backend", "slurm", "--dry-run", "--out", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out.count("sbatch --parsable") == len(Plan.from_json(
+        (tmp_path / "s" / "plan.json").read_text()).stages)
+    single_node = yaml.safe_load(recipe.read_text()).get("cluster", {}).get("nodes", 1) == 1
+    expected = 0 if single_node else 2  # the local backend refuses several nodes, with the reason
+    assert main(["launch", str(recipe), "--dry-run", "--out", str(tmp_path / "l")]) == expected
