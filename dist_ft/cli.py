@@ -82,6 +82,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", required=True)
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="perplexity by position at long context lengths, and passkey retrieval")
+    from .evaluate import add_arguments as add_eval_arguments
+    add_eval_arguments(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -183,6 +188,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train_stage
 
     return train_stage(plan, stage)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate import main_from_args
+
+    return main_from_args(args)
 
 
 def _quiet_libraries(cuda: bool) -> None:

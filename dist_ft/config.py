@@ -47,9 +47,14 @@ class Model:
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = spec(
         "auto", doc="auto: flash_attention_2 when flash-attn imports and CUDA is present, else sdpa.")
     gradient_checkpointing: bool = spec(False, doc="Recompute activations in backward.")
+    loss_chunk_tokens: int = spec(4096, doc="The LM head and cross-entropy run over this many tokens at a time, so "
+                                            "full-vocabulary logits never exist for a whole long sequence.")
     trust_remote_code: bool = spec(False, doc="Allow model code from the hub repository.")
 
     def __post_init__(self) -> None:
+        if self.loss_chunk_tokens < 1:
+            raise Invalid("loss_chunk_tokens", f"must be at least 1, got {self.loss_chunk_tokens}",
+                          "use e.g. 4096 (smaller saves memory at a little speed)")
         if self.name_or_path is None and self.config is None:
             raise Invalid("name_or_path", "is required unless `model.config` builds a model from scratch",
                           "set `model.name_or_path` to a local dir or hub name")

@@ -13,6 +13,7 @@ import torch
 from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
 from .distributed import DistEnv
+from .loss import unwrapped_state_dict
 
 
 def init_distributed(env: DistEnv) -> None:
@@ -72,8 +73,9 @@ def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
     """Consolidated weights (on rank 0 under ZeRO-3; everywhere otherwise)."""
     if is_zero3(engine):
         # Gathers layer by layer onto rank 0 instead of materialising the model on every rank.
-        return engine._zero3_consolidated_16bit_state_dict()
-    return {k: v.detach().cpu() for k, v in engine.module.state_dict().items()}
+        state = engine._zero3_consolidated_16bit_state_dict()
+        return None if state is None else unwrapped_state_dict(state)
+    return unwrapped_state_dict({k: v.detach().cpu() for k, v in engine.module.state_dict().items()})
 
 
 def save_checkpoint(engine, folder: Path, tag: str, client_state: dict[str, Any], frozen_excluded: bool) -> None:

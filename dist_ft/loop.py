@@ -84,17 +84,18 @@ def _checkpoint_due(state: LoopState, cfg: LoopConfig) -> bool:
 
 def _optimizer_step(engine, batches, grad_accum: int) -> tuple[float, int, bool]:
     """grad_accum micro-steps; DeepSpeed applies the update on the last. A non-finite loss on any
-    rank turns that micro-batch into a zero-gradient one on every rank, so collectives stay aligned."""
+    rank turns that micro-batch into a zero-gradient one on every rank, so collectives stay aligned.
+    The engine's module returns the chunked loss (no full-vocabulary logits)."""
     total, finite_all, tokens = 0.0, True, 0
     for _ in range(grad_accum):
         batch = {k: v.to(engine.device) for k, v in next(batches).items()}
-        out = engine(**batch, use_cache=False)
-        finite = ds.all_reduce_max(0.0 if torch.isfinite(out.loss).item() else 1.0) == 0.0
-        loss = out.loss if finite else _zero_loss(engine)
+        raw = engine(**batch)
+        finite = ds.all_reduce_max(0.0 if torch.isfinite(raw).item() else 1.0) == 0.0
+        loss = raw if finite else _zero_loss(engine)
         engine.backward(loss)
         engine.step()
         finite_all &= finite
-        total += ds.all_reduce_mean(out.loss.item()) if finite else math.nan
+        total += ds.all_reduce_mean(raw.item()) if finite else math.nan
         tokens += int(batch["input_ids"].numel()) * torch.distributed.get_world_size()
     return total / grad_accum, tokens, finite_all
 

@@ -4,9 +4,10 @@ Activations follow Korthikanti et al. (2022) without the attention score term
 (SDPA/flash keep it linear): per token and layer a 16-bit run keeps about
 11·h + 5·i values (q/k/v/o inputs, norms, the SwiGLU branches). Activation
 checkpointing keeps one h-vector per layer plus one layer being recomputed.
-The loss goes through transformers' full-vocabulary logits: fp32 logits and
-their gradient for every token of the micro-batch (this dominates at long context;
-a chunked loss is the planned fix, and this estimate will follow it).
+The loss runs the LM head over `loss_chunk_tokens` tokens at a time (dist_ft.loss): the
+peak is one chunk's logits in the training dtype, their fp32 copy and its gradient.
+Prompt-learning methods (prefix/prompt/ptuning) go through transformers' own loss,
+which holds those for every token of the micro-batch.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class MemoryInputs:
     checkpointing: bool
     eager_attention: bool
     on_gpu: bool
+    loss_chunk_tokens: int | None = None  # None: full-vocabulary logits for every token
 
 
 def trainable_params(shape: ModelShape, method: str, opts: MethodOptions) -> int:
@@ -84,7 +86,8 @@ def estimate(m: MemoryInputs) -> MemoryEstimate:
     optimizer = 0.0 if m.offload_optimizer else m.trainable_params * (8 + master) / m.dp
     tokens = m.micro_batch * m.seq_len / m.sp
     activations = _activations(m, b, tokens)
-    logits = tokens * m.shape.vocab_size * 4 * 2
+    logit_rows = tokens if m.loss_chunk_tokens is None else min(tokens, m.loss_chunk_tokens)
+    logits = logit_rows * m.shape.vocab_size * (b + 4 + 4)
     overhead = 1.5 * GIB if m.on_gpu else 0.5 * GIB
     return MemoryEstimate(*(x / GIB for x in (weights, gradients, optimizer, activations, logits, overhead)))
 

@@ -296,7 +296,8 @@ def _memory(recipe: Recipe, shape: ModelShape | None, method: str, seq_len: int,
         offload_optimizer=par.offload_optimizer != "none", offload_params=par.offload_params != "none",
         dp=dp, sp=par.sequence_parallel, micro_batch=micro, seq_len=seq_len,
         checkpointing=recipe.model.gradient_checkpointing,
-        eager_attention=recipe.model.attn_implementation == "eager", on_gpu=bool(recipe.cluster.gpus_per_node)))
+        eager_attention=recipe.model.attn_implementation == "eager", on_gpu=bool(recipe.cluster.gpus_per_node),
+        loss_chunk_tokens=None if method in VIRTUAL_TOKEN_METHODS else recipe.model.loss_chunk_tokens))
 
 
 def _budget(recipe: Recipe) -> float:

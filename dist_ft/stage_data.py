@@ -108,7 +108,6 @@ def evaluate_loss(engine, rows: list) -> float:
     split is small, ZeRO-3 needs every rank to run the same forwards anyway, and the number is
     then exactly what a plain reload of the exported model computes."""
     engine.eval()
-    losses = [engine(**{k: v.to(engine.device) for k, v in collate([row]).items()}, use_cache=False).loss.item()
-              for row in rows]
+    losses = [engine(**{k: v.to(engine.device) for k, v in collate([row]).items()}).item() for row in rows]
     engine.train()
     return sum(losses) / len(losses)

@@ -61,7 +61,7 @@ def _base_model(plan: Plan, stage: StagePlan, tokenizer, quantize: bool | None =
 def export_stage(plan: Plan, stage: StagePlan, engine, tokenizer, out: Path, env: DistEnv) -> None:
     """An HF directory plain transformers/peft can load, RoPE in config.json. Adapters are gathered
     across ZeRO-3 ranks before saving (a naive save writes empty tensors)."""
-    model = engine.module
+    model = engine.module.lm
     zero3 = ds.is_zero3(engine)
     if _is_adapter(model):
         trainable = [p for p in model.parameters() if p.requires_grad]

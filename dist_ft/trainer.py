@@ -17,6 +17,7 @@ import torch
 from . import engine as ds
 from .checkpoint import commit, latest_tag, read_meta, tag_for
 from .distributed import DistEnv, read_env
+from .loss import LanguageModelLoss
 from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 from .metrics import NullMetrics, RankZeroMetrics, mfu
 from .plan import Plan, StagePlan
@@ -50,7 +51,7 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
     resume_from = _find_resume(folder / "checkpoints", data.dp_size, env)
     if resume_from and resume_from[0].name == "universal":
         ds_config["checkpoint"] = {"load_universal": True}
-    engine = ds.build_engine(model, ds_config, lambda s: lr_multiplier(
+    engine = ds.build_engine(LanguageModelLoss(model, plan.model["loss_chunk_tokens"]), ds_config, lambda s: lr_multiplier(
         s, stage.warmup_steps, total_steps, stage.min_lr / stage.lr if stage.lr else 1.0))
     state = _resume(engine, resume_from, data, env)
     _write_rank_info(folder, env, data, engine)

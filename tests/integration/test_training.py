@@ -18,10 +18,12 @@ from tests.integration.training_helpers import (
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_zero_trains_two_ranks_shards_for_real_and_exports_with_rope(zero, tmp_path):
+@pytest.mark.parametrize("zero,dtype", [(2, "fp32"), (3, "bf16")])
+def test_zero_trains_two_ranks_shards_for_real_and_exports_with_rope(zero, dtype, tmp_path):
     run = tmp_path / f"zero{zero}"
-    plan = render(tiny_recipe(zero=zero, steps=6), run)
+    raw = tiny_recipe(zero=zero, steps=6)
+    raw["model"]["dtype"] = dtype
+    plan = render(raw, run)
     train(run, "ctx")
     series = losses(run, "ctx")
     assert len(series) == 6 and series[-1] < series[0] - 0.1, series

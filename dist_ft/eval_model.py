@@ -1,0 +1,185 @@
+"""What `dist-ft eval` evaluates: resolve MODEL_OR_RUN_DIR, check the lengths against its RoPE, load it.
+
+Everything here up to `load_variant` reads only small files (config.json, plan.json,
+adapter_config.json, GGUF metadata), so bad inputs fail before any weights are loaded.
+torch and transformers are imported only where needed, so `dist-ft --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .model_shape import ABSOLUTE_POSITION_TYPES, resolve_model_dir
+
+if TYPE_CHECKING:
+    import torch
+
+ROPE_TYPES = ("keep", "none", "linear", "dynamic", "yarn")
+SCALED_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
+# Without scaling, perplexity explodes a little past the trained window; much further is wasted CPU/GPU time.
+UNSCALED_REACH = 4
+
+
+class EvalError(Exception):
+    """A bad eval request: reported as one line with exit code 2."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A loadable model: a HF dir (or GGUF file in a dir), optionally with a peft adapter on top."""
+    model_dir: str
+    gguf_file: str | None
+    adapter_dir: str | None
+    tokenizer_dir: str
+    label: str
+    run_dir: str | None = None  # set when MODEL_OR_RUN_DIR was a run dir (for its tracking settings)
+
+
+@dataclass(frozen=True)
+class RopeVariant:
+    """`keep` uses the model's own RoPE; the others override it before the model is built."""
+    rope_type: str
+    factor: float | None = None
+
+    @property
+    def name(self) -> str:
+        return self.rope_type if self.rope_type in ("keep", "none") else f"{self.rope_type}x{self.factor:g}"
+
+    def rope_parameters(self) -> dict[str, Any] | None:
+        if self.rope_type == "keep":
+            return None
+        if self.rope_type == "none":
+            return {"rope_type": "default"}
+        return {"rope_type": self.rope_type, "factor": float(self.factor)}
+
+
+def resolve_target(spec: str, gguf_file: str | None = None) -> Target:
+    """MODEL_OR_RUN_DIR → Target: a run dir (its last finished stage), an adapter dir, a HF dir, package:NAME."""
+    path = resolve_model_dir(spec)
+    if path is None or not path.is_dir():
+        raise EvalError(f"{spec}: no such model directory, run dir or installed package")
+    if (path / "plan.json").is_file():
+        return _from_run_dir(path, gguf_file)
+    if (path / "adapter_config.json").is_file():
+        return _from_adapter(path, gguf_file)
+    return _plain(path, gguf_file, label=path.name if not spec.startswith("package:") else spec)
+
+
+def _plain(path: Path, gguf_file: str | None, label: str) -> Target:
+    gguf = _gguf_in(path, gguf_file)
+    if gguf is None and not (path / "config.json").is_file():
+        raise EvalError(f"{path} has neither config.json, adapter_config.json, plan.json nor a .gguf file")
+    return Target(str(path), gguf, None, str(path), label)
+
+
+def _gguf_in(path: Path, requested: str | None) -> str | None:
+    """The GGUF file to load from `path`: the requested one, or the only one when there is no config.json."""
+    if requested:
+        if not (path / requested).is_file():
+            raise EvalError(f"--gguf-file {requested} is not in {path}")
+        return requested
+    found = sorted(p.name for p in path.glob("*.gguf"))
+    if (path / "config.json").is_file() or not found:
+        return None
+    if len(found) > 1:
+        raise EvalError(f"{path} holds several GGUF files ({', '.join(found)}): choose one with --gguf-file")
+    return found[0]
+
+
+def _from_adapter(path: Path, gguf_file: str | None) -> Target:
+    config = json.loads((path / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise EvalError(f"{path}/adapter_config.json names no base_model_name_or_path")
+    base_dir = resolve_model_dir(base)
+    if base_dir is None or not base_dir.is_dir():
+        raise EvalError(f"the base model of adapter {path} ({base}) is not a local directory")
+    if config.get("peft_type") in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
+        raise EvalError(f"{path} is a {config['peft_type']} adapter: long-context eval supports adapters that "
+                        "change layers (LoRA, DoRA, IA3), not virtual tokens")
+    base_target = _plain(base_dir, gguf_file, base_dir.name)
+    tokenizer_dir = path if (path / "tokenizer_config.json").is_file() else base_dir
+    return Target(base_target.model_dir, base_target.gguf_file, str(path), str(tokenizer_dir),
+                  f"{base_dir.name}+{path.parent.parent.name}/adapter")
+
+
+def _from_run_dir(run: Path, gguf_file: str | None) -> Target:
+    plan = json.loads((run / "plan.json").read_text())
+    finished = [s["name"] for s in plan["stages"] if (run / "stages" / s["name"] / "DONE").exists()
+                and (run / "stages" / s["name"] / "export").is_dir()]
+    if not finished:
+        raise EvalError(f"run {run} has no finished stage with an export yet")
+    export = run / "stages" / finished[-1] / "export"
+    inner = _from_adapter(export / "adapter", gguf_file) if (export / "adapter").is_dir() \
+        else _plain(export, gguf_file, export.name)
+    return Target(inner.model_dir, inner.gguf_file, inner.adapter_dir, inner.tokenizer_dir,
+                  f"{plan['name']}/{finished[-1]}", run_dir=str(run))
+
+
+# ---- what lengths a model + RoPE can address --------------------------------------------------
+
+def effective_config(target: Target, variant: RopeVariant):
+    """The model's config as `build_model` would build it for this variant (no weights read)."""
+    from transformers import AutoConfig
+
+    from .model import apply_context
+
+    try:
+        config = AutoConfig.from_pretrained(target.model_dir, gguf_file=target.gguf_file)
+        apply_context(config, variant.rope_parameters(), None)
+    except (OSError, ValueError, KeyError) as err:
+        raise EvalError(f"cannot use {target.label} with RoPE {variant.name}: {err}") from err
+    return config
+
+
+def native_context(config) -> int:
+    """The pre-training context: the RoPE's original window where scaling recorded one."""
+    rope = config.rope_parameters or {}
+    return int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
+
+
+def reach(config) -> int:
+    """Longest length worth evaluating: the RoPE's scaled window, ×4 for extrapolation studies."""
+    if config.model_type in ABSOLUTE_POSITION_TYPES:
+        return config.max_position_embeddings
+    rope = config.rope_parameters or {}
+    if rope.get("rope_type", "default") in SCALED_TYPES:
+        return int(native_context(config) * float(rope.get("factor") or 1.0)) * UNSCALED_REACH
+    return config.max_position_embeddings * UNSCALED_REACH
+
+
+def check_lengths(config, lengths: list[int], variant: RopeVariant, allow_beyond: bool) -> None:
+    limit = reach(config)
+    if config.model_type in ABSOLUTE_POSITION_TYPES and max(lengths) > limit:
+        raise EvalError(f"{config.model_type} has absolute positions: lengths above {limit} cannot be evaluated")
+    too_long = [n for n in lengths if n > limit]
+    if too_long and not allow_beyond:
+        raise EvalError(f"length(s) {too_long} exceed what RoPE {variant.name} can address ({limit} tokens, "
+                        f"native {native_context(config)}): add --rope-type yarn --rope-factor F, "
+                        "or --allow-beyond to measure the collapse anyway")
+
+
+# ---- loading --------------------------------------------------------------------------------
+
+def load_variant(target: Target, variant: RopeVariant, dtype: torch.dtype) -> torch.nn.Module:
+    """The model in eval mode with the variant's RoPE built in (and the adapter on top, if any)."""
+    from .model import build_model
+
+    model = build_model(name_or_path=target.model_dir, gguf_file=target.gguf_file,
+                        rope_parameters=variant.rope_parameters(), attn_implementation="sdpa", dtype=dtype)
+    if target.adapter_dir:
+        from peft import PeftModel
+
+        # get_base_model(): the base with the adapter's layers injected, so get_decoder() still works.
+        model = PeftModel.from_pretrained(model, target.adapter_dir).get_base_model()
+    return model.eval()
+
+
+def load_eval_tokenizer(target: Target):
+    from .model import load_tokenizer
+
+    gguf = target.gguf_file if target.tokenizer_dir == target.model_dir else None
+    return load_tokenizer(target.tokenizer_dir, gguf_file=gguf)

@@ -1,0 +1,118 @@
+"""Causal-LM loss that never holds full-vocabulary fp32 logits for the whole sequence.
+
+transformers computes `lm_head(hidden)` for every token, upcasts it to fp32 and keeps it (and its
+gradient) through backward: tokens × vocab × 4 B × 2, e.g. 16 GiB at 64k tokens and a 32k vocab.
+Here the decoder body runs once, then the LM head and the cross-entropy run over `chunk_tokens`
+rows at a time, each chunk under non-reentrant activation checkpointing: forward keeps only the
+chunk's scalar loss, backward recomputes one chunk's logits at a time. Peak logits memory is one
+chunk's fp32 logits and their gradient.
+
+The objective is transformers' `ForCausalLMLoss` exactly: labels are shifted inside (position i is
+scored against labels[i + 1], the last position against nothing), -100 is ignored, the loss is the
+mean over the scored tokens (NaN when there are none, as there).
+
+Every module is reached through `__call__`, so ZeRO-3's hooks gather the decoder's and the LM
+head's partitioned weights as they run (the head again for each chunk recomputed in backward).
+
+`LanguageModelLoss` is what DeepSpeed wraps: `engine(**batch)` returns this loss through DeepSpeed's
+own forward (its backward bookkeeping hooks the returned loss), so no DeepSpeed internals are used.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+class LanguageModelLoss(torch.nn.Module):
+    """A causal LM whose forward returns its chunked loss; the LM is `.lm` (state-dict prefix `lm.`)."""
+
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 4096) -> None:
+        super().__init__()
+        self.lm = lm
+        self.chunk_tokens = chunk_tokens
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        return causal_lm_loss(self.lm, batch, self.chunk_tokens)
+
+
+STATE_PREFIX = "lm."
+
+
+def unwrapped_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A LanguageModelLoss state dict with the LM's own keys (what save_pretrained expects)."""
+    return {k.removeprefix(STATE_PREFIX): v for k, v in state.items()}
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096) -> torch.Tensor:
+    """Mean next-token cross-entropy of `batch` (input_ids, labels, optional position_ids).
+
+    `model` is a transformers causal LM, a peft model around one, or a DeepSpeed engine's `.module`.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    if _adds_virtual_tokens(model):
+        # Prefix/prompt/P-tuning prepend virtual tokens (or past key values) inside peft's own
+        # forward and realign the labels there; re-implementing that is not worth it for methods
+        # whose sequences are short fine-tuning rows. Their loss goes through transformers as is.
+        return model(**batch, use_cache=False).loss
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    # The whole model runs (not just its decoder) so that hooks on the root module fire: DeepSpeed's
+    # forward prologue/epilogue and ZeRO-3's per-step parameter trace reset live there. An empty
+    # `logits_to_keep` makes transformers skip the LM head; the last hidden state is the normed one.
+    no_positions = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_positions)
+    hidden = out.hidden_states[-1]
+    targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]  # shifted as in ForCausalLMLoss
+    return chunked_head_loss(hidden, targets, _logits_fn(model), chunk_tokens)
+
+
+def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, logits_fn, chunk_tokens: int) -> torch.Tensor:
+    """Mean cross-entropy of `logits_fn(hidden)` against `targets` (already shifted), chunk by chunk."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).to(hidden.device)
+    scored = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    hidden, targets = hidden.index_select(0, scored), targets.index_select(0, scored)  # skip unscored rows
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], chunk_tokens):
+        end = start + chunk_tokens
+        total = total + checkpoint(_chunk_loss_sum, logits_fn, hidden[start:end], targets[start:end],
+                                   use_reentrant=False)
+    return total / scored.numel()
+
+
+def _chunk_loss_sum(logits_fn, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits_fn(hidden).float()
+    return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _logits_fn(model: torch.nn.Module):
+    """The LM head as the model's own forward applies it (tied weights are the same module)."""
+    head = model.get_output_embeddings()
+    inner = _causal_lm(model)
+    scale = getattr(inner, "logit_scale", None)  # Cohere multiplies the logits by a constant
+    softcap = getattr(inner.config, "final_logit_softcapping", None)  # Gemma 2
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:
+        out = head(hidden)
+        if isinstance(scale, (int, float)):
+            out = out * scale
+        if softcap:
+            out = torch.tanh(out / softcap) * softcap
+        return out
+
+    return logits
+
+
+def _causal_lm(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under peft's wrappers (PeftModel → LoraModel → CausalLM)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def _adds_virtual_tokens(model: torch.nn.Module) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))

@@ -1,0 +1,152 @@
+"""`dist-ft eval` on a tiny random Llama with the byte tokenizer: the maths, the bookkeeping, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dist_ft.cli import main
+from dist_ft.eval_model import resolve_target
+from dist_ft.eval_nll import Band, BandTotal, add_to_bands, band_edges, stdlib_files, token_nll
+from dist_ft.eval_passkey import FILLER, INTRO, NEEDLE, QUESTION, make_haystack
+from dist_ft.model import build_model
+from dist_ft.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
+
+NATIVE = 128
+TINY = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=NATIVE, rope_theta=10000.0, vocab_size=BYTE_VOCAB_SIZE)
+QUICK = ["--lengths", "64,128", "--passkey-lengths", "512", "--depths", "0,1", "--trials", "1", "--windows", "1",
+         "--dtype", "fp32"]
+
+
+def tiny_model():
+    return build_model(name_or_path=None, config_overrides=TINY, attn_implementation="sdpa", seed=3).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_model().save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_chunked_nll_equals_full_logits_nll():
+    model = tiny_model()
+    ids = torch.randint(0, BYTE_VOCAB_SIZE, (1, 300), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+    expected = F.cross_entropy(logits.float(), ids[0, 1:], reduction="none")
+    chunked = token_nll(model, ids, chunk=64)  # 299 targets: four full chunks and a partial one
+    assert chunked.shape == (299,)
+    torch.testing.assert_close(chunked, expected, atol=1e-5, rtol=0)
+
+
+def test_bands_split_at_shorter_lengths_and_native_context():
+    lengths = [2048, 4096, 8192, 16384]
+    assert [b.label for b in band_edges(16384, lengths, native=8192)] == ["0-2k", "2k-4k", "4k-8k", "8k-16k"]
+    assert [b.label for b in band_edges(2048, lengths, native=8192)] == ["0-512", "512-1k", "1k-2k"]
+    assert [(b.start, b.end) for b in band_edges(1000, [], native=300)] == [(0, 250), (250, 300), (300, 500),
+                                                                            (500, 1000)]
+
+
+def test_band_totals_count_every_predicted_token_once():
+    length = 64
+    nll = torch.arange(1, length, dtype=torch.float32)  # entry i = position i+1, value = its position
+    bands = band_edges(length)
+    totals: dict[Band, BandTotal] = {}
+    add_to_bands(totals, nll, bands)
+    add_to_bands(totals, nll, bands)
+    assert sum(t.tokens for t in totals.values()) == 2 * (length - 1)
+    first, last = totals[bands[0]], totals[bands[-1]]
+    assert first.tokens == 2 * 15 and first.nll_sum == 2 * sum(range(1, 16))  # position 0 is never predicted
+    assert last.tokens == 2 * 32 and last.nll_sum == 2 * sum(range(32, 64))
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.3, 0.5, 1.0])
+def test_haystack_has_exact_length_and_needle_at_depth(depth):
+    tok = byte_tokenizer()
+    hay = make_haystack(tok, 2000, depth, "48213")
+    assert hay.prompt_len == 2000
+    assert tok.decode(hay.input_ids[hay.prompt_len:]) == " 48213"
+    assert tok.decode(hay.input_ids[:hay.prompt_len]).endswith(QUESTION)
+    ids = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    needle = ids(NEEDLE.format(key="48213"))
+    assert hay.input_ids[hay.needle_start:hay.needle_start + len(needle)] == needle
+    filler_len = 2000 - len(ids(INTRO)) - len(needle) - len(ids(QUESTION))
+    filler_before = hay.needle_start - len(ids(INTRO))
+    # The needle snaps to a filler-sentence boundary: at most half a sentence from the exact depth.
+    assert abs(filler_before - depth * filler_len) <= len(ids(FILLER)) / 2
+
+
+def test_cli_writes_results_and_both_plots(model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["eval", str(model_dir), *QUICK, "--rope-type", "none", "yarn", "--rope-factor", "2",
+                 "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["variants"]) == ["none", "yarnx2"]
+    yarn = results["variants"]["yarnx2"]
+    assert yarn["rope_parameters"]["rope_type"] == "yarn" and yarn["native_context"] == NATIVE
+    assert [b["band"] for b in yarn["perplexity"]["128"]["bands"]] == ["0-32", "32-64", "64-128"]
+    assert yarn["perplexity"]["128"]["tokens"] == 127
+    assert set(yarn["passkey"]["512"]) == {"0.0", "1.0"}
+    assert (out / "ppl_vs_length.png").stat().st_size > 0 and (out / "passkey.png").stat().st_size > 0
+    assert "ppl @    128" in capsys.readouterr().out
+
+
+def test_adapter_dir_evaluates_base_plus_adapter(model_dir, tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    base = build_model(name_or_path=str(model_dir), attn_implementation="sdpa")
+    adapted = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    adapter = tmp_path / "stages" / "sft" / "export" / "adapter"
+    adapted.save_pretrained(adapter)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(model_dir)
+
+    for name, source in (("base", model_dir), ("adapter", adapter)):
+        assert main(["eval", str(source), *QUICK, "--passkey-lengths", "", "--out", str(tmp_path / name)]) == 0
+    with_adapter = json.loads((tmp_path / "adapter" / "results.json").read_text())
+    without = json.loads((tmp_path / "base" / "results.json").read_text())
+    assert with_adapter["adapter_dir"] == str(adapter) and with_adapter["model_dir"] == str(model_dir)
+    ppl = lambda r: r["variants"]["keep"]["perplexity"]["128"]["ppl"]  # noqa: E731
+    assert ppl(with_adapter) != pytest.approx(ppl(without), rel=1e-6)  # the random LoRA weights were applied
+
+
+def test_run_dir_resolves_to_last_finished_stage(model_dir, tmp_path):
+    run = tmp_path / "run"
+    stages = [{"name": "ctx256"}, {"name": "ctx512"}, {"name": "sft"}]
+    (run).mkdir()
+    (run / "plan.json").write_text(json.dumps({"name": "r", "stages": stages, "tracking": {"mode": "disabled"}}))
+    for name in ("ctx256", "ctx512"):
+        (run / "stages" / name / "export").mkdir(parents=True)
+        (run / "stages" / name / "export" / "config.json").write_text("{}")
+    (run / "stages" / "ctx256" / "DONE").touch()  # ctx512 stopped early, sft never ran
+    target = resolve_target(str(run))
+    assert target.model_dir == str(run / "stages" / "ctx256" / "export") and target.label == "r/ctx256"
+
+
+def test_heldout_text_leaves_out_the_demo_training_packages():
+    parts = {part for path in stdlib_files() for part in path.parts}
+    assert stdlib_files() and "json" not in parts and "email" not in parts
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--lengths", "1024"], "exceed what RoPE keep can address (512 tokens"),
+    (["--rope-type", "yarn"], "needs --rope-factor"),
+    (["--depths", "0,2"], "every depth must be in [0, 1]"),
+    (["--lengths", "12x"], "expected comma-separated integers"),
+    (["--text", "/no/such/file.txt"], "no such file or folder"),
+])
+def test_bad_inputs_exit_2_with_one_clear_line(model_dir, capsys, extra, message):
+    assert main(["eval", str(model_dir), *QUICK, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unknown_model_path_exits_2(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "missing"), *QUICK]) == 2
+    assert "no such model directory" in capsys.readouterr().err
+    assert main(["eval", "package:surely_not_installed_pkg", *QUICK]) == 2

@@ -1,0 +1,92 @@
+"""The chunked loss is transformers' loss: same value, same gradients, whatever the chunk size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_ft.data import pack_documents
+from dist_ft.loss import causal_lm_loss
+from dist_ft.methods import apply_method
+from dist_ft.model import build_model
+
+TINY = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 259, "max_position_embeddings": 256}
+EOS, PAD, SEQ_LEN = 257, 258, 40
+DOCUMENTS = [[(7 * i + 3 * j) % 250 for j in range(n)] for i, n in enumerate((9, 20, 5, 30))]
+
+
+def packed_batch() -> dict[str, torch.Tensor]:
+    """Two packed rows: labels -100 at each document start and on the padding of the last row."""
+    rows = pack_documents(DOCUMENTS, SEQ_LEN, EOS, pad_id=PAD)
+    assert len(rows) == 2
+    batch = {k: torch.tensor([row[k] for row in rows]) for k in ("input_ids", "position_ids", "labels")}
+    batch["labels"][batch["position_ids"] == 0] = -100
+    assert (batch["labels"] == -100).sum() > 4  # document starts and padding
+    return batch
+
+
+def tiny(**overrides) -> torch.nn.Module:
+    return build_model(name_or_path=None, config_overrides={**TINY, **overrides}, attn_implementation="sdpa")
+
+
+def loss_and_grads(model, fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_matches_transformers(model, chunk_tokens: int) -> None:
+    batch = packed_batch()
+    expected, expected_grads = loss_and_grads(model, lambda: model(**batch, use_cache=False).loss)
+    got, grads = loss_and_grads(model, lambda: causal_lm_loss(model, batch, chunk_tokens=chunk_tokens))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert grads.keys() == expected_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 4096])
+def test_equals_transformers_loss_and_gradients(chunk_tokens):
+    assert_matches_transformers(tiny(), chunk_tokens)
+
+
+def test_tied_embeddings():
+    model = tiny(tie_word_embeddings=True)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert_matches_transformers(model, 7)
+
+
+def test_with_gradient_checkpointing():
+    model = tiny()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    assert_matches_transformers(model, 7)
+
+
+@pytest.mark.parametrize("method", ["lora", "longlora"])
+def test_lora_family(method):
+    model = apply_method(tiny(), method, {"r": 4, "alpha": 8, "dropout": 0.0})
+    for name, param in model.named_parameters():  # LoRA B starts at zero: make the adapter matter
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    assert_matches_transformers(model, 7)
+
+
+def test_prompt_tuning_falls_back_to_the_models_own_loss():
+    model = apply_method(tiny(), "prompt", {"num_virtual_tokens": 4})
+    batch = packed_batch()
+    torch.testing.assert_close(causal_lm_loss(model, batch, chunk_tokens=7),
+                               model(**batch, use_cache=False).loss, atol=0, rtol=0)
+
+
+def test_no_scored_token_gives_nan_like_transformers():
+    model = tiny()
+    batch = packed_batch()
+    batch["labels"][:] = -100
+    assert torch.isnan(causal_lm_loss(model, batch)) and torch.isnan(model(**batch, use_cache=False).loss)
+
+
+def test_rejects_a_non_positive_chunk():
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        causal_lm_loss(tiny(), packed_batch(), chunk_tokens=0)
