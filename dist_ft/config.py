@@ -15,6 +15,11 @@ import yaml
 from .strict import Invalid, Problem, RecipeError, build, spec
 
 RopeType = Literal["none", "linear", "dynamic", "yarn", "llama3", "longrope"]
+PositionExtension = Literal["none", "interpolate", "copy", "init"]
+EXTEND_POSITIONS_DOC = ("Models with a learned position table (GPT-2 style) shorter than seq_len: how to grow "
+                        "it. interpolate: resample the table over the new length (position interpolation); "
+                        "copy: keep the rows, repeat them for the new positions; init: keep the rows, draw the "
+                        "new ones from their statistics. RoPE models use `rope` instead.")
 Method = Literal["full", "lora", "qlora", "dora", "prefix", "prompt", "ptuning", "ia3",
                  "bitfit", "freeze", "longlora"]
 PEFT_ADAPTERS = ("lora", "qlora", "dora", "prefix", "prompt", "ptuning", "ia3", "longlora")
@@ -23,7 +28,7 @@ VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
 
 @dataclass(frozen=True)
 class Rope:
-    type: RopeType = spec("none", doc="RoPE scaling kind; none keeps the model's own.")
+    type: RopeType = spec("none", doc="RoPE scaling kind; none keeps the model's own (rope_theta may still change).")
     factor: float | None = spec(None, doc="Scale factor; derived from seq_len / original context when unset.")
     original_max_position_embeddings: int | None = spec(None, min=1, doc="The model's pre-training context.")
     rope_theta: float | None = spec(None, min=1, doc="New RoPE base (theta raise, as Llama 3 / EasyContext).")
@@ -44,8 +49,9 @@ class Model:
                                                    "when name_or_path is unset.")
     tokenizer: str | None = spec(None, doc="`byte` for the built-in byte tokenizer, or a tokenizer path.")
     dtype: Literal["fp32", "bf16", "fp16"] = spec("bf16", doc="Training precision.")
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = spec(
-        "auto", doc="auto: flash_attention_2 when flash-attn imports and CUDA is present, else sdpa.")
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa_varlen", "sdpa", "eager"] = spec(
+        "auto", doc="auto: flash_attention_2 when flash-attn imports and CUDA is present, else sdpa_varlen "
+                    "(SDPA per packed document: memory linear in seq_len; sdpa and eager build an L×L mask).")
     gradient_checkpointing: bool = spec(False, doc="Recompute activations in backward.")
     loss_chunk_tokens: int = spec(4096, doc="The LM head and cross-entropy run over this many tokens at a time, so "
                                             "full-vocabulary logits never exist for a whole long sequence.")
@@ -90,6 +96,7 @@ class Stage:
     min_lr_ratio: float = spec(0.1, min=0.0, max=1.0, doc="Cosine floor as a fraction of lr.")
     warmup_steps: int = spec(0, min=0)
     rope: Rope = spec(factory=Rope, doc="RoPE scaling for this stage.")
+    extend_positions: PositionExtension = spec("none", doc=EXTEND_POSITIONS_DOC)
     micro_batch_size: int | None = spec(None, min=1, doc="Sequences per rank per micro-step; planned when unset.")
 
     def __post_init__(self) -> None:
@@ -110,6 +117,7 @@ class Progressive:
     min_lr_ratio: float = spec(0.1, min=0.0, max=1.0)
     warmup_steps: int = spec(0, min=0)
     rope: Rope = spec(factory=Rope, doc="Applied to every stage; factor derived per stage when unset.")
+    extend_positions: PositionExtension = spec("none", doc="Applied to every stage: " + EXTEND_POSITIONS_DOC)
     name_prefix: str = spec("ctx", doc="Stage names are prefix + seq_len (ctx8k, ctx16k, ...).")
 
     def __post_init__(self) -> None:
@@ -126,7 +134,8 @@ class Progressive:
             n = int(n * self.growth)
         lengths.append(self.target)
         return [Stage(name=f"{self.name_prefix}{_short(n)}", seq_len=n, steps=self.steps, tokens=self.tokens,
-                      lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps, rope=self.rope)
+                      lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps, rope=self.rope,
+                      extend_positions=self.extend_positions)
                 for n in lengths]
 
 
@@ -172,6 +181,8 @@ class Finetune:
     seq_len: int | None = spec(None, min=16, doc="Defaults to the last long-context stage's seq_len.")
     rope: Rope | None = spec(None, doc="RoPE for a fine-tune-only recipe; otherwise the last long-context "
                                        "stage's RoPE is kept.")
+    extend_positions: PositionExtension = spec("none", doc="When seq_len outgrows the model's (or the last stage's) "
+                                                           "learned position table: " + EXTEND_POSITIONS_DOC)
     epochs: float | None = spec(None, min=0.0)
     steps: int | None = spec(None, min=1)
     global_batch_size: int = spec(8, min=1, doc="Sequences per optimizer step.")
@@ -272,6 +283,26 @@ class Checkpointing:
 
 
 @dataclass(frozen=True)
+class Evaluation:
+    after_each_stage: bool = spec(False, doc="Run `dist-ft eval` on each stage's export when it finishes "
+                                             "(results under RUN/eval/<stage>): what each stage bought.")
+    lengths: list[int] = spec(factory=lambda: [1024, 2048], doc="Perplexity window lengths (tokens).")
+    passkey_lengths: list[int] | None = spec(None, doc="Passkey prompt lengths; default: `lengths`.")
+    depths: list[float] = spec(factory=lambda: [0.0, 0.5, 1.0], doc="Relative needle depths in [0, 1].")
+    trials: int = spec(2, min=1, doc="Passkeys per (length, depth) cell.")
+    windows: int = spec(1, min=1, doc="Perplexity windows per length.")
+    text: list[str] = spec(factory=list, doc="Held-out text files or folders; default: Python stdlib source.")
+
+    def __post_init__(self) -> None:
+        for name in ("lengths", "passkey_lengths"):
+            short = [n for n in getattr(self, name) or [] if n < 16]
+            if short:
+                raise Invalid(name, f"{short} are below 16 tokens", "use lengths of at least 16 tokens")
+        if any(not 0 <= d <= 1 for d in self.depths):
+            raise Invalid("depths", f"{self.depths} has a depth outside [0, 1]", "use fractions like 0, 0.5, 1")
+
+
+@dataclass(frozen=True)
 class Recipe:
     name: str = spec(doc="Run name; the run dir is output_root/name.")
     model: Model = spec(doc="What to train.")
@@ -282,6 +313,7 @@ class Recipe:
     parallelism: Parallelism = spec(factory=Parallelism, doc="ZeRO stage, offload, sequence parallelism.")
     tracking: Tracking = spec(factory=Tracking, doc="Weights & Biases.")
     checkpointing: Checkpointing = spec(factory=Checkpointing, doc="How often, how many, where.")
+    evaluation: Evaluation | None = spec(None, doc="Long-context evaluation (perplexity by length, passkey).")
 
     def __post_init__(self) -> None:
         check_name(self.name)

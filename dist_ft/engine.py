@@ -14,6 +14,7 @@ from deepspeed.runtime.zero.partition_parameters import GatheredParameters
 
 from .distributed import DistEnv
 from .loss import unwrapped_state_dict
+from .sequence_parallel import SequenceParallel, use_document_attention
 
 
 def init_distributed(env: DistEnv) -> None:
@@ -38,12 +39,58 @@ def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
         del keep_alive
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], lr_lambda: Callable[[int], float]):
+_ulysses: dict[str, Any] = {}
+
+
+def enable_sequence_parallel(lm: torch.nn.Module, size: int, micro_batch_size: int):
+    """Ulysses attention for a transformers model: DeepSpeed replaces the model's attention function
+    process-wide with one that trades sequence slices for heads across `size` contiguous ranks,
+    and builds those groups. Returns DeepSpeed's parallel state (`mpu`) for `build_engine`.
+    Once per process: a second registration would wrap the wrapper."""
+    use_document_attention(lm)
+    attn = lm.config._attn_implementation
+    key = (attn, size, micro_batch_size)
+    if _ulysses:
+        if _ulysses["key"] != key:
+            raise RuntimeError(f"Ulysses is already registered as {_ulysses['key']} in this process; "
+                               f"{key} needs a new process")
+        return _ulysses["mpu"]
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    # The Ulysses attention checks a fixed batch size; the sequence length may vary (evaluation rows).
+    mpu = UlyssesSPAttentionHF.register_with_transformers(
+        model_name_or_path=lm, core_attn_implementation=attn, sequence_parallel_size=size,
+        micro_batch_size=micro_batch_size, seq_length_is_variable=True)
+    _ulysses.update(key=key, mpu=mpu)
+    return mpu
+
+
+def sequence_parallel_group(mpu, ds_config: dict[str, Any]) -> SequenceParallel:
+    """Our side of Ulysses: this rank's place in its group, and the factor on each rank's share of
+    the gradient that makes DeepSpeed's reduction the whole sequence's gradient. DeepSpeed 0.19
+    sums the sequence-parallel ranks' gradients under ZeRO-1/2 (it divides by the data-parallel
+    size only), but ZeRO-3's reduce-scatter averages them over all ranks. The equality test
+    (tests/integration/test_sequence_parallel.py) pins both for every DeepSpeed upgrade."""
+    size = mpu.get_sequence_parallel_world_size()
+    zero = ds_config["zero_optimization"]
+    if zero["stage"] == 3 and not zero.get("reduce_scatter", True):
+        # Without reduce-scatter ZeRO-3 sums small buckets and averages large ones: no one factor.
+        raise ValueError("sequence parallelism under ZeRO-3 needs zero_optimization.reduce_scatter: true")
+    return SequenceParallel(group=mpu.get_sequence_parallel_group(), rank=mpu.get_sequence_parallel_rank(),
+                            size=size, gradient_factor=size if zero["stage"] == 3 else 1)
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], lr_lambda: Callable[[int], float], mpu=None):
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=params, config=ds_config,
+        model=model, model_parameters=params, config=ds_config, mpu=mpu,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
     return engine
+
+
+def data_parallel_size(engine) -> int:
+    """Ranks that read different data: the ranks of a sequence-parallel group share one batch."""
+    return torch.distributed.get_world_size() // engine.sequence_parallel_size
 
 
 def is_zero3(engine) -> bool:

@@ -141,14 +141,18 @@ def native_context(config) -> int:
     return int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
 
 
+def addressable_length(context: int, absolute_positions: bool) -> int:
+    """Longest length worth evaluating for a model whose (scaled) window is `context` tokens: all of a
+    learned/absolute position table, ×4 for RoPE (extrapolation studies)."""
+    return context if absolute_positions else context * UNSCALED_REACH
+
+
 def reach(config) -> int:
-    """Longest length worth evaluating: the RoPE's scaled window, ×4 for extrapolation studies."""
-    if config.model_type in ABSOLUTE_POSITION_TYPES:
-        return config.max_position_embeddings
     rope = config.rope_parameters or {}
+    context = config.max_position_embeddings
     if rope.get("rope_type", "default") in SCALED_TYPES:
-        return int(native_context(config) * float(rope.get("factor") or 1.0)) * UNSCALED_REACH
-    return config.max_position_embeddings * UNSCALED_REACH
+        context = int(native_context(config) * float(rope.get("factor") or 1.0))
+    return addressable_length(context, config.model_type in ABSOLUTE_POSITION_TYPES)
 
 
 def check_lengths(config, lengths: list[int], variant: RopeVariant, allow_beyond: bool) -> None:

@@ -209,6 +209,20 @@ def perplexity_at(model, token_ids: list[int], length: int, count: int, lengths:
                       for b in bands]}
 
 
+def evaluate_after_stage(plan, stage_name: str) -> dict[str, Any]:
+    """The recipe's `evaluation` section on the stage just finished (its export), into RUN/eval/<stage>.
+
+    Runs on rank 0 after the other ranks are done with the stage; the run dir resolves to its last
+    finished stage, which is this one.
+    """
+    ev = plan.evaluation
+    request = EvalRequest(model=plan.run_dir, lengths=list(ev["lengths"]), passkey_lengths=ev["passkey_lengths"],
+                          depths=list(ev["depths"]), trials=ev["trials"], windows=ev["windows"],
+                          text=list(ev["text"]), out=str(Path(plan.run_dir) / "eval" / stage_name),
+                          dtype="bf16" if plan.model["dtype"] == "bf16" else "fp32")
+    return run_eval(request, echo=lambda text: print(text, flush=True))
+
+
 def _tracking(request: EvalRequest, target: Target) -> dict[str, Any] | None:
     """--wandb, or the tracking section of a run dir's plan.json (mode 'disabled' there turns it off)."""
     tracking = None

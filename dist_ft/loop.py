@@ -87,6 +87,7 @@ def _optimizer_step(engine, batches, grad_accum: int) -> tuple[float, int, bool]
     rank turns that micro-batch into a zero-gradient one on every rank, so collectives stay aligned.
     The engine's module returns the chunked loss (no full-vocabulary logits)."""
     total, finite_all, tokens = 0.0, True, 0
+    data_parallel = ds.data_parallel_size(engine)
     for _ in range(grad_accum):
         batch = {k: v.to(engine.device) for k, v in next(batches).items()}
         raw = engine(**batch)
@@ -96,7 +97,7 @@ def _optimizer_step(engine, batches, grad_accum: int) -> tuple[float, int, bool]
         engine.step()
         finite_all &= finite
         total += ds.all_reduce_mean(raw.item()) if finite else math.nan
-        tokens += int(batch["input_ids"].numel()) * torch.distributed.get_world_size()
+        tokens += int(batch["input_ids"].numel()) * data_parallel  # a sequence-parallel group shares one batch
     return total / grad_accum, tokens, finite_all
 
 

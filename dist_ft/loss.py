@@ -9,7 +9,9 @@ chunk's fp32 logits and their gradient.
 
 The objective is transformers' `ForCausalLMLoss` exactly: labels are shifted inside (position i is
 scored against labels[i + 1], the last position against nothing), -100 is ignored, the loss is the
-mean over the scored tokens (NaN when there are none, as there).
+mean over the scored tokens (NaN when there are none, as there). Under sequence parallelism each rank
+holds a slice of the sequence with labels shifted beforehand (`shift_labels`), and the mean is the
+whole group's (see sequence_parallel.py).
 
 Every module is reached through `__call__`, so ZeRO-3's hooks gather the decoder's and the LM
 head's partitioned weights as they run (the head again for each chunk recomputed in backward).
@@ -20,23 +22,39 @@ own forward (its backward bookkeeping hooks the returned loss), so no DeepSpeed 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+if TYPE_CHECKING:
+    from .sequence_parallel import SequenceParallel
+
 IGNORE_INDEX = -100
+SHIFT_LABELS = "shift_labels"  # targets already shifted (a sequence-parallel slice's labels)
 
 
 class LanguageModelLoss(torch.nn.Module):
     """A causal LM whose forward returns its chunked loss; the LM is `.lm` (state-dict prefix `lm.`)."""
 
-    def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 4096) -> None:
+    def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 4096,
+                 sequence_parallel: SequenceParallel | None = None) -> None:
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
+        self.sequence_parallel = sequence_parallel
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        return causal_lm_loss(self.lm, batch, self.chunk_tokens)
+        """The mean loss of the whole batch; under sequence parallelism every rank of the group gets
+        the whole batch, runs its slice of it and returns the group's mean."""
+        sp = self.sequence_parallel
+        if sp is None:
+            return causal_lm_loss(self.lm, batch, self.chunk_tokens)
+        if _adds_virtual_tokens(self.lm):
+            raise ValueError("prompt-learning methods prepend virtual tokens, which sequence parallelism cannot split")
+        total, count = causal_lm_loss_sum(self.lm, sp.shard(batch), self.chunk_tokens)
+        return sp.group_mean(total, count)
 
 
 STATE_PREFIX = "lm."
@@ -48,30 +66,53 @@ def unwrapped_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096) -> torch.Tensor:
-    """Mean next-token cross-entropy of `batch` (input_ids, labels, optional position_ids).
+    """Mean next-token cross-entropy of `batch` (input_ids, labels or shift_labels, optional position_ids).
 
     `model` is a transformers causal LM, a peft model around one, or a DeepSpeed engine's `.module`.
     """
-    if chunk_tokens < 1:
-        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    _check_chunk_tokens(chunk_tokens)
     if _adds_virtual_tokens(model):
         # Prefix/prompt/P-tuning prepend virtual tokens (or past key values) inside peft's own
         # forward and realign the labels there; re-implementing that is not worth it for methods
         # whose sequences are short fine-tuning rows. Their loss goes through transformers as is.
         return model(**batch, use_cache=False).loss
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    total, count = causal_lm_loss_sum(model, batch, chunk_tokens)
+    return total / count
+
+
+def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
+                       chunk_tokens: int = 4096) -> tuple[torch.Tensor, int]:
+    """(sum of the token losses, number of scored tokens). `labels` are shifted here (position i is
+    scored against labels[i + 1]); `shift_labels`, as transformers names them, already are: a
+    sequence-parallel slice needs the label of the token that starts the next rank's slice."""
+    _check_chunk_tokens(chunk_tokens)
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", SHIFT_LABELS)}
     # The whole model runs (not just its decoder) so that hooks on the root module fire: DeepSpeed's
     # forward prologue/epilogue and ZeRO-3's per-step parameter trace reset live there. An empty
     # `logits_to_keep` makes transformers skip the LM head; the last hidden state is the normed one.
     no_positions = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
     out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_positions)
     hidden = out.hidden_states[-1]
-    targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]  # shifted as in ForCausalLMLoss
-    return chunked_head_loss(hidden, targets, _logits_fn(model), chunk_tokens)
+    targets = batch.get(SHIFT_LABELS)
+    if targets is None:
+        targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]  # shifted as in ForCausalLMLoss
+    return chunked_head_loss_sum(hidden, targets, _logits_fn(model), chunk_tokens)
+
+
+def _check_chunk_tokens(chunk_tokens: int) -> None:
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
 
 
 def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, logits_fn, chunk_tokens: int) -> torch.Tensor:
     """Mean cross-entropy of `logits_fn(hidden)` against `targets` (already shifted), chunk by chunk."""
+    total, count = chunked_head_loss_sum(hidden, targets, logits_fn, chunk_tokens)
+    return total / count
+
+
+def chunked_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, logits_fn,
+                          chunk_tokens: int) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy over the scored targets, their number), chunk by chunk."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1).to(hidden.device)
     scored = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
@@ -81,7 +122,7 @@ def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, logits_fn, ch
         end = start + chunk_tokens
         total = total + checkpoint(_chunk_loss_sum, logits_fn, hidden[start:end], targets[start:end],
                                    use_reentrant=False)
-    return total / scored.numel()
+    return total, scored.numel()
 
 
 def _chunk_loss_sum(logits_fn, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,10 @@ import torch
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PretrainedConfig,
                           PreTrainedModel, PreTrainedTokenizerBase)
 
+from .attention import SDPA_VARLEN
+from .attention import register as register_sdpa_varlen
+from .model_shape import LEARNED_POSITION_TYPES
+from .positions import extend_position_table
 from .tokenizer import byte_tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -63,27 +67,31 @@ def _with_pad_token(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBa
 
 
 def resolve_attn_implementation(requested: str) -> str:
-    """'auto' → flash_attention_2 where flash-attn imports and CUDA is there, else sdpa."""
+    """'auto' → flash_attention_2 where flash-attn imports and CUDA is there, else sdpa_varlen (both keep
+    packed documents apart in memory linear in the row length)."""
+    if requested == SDPA_VARLEN or requested == "auto":
+        register_sdpa_varlen()
     if requested != "auto":
         return requested
     try:
         import flash_attn  # noqa: F401
     except ImportError:
-        return "sdpa"
-    return "flash_attention_2" if torch.cuda.is_available() else "sdpa"
+        return SDPA_VARLEN
+    return "flash_attention_2" if torch.cuda.is_available() else SDPA_VARLEN
 
 
 def merged_rope_parameters(current: Mapping[str, Any] | None, requested: Mapping[str, Any],
                            context: int) -> dict[str, Any]:
     """`requested` laid over the model's own RoPE dict.
 
-    Same type: merged over all current keys (keeps e.g. Llama 3.1's freq factors).
+    Same type, or no type requested: merged over all current keys (keeps e.g. Llama
+    3.1's freq factors, or the previous stage's scaling under a theta-only request).
     Another type: only rope_theta and partial_rotary_factor carry over, since
     leftover keys of the old type fail transformers' validation. `context` is
     the model's native context, the default original for yarn/llama3/longrope.
     """
     current = dict(current or {})
-    if requested.get("rope_type", "default") == current.get("rope_type", "default"):
+    if requested.get("rope_type", current.get("rope_type", "default")) == current.get("rope_type", "default"):
         merged = {**current, **requested}
     else:
         merged = {**{k: current[k] for k in KEPT_ACROSS_ROPE_TYPES if k in current}, **requested}
@@ -99,9 +107,12 @@ def apply_context(config: PretrainedConfig, rope_parameters: Mapping[str, Any] |
 
     Dynamic NTK scales relative to `config.max_position_embeddings` itself, so for
     it that number stays the original context instead of growing to the stage's.
+    Empty or None `rope_parameters` keep the model's RoPE (or its lack of one).
     """
     rope = None
-    if rope_parameters is not None:
+    if rope_parameters:
+        if getattr(config, "rope_parameters", None) is None:
+            raise ValueError(f"{config.model_type} has no RoPE to set {dict(rope_parameters)} on")
         if config.nested_rope_parameter_keys(config.rope_parameters or {}):
             raise ValueError(f"{config.model_type} has per-layer-type RoPE; rescaling it is not supported")
         rope = merged_rope_parameters(config.rope_parameters, rope_parameters, config.max_position_embeddings)
@@ -136,20 +147,23 @@ def _nf4(dtype: torch.dtype) -> BitsAndBytesConfig:
 
 def build_model(*, name_or_path: str | None, gguf_file: str | None = None,
                 config_overrides: Mapping[str, Any] | None = None, rope_parameters: Mapping[str, Any] | None = None,
-                max_position_embeddings: int | None = None, attn_implementation: str = "auto",
-                dtype: torch.dtype = torch.float32, quantize_4bit: bool = False, trust_remote_code: bool = False,
-                vocab_size: int | None = None, seed: int = 0) -> PreTrainedModel:
+                max_position_embeddings: int | None = None, extend_positions: str = "none",
+                attn_implementation: str = "auto", dtype: torch.dtype = torch.float32, quantize_4bit: bool = False,
+                trust_remote_code: bool = False, vocab_size: int | None = None, seed: int = 0) -> PreTrainedModel:
     """A causal LM in train mode, with the stage's RoPE built in.
 
     name_or_path None: random init from `config_overrides` (needs `model_type`),
     seeded by `seed` without disturbing the caller's RNG. Otherwise from_pretrained
     (a directory, or a directory plus `gguf_file`). `rope_parameters=None` keeps the
     model's RoPE. `vocab_size` grows the embeddings to fit the tokenizer (never shrinks).
+    A learned position table (GPT-2 style) shorter than `max_position_embeddings` grows
+    by `extend_positions` (see `positions.grown_rows`); the weights load at their own size first.
     """
     config = _load_config(name_or_path, gguf_file, config_overrides, trust_remote_code)
-    apply_context(config, rope_parameters, max_position_embeddings)
+    learned_table = config.model_type in LEARNED_POSITION_TYPES
+    apply_context(config, rope_parameters, None if learned_table else max_position_embeddings)
     if name_or_path is None and vocab_size is not None:
-        config.vocab_size = vocab_size
+        config.vocab_size = max(config.vocab_size, vocab_size)  # a declared bigger vocabulary stays (unused rows)
     load = dict(attn_implementation=resolve_attn_implementation(attn_implementation), dtype=dtype)
     if quantize_4bit and name_or_path is not None and gguf_file is None:
         model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, quantization_config=_nf4(dtype),
@@ -162,11 +176,23 @@ def build_model(*, name_or_path: str | None, gguf_file: str | None = None,
         _forget_gguf_origin(model)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)
+    if learned_table:
+        _fit_position_table(model, max_position_embeddings, extend_positions, seed)
     if quantize_4bit and not getattr(model, "is_loaded_in_4bit", False):
         model = _reload_in_4bit(model, **load)
     if quantize_4bit:
         keep_4bit_trainable(model)
     return model.train()
+
+
+def _fit_position_table(model: PreTrainedModel, length: int | None, how: str, seed: int) -> None:
+    have = model.config.max_position_embeddings
+    if length is None or length <= have:
+        return
+    if how == "none":
+        raise ValueError(f"{model.config.model_type} has a learned table of {have} positions and "
+                         f"{length} were asked: choose how to grow it (extend_positions: interpolate, copy or init)")
+    extend_position_table(model, length, how, seed)
 
 
 def _random_init(config: PretrainedConfig, seed: int, **load: Any) -> PreTrainedModel:
@@ -216,7 +242,7 @@ def keep_4bit_trainable(model: torch.nn.Module) -> None:
 
 def export_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: str | Path,
                      state_dict: dict[str, torch.Tensor] | None = None) -> Path:
-    """save_pretrained a plain (non-PEFT) model and its tokenizer; checks the RoPE on disk.
+    """save_pretrained a plain (non-PEFT) model and its tokenizer; checks RoPE and context length on disk.
 
     `state_dict` replaces the model's own tensors (e.g. gathered from ZeRO-3 shards).
     transformers 5 writes only `rope_parameters`; loaders before it (and vLLM's
@@ -231,10 +257,18 @@ def export_model_dir(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase 
     saved = json.loads(config_path.read_text())
     _add_legacy_rope_keys(saved)
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-    expected = model.config.rope_parameters
+    expected = getattr(model.config, "rope_parameters", None)  # None: learned positions, no RoPE
     if expected and saved.get("rope_parameters") != expected:
         raise RuntimeError(f"{config_path} has rope_parameters {saved.get('rope_parameters')}, model has {expected}")
+    _check_saved_context(model.config, saved, config_path)
     return out
+
+
+def _check_saved_context(config: PretrainedConfig, saved: dict[str, Any], config_path: Path) -> None:
+    context = getattr(config, "max_position_embeddings", None)  # ALiBi models (bloom) have none
+    key = config.attribute_map.get("max_position_embeddings", "max_position_embeddings")  # gpt2: n_positions
+    if context is not None and saved.get(key) != context:
+        raise RuntimeError(f"{config_path} has {key} {saved.get(key)}, the model has {context}")
 
 
 def _add_legacy_rope_keys(config: dict[str, Any]) -> None:

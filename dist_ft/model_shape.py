@@ -14,7 +14,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# Model types whose positions are not a configurable RoPE (learned tables, ALiBi, GPT-J's fixed rotary):
+# transformers' rope_parameters mean nothing to them.
 ABSOLUTE_POSITION_TYPES = ("gpt2", "gpt_neo", "gptj", "opt", "bloom", "gpt_bigcode")
+# Those with a learned table of max_position_embeddings rows: no position beyond it exists until it grows.
+LEARNED_POSITION_TYPES = ("gpt2", "gpt_neo", "opt", "gpt_bigcode")
+# Tables dist-ft can grow: (module path under the base model, rows stored before position 0 — OPT keeps 2).
+# gpt_neo is missing on purpose: its eager attention slices a causal buffer sized by the old length.
+POSITION_TABLES = {"gpt2": ("wpe", 0), "gpt_bigcode": ("wpe", 0), "opt": ("decoder.embed_positions", 2)}
 
 # Public config.json values of hub models our recipes name; used only for planning.
 CATALOGUE: dict[str, dict[str, Any]] = {
@@ -62,6 +69,10 @@ class ModelShape:
     @property
     def absolute_positions(self) -> bool:
         return self.model_type in ABSOLUTE_POSITION_TYPES
+
+    @property
+    def learned_position_table(self) -> bool:
+        return self.model_type in LEARNED_POSITION_TYPES
 
     @property
     def num_params(self) -> int:

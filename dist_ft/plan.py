@@ -13,8 +13,9 @@ from typing import Any
 
 from . import memory
 from .config import PEFT_ADAPTERS, VIRTUAL_TOKEN_METHODS, Data, MethodOptions, Recipe, Rope, Stage, to_dict
-from .model_shape import ModelShape
-from .rope import rope_parameters
+from .eval_model import addressable_length
+from .model_shape import POSITION_TABLES, ModelShape
+from .rope import rope_parameters, scaled_context
 from .strict import Problem, RecipeError
 from .timelimit import parse_time_limit
 
@@ -57,6 +58,7 @@ class StagePlan:
     memory: dict[str, float] | None
     ds_config: str
     sbatch: str
+    extend_positions: str = "none"  # how a learned position table grows to max_position_embeddings
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class Plan:
     checkpointing: dict[str, Any]
     time_limit_s: int | None
     warnings: list[str] = field(default_factory=list)
+    evaluation: dict[str, Any] | None = None  # the recipe's evaluation section
 
     def stage(self, name: str) -> StagePlan:
         for stage in self.stages:
@@ -109,8 +112,9 @@ def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str) -> Plan:
     dp = world // sp if world % sp == 0 else 1
     stages = _plan_stages(recipe, shape, dp, problems, warnings)
     time_limit = _time_limit(recipe, problems)
-    if problems:
-        raise RecipeError(problems)
+    _check_evaluation(recipe, shape, stages, problems)
+    if problems:  # progressive stages share one section: report each of its problems once
+        raise RecipeError(list(dict.fromkeys(problems)))
     return Plan(
         version=PLAN_VERSION, name=recipe.name, seed=recipe.seed, run_dir=run_dir,
         device="cuda" if c.gpus_per_node else "cpu", nodes=c.nodes, ranks_per_node=c.ranks_per_node,
@@ -118,7 +122,25 @@ def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str) -> Plan:
         model_shape=asdict(shape) if shape else None, stages=stages, cluster=to_dict(c),
         parallelism=to_dict(par), tracking=to_dict(recipe.tracking), checkpointing=to_dict(recipe.checkpointing),
         time_limit_s=time_limit, warnings=warnings,
+        evaluation=to_dict(recipe.evaluation) if recipe.evaluation else None,
     )
+
+
+def _check_evaluation(recipe: Recipe, shape: ModelShape | None, stages: list[StagePlan],
+                      problems: list[Problem]) -> None:
+    """Eval lengths every evaluated stage's model can address (eval would refuse them hours later)."""
+    ev = recipe.evaluation
+    if ev is None or not ev.after_each_stage:
+        return
+    longest = max([*ev.lengths, *(ev.passkey_lengths or [])], default=0)
+    for stage in stages:
+        limit = addressable_length(stage.max_position_embeddings, bool(shape and shape.absolute_positions))
+        if longest > limit:
+            problems.append(Problem("evaluation.lengths", f"{longest} tokens is beyond what stage {stage.name} "
+                                    f"can address ({limit} tokens with its context of "
+                                    f"{stage.max_position_embeddings})",
+                                    "evaluate shorter lengths, or evaluate only later stages with `dist-ft eval`"))
+            return
 
 
 def _check_cluster(recipe: Recipe, shape: ModelShape | None, problems: list[Problem],
@@ -130,11 +152,8 @@ def _check_cluster(recipe: Recipe, shape: ModelShape | None, problems: list[Prob
                                 f"{sp} does not divide the world size {c.world_size} "
                                 f"({c.nodes} nodes x {c.ranks_per_node} ranks)",
                                 f"use a divisor of {c.world_size}"))
-    if shape and sp > 1 and shape.num_heads % sp:
-        problems.append(Problem("parallelism.sequence_parallel",
-                                f"{sp} does not divide the model's {shape.num_heads} attention heads "
-                                "(Ulysses splits heads across ranks)",
-                                f"use a divisor of {shape.num_heads}"))
+    if sp > 1:
+        _check_sequence_parallel(sp, shape, model.attn_implementation, problems)
     if not c.gpus_per_node:
         if model.attn_implementation == "flash_attention_2":
             problems.append(Problem("model.attn_implementation", "flash_attention_2 needs GPUs; these are CPU ranks",
@@ -144,6 +163,28 @@ def _check_cluster(recipe: Recipe, shape: ModelShape | None, problems: list[Prob
                                     "use `bf16` or `fp32` on CPU"))
         if "cpu" in (par.offload_optimizer, par.offload_params):
             warnings.append("offload to CPU on CPU ranks saves nothing")
+
+
+def _check_sequence_parallel(sp: int, shape: ModelShape | None, attn: str, problems: list[Problem]) -> None:
+    """What DeepSpeed's Ulysses attention (UlyssesSPAttentionHF) accepts."""
+    if attn == "eager":
+        problems.append(Problem("parallelism.sequence_parallel",
+                                "Ulysses sequence parallelism does not run eager attention (it would need the "
+                                "full-sequence 4D mask)",
+                                "set `model.attn_implementation: auto` (or sdpa, or flash_attention_2 on GPUs)"))
+    if shape is None:
+        return
+    if shape.num_heads % sp:
+        problems.append(Problem("parallelism.sequence_parallel",
+                                f"{sp} does not divide the model's {shape.num_heads} attention heads "
+                                "(Ulysses splits heads across ranks)",
+                                f"use a divisor of {shape.num_heads}"))
+    kv = shape.num_kv_heads
+    if kv % sp and sp % kv:  # fewer KV heads than ranks are replicated, but only a whole number of times
+        problems.append(Problem("parallelism.sequence_parallel",
+                                f"{sp} neither divides nor is a multiple of the model's {kv} key/value heads "
+                                "(Ulysses splits or replicates them across ranks)",
+                                f"use a divisor or a multiple of {kv} that divides {shape.num_heads}"))
 
 
 def _time_limit(recipe: Recipe, problems: list[Problem]) -> int | None:
@@ -172,8 +213,8 @@ def _plan_stages(recipe: Recipe, shape: ModelShape | None, dp: int, problems: li
         if out and stage.seq_len <= out[-1].seq_len:
             problems.append(Problem(f"{spath}.seq_len", f"{stage.seq_len} does not grow past the previous "
                                     f"stage's {out[-1].seq_len}", "make seq_len increase stage by stage"))
-        out.append(_long_stage(recipe, shape, stage, i, spath, dp, out[-1].name if out else None,
-                               problems, warnings))
+        out.append(_long_stage(recipe, shape, stage, i, spath, dp, out[-1] if out else None,
+                               _inherited_theta(out), problems, warnings))
     if recipe.finetune:
         out.append(_finetune_stage(recipe, shape, len(out), out[-1] if out else None, dp, problems, warnings))
     seen: set[str] = set()
@@ -186,11 +227,14 @@ def _plan_stages(recipe: Recipe, shape: ModelShape | None, dp: int, problems: li
 
 
 def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: int, path: str, dp: int,
-                previous: str | None, problems: list[Problem], warnings: list[str]) -> StagePlan:
+                previous: StagePlan | None, theta: float | None, problems: list[Problem],
+                warnings: list[str]) -> StagePlan:
     lc = recipe.long_context
-    rope = rope_parameters(stage.rope, stage.seq_len, shape, f"{path}.rope", problems)
+    rope = rope_parameters(stage.rope, stage.seq_len, shape, f"{path}.rope", problems, theta)
+    _check_positions(shape, stage.seq_len, _table_length(shape, previous), stage.extend_positions, path, problems)
     global_seqs = max(1, round(lc.tokens_per_step / stage.seq_len))
-    batch = _batch(recipe, shape, "full", stage.seq_len, global_seqs, stage.micro_batch_size, dp,
+    micro = _packing_safe_micro(recipe, lc.data, stage.micro_batch_size, f"{path}.micro_batch_size", problems)
+    batch = _batch(recipe, shape, "full", stage.seq_len, global_seqs, micro, dp,
                    f"{path}.micro_batch_size", problems, warnings)
     micro, accum, global_seqs, mem = batch
     tokens_per_step = global_seqs * stage.seq_len
@@ -200,13 +244,14 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
     steps = stage.steps or math.ceil(stage.tokens / tokens_per_step)
     return StagePlan(
         index=index, name=stage.name, phase="continued_pretraining", seq_len=stage.seq_len,
-        rope_parameters=rope, max_position_embeddings=_max_positions(shape, stage.seq_len), method="full",
+        rope_parameters=rope, max_position_embeddings=_max_positions(shape, stage.seq_len, rope), method="full",
         method_options={}, data=to_dict(lc.data), data_format="text", template=None,
         micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs, tokens_per_step=tokens_per_step,
         steps=steps, epochs=None, lr=stage.lr, min_lr=stage.lr * stage.min_lr_ratio,
         warmup_steps=min(stage.warmup_steps, steps), schedule="warmup_cosine",
-        **_parallel_fields(recipe), init_from=previous, eval_every=None, early_stopping_patience=None,
-        merge_adapter=False, memory=mem, ds_config=f"ds_config.{stage.name}.json", sbatch=f"{stage.name}.sbatch",
+        **_parallel_fields(recipe), init_from=previous.name if previous else None, eval_every=None,
+        early_stopping_patience=None, merge_adapter=False, memory=mem, ds_config=f"ds_config.{stage.name}.json",
+        sbatch=f"{stage.name}.sbatch", extend_positions=stage.extend_positions,
     )
 
 
@@ -224,19 +269,21 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
                                 "remove finetune.rope, or set the RoPE on the long-context stages"))
     rope = last.rope_parameters if last else rope_parameters(ft.rope or Rope(), seq_len, shape, "finetune.rope",
                                                              problems)
+    _check_positions(shape, seq_len, _table_length(shape, last), ft.extend_positions, "finetune", problems)
+    micro = _packing_safe_micro(recipe, ft.data, ft.micro_batch_size, "finetune.micro_batch_size", problems)
     micro, accum, global_seqs, mem = _batch(recipe, shape, ft.method, seq_len, ft.global_batch_size,
-                                            ft.micro_batch_size, dp, "finetune.micro_batch_size",
-                                            problems, warnings)
+                                            micro, dp, "finetune.micro_batch_size", problems, warnings)
     return StagePlan(
         index=index, name=ft.name, phase="finetune", seq_len=seq_len, rope_parameters=rope,
-        max_position_embeddings=max(_max_positions(shape, seq_len), last.max_position_embeddings if last else 0),
+        max_position_embeddings=max(_max_positions(shape, seq_len, rope),
+                                    last.max_position_embeddings if last else 0),
         method=ft.method, method_options=to_dict(ft.options), data=to_dict(ft.data), data_format=ft.format,
         template=ft.template, micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs,
         tokens_per_step=global_seqs * seq_len, steps=ft.steps, epochs=ft.epochs, lr=ft.lr,
         min_lr=ft.lr * ft.min_lr_ratio, warmup_steps=ft.warmup_steps, schedule="warmup_cosine",
         **_parallel_fields(recipe), init_from=last.name if last else None, eval_every=ft.eval_every,
         early_stopping_patience=ft.early_stopping_patience, merge_adapter=ft.merge_adapter, memory=mem,
-        ds_config=f"ds_config.{ft.name}.json", sbatch=f"{ft.name}.sbatch",
+        ds_config=f"ds_config.{ft.name}.json", sbatch=f"{ft.name}.sbatch", extend_positions=ft.extend_positions,
     )
 
 
@@ -326,8 +373,67 @@ def _parallel_fields(recipe: Recipe) -> dict[str, Any]:
                 offload_params=par.offload_params, sequence_parallel=par.sequence_parallel)
 
 
-def _max_positions(shape: ModelShape | None, seq_len: int) -> int:
-    return max(seq_len, shape.max_position_embeddings if shape else 0)
+def _max_positions(shape: ModelShape | None, seq_len: int, rope: dict[str, Any]) -> int:
+    """The context the stage's model declares: what it trains on, and what its RoPE scaling addresses."""
+    return max(seq_len, shape.max_position_embeddings if shape else 0, scaled_context(rope) or 0)
+
+
+def _inherited_theta(earlier: list[StagePlan]) -> float | None:
+    """The RoPE base the stages so far leave the model with (None: the model's own)."""
+    return next((s.rope_parameters["rope_theta"] for s in reversed(earlier) if "rope_theta" in s.rope_parameters),
+                None)
+
+
+def _table_length(shape: ModelShape | None, previous: StagePlan | None) -> int | None:
+    """The positions a stage's starting weights know: the previous stage's, or the model's own."""
+    if previous is not None:
+        return previous.max_position_embeddings
+    return shape.max_position_embeddings if shape else None
+
+
+def _check_positions(shape: ModelShape | None, seq_len: int, have: int | None, extend: str, path: str,
+                     problems: list[Problem]) -> None:
+    """A learned position table (GPT-2 style) reaches seq_len only if the recipe says how to grow it."""
+    if shape is None or have is None:
+        return
+    field = f"{path}.extend_positions"
+    if not shape.learned_position_table:
+        if extend != "none":
+            problems.append(Problem(field, f"{shape.model_type} has no learned position table to grow",
+                                    "remove extend_positions (RoPE models reach further with `rope`)"))
+        return
+    if seq_len <= have:
+        return
+    if extend == "none":
+        problems.append(Problem(field, f"{shape.model_type} has a learned table of {have} positions: seq_len "
+                                f"{seq_len} would index past its end",
+                                "set `extend_positions: interpolate` (or copy, init) to grow the table"))
+    elif shape.model_type not in POSITION_TABLES:
+        problems.append(Problem(field, f"growing {shape.model_type}'s position table is not supported",
+                                f"keep seq_len <= {have}, or use a {'/'.join(POSITION_TABLES)} model"))
+
+
+def _packing_safe_micro(recipe: Recipe, data: Data, asked: int | None, path: str,
+                        problems: list[Problem]) -> int | None:
+    """The micro-batch that keeps packed documents apart.
+
+    sdpa and eager build their mask from the restarting position_ids, at any batch size;
+    transformers 5 hands flash-attn the document boundaries only for a batch of one row.
+    """
+    if not (data.packing and _may_use_flash_attention(recipe)):
+        return asked
+    if asked is not None and asked > 1:
+        problems.append(Problem(path, f"{asked} packed rows per micro-batch would attend across documents under "
+                                "flash_attention_2 (transformers splits packed documents for flash-attn only in a "
+                                "one-row batch)", "set `micro_batch_size: 1` (gradient accumulation keeps the "
+                                "tokens per step), use `attn_implementation: sdpa`, or set `packing: false`"))
+        return asked
+    return 1
+
+
+def _may_use_flash_attention(recipe: Recipe) -> bool:
+    attn = recipe.model.attn_implementation
+    return attn == "flash_attention_2" or (attn == "auto" and recipe.cluster.gpus_per_node > 0)
 
 
 def data_paths(recipe: Recipe) -> list[tuple[str, Data]]:

@@ -44,7 +44,7 @@ def _stage_block(plan: Plan, s: StagePlan) -> str:
     offload = "/".join(x for x in (s.offload_optimizer, s.offload_params) if x != "none") or "no offload"
     lines = [
         f"[{s.index}] {s.name}  ({phase}{', from ' + s.init_from if s.init_from else ''})",
-        f"    seq_len {s.seq_len}   rope {_rope(s.rope_parameters)}",
+        f"    seq_len {s.seq_len}   rope {_rope(s.rope_parameters)}{_positions(s)}",
         f"    method {s.method}{_options(s)}",
         f"    micro-batch {s.micro_batch_size} x grad-accum {s.grad_accum} x dp {plan.dp} = {s.global_batch_size}"
         f" sequences = {s.tokens_per_step:,} tokens/step",
@@ -55,7 +55,14 @@ def _stage_block(plan: Plan, s: StagePlan) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _positions(s: StagePlan) -> str:
+    return "" if s.extend_positions == "none" else \
+        f"   position table {s.max_position_embeddings} rows (grown by {s.extend_positions} where needed)"
+
+
 def _rope(params: dict) -> str:
+    if not params:
+        return "the model's own"
     return ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("short_factor", "long_factor")) + \
         (" (+ LongRoPE factor lists)" if "short_factor" in params else "")
 

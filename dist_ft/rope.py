@@ -1,4 +1,8 @@
-"""RoPE parameters per stage, as transformers' `config.rope_parameters` wants them. Pure."""
+"""RoPE parameters per stage, as transformers' `config.rope_parameters` wants them. Pure.
+
+Every check transformers would only log (a factor below 1, llama3's frequency band, LongRoPE's
+factor lists) is an error here, at plan time, with the recipe field's path.
+"""
 
 from __future__ import annotations
 
@@ -11,45 +15,111 @@ from .strict import Problem
 TRANSFORMERS_TYPE = {"none": "default", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn",
                      "llama3": "llama3", "longrope": "longrope"}
 NEEDS_ORIGINAL = ("yarn", "llama3", "longrope")
+_SCALING = {"factor", "original_max_position_embeddings", "rope_theta"}
+# The recipe fields each kind reads: any other one set is a mistake (say, short_factor under yarn).
+FIELDS_READ = {"none": {"rope_theta"}, "linear": _SCALING, "dynamic": _SCALING,
+               "yarn": _SCALING | {"beta_fast", "beta_slow", "attention_factor"},
+               "llama3": _SCALING | {"low_freq_factor", "high_freq_factor"},
+               "longrope": _SCALING | {"short_factor", "long_factor", "attention_factor"}}
 
 
 def rope_parameters(rope: Rope, seq_len: int, shape: ModelShape | None, path: str,
-                    problems: list[Problem]) -> dict[str, Any]:
-    """The full rope dict (rope_type, rope_theta, factor, ...) for one stage.
+                    problems: list[Problem], inherited_theta: float | None = None) -> dict[str, Any]:
+    """The rope dict (rope_type, rope_theta, factor, ...) for one stage; {} keeps the model's own.
 
-    The factor defaults to seq_len / original context; the original context is
-    the recipe's `original_max_position_embeddings` or the model's own.
+    `type: none` gives {} (or just the recipe's rope_theta), so a model keeps the scaling it
+    has, e.g. Llama 3.1's or an earlier stage's. Otherwise the factor defaults to seq_len /
+    original context, the original context being the recipe's or the model's own, and
+    rope_theta to the recipe's, else `inherited_theta` (an earlier stage's raise), else the model's.
+    A model without RoPE gets {}.
     """
-    theta = rope.rope_theta or (shape.rope_theta if shape else None)
+    _check_fields_read(rope, path, problems)
+    if shape is not None and shape.absolute_positions:
+        _check_no_rope(rope, shape, path, problems)
+        return {}
+    if rope.type == "none":
+        return {} if rope.rope_theta is None else {"rope_theta": float(rope.rope_theta)}
     params: dict[str, Any] = {"rope_type": TRANSFORMERS_TYPE[rope.type]}
+    theta = rope.rope_theta or inherited_theta or (shape.rope_theta if shape else None)
     if theta is not None:
         params["rope_theta"] = float(theta)
-    if rope.type == "none":
+    original = _original_context(rope, shape, path, problems)
+    if original is None and rope.factor is None:
         return params
-    if shape is not None and shape.absolute_positions:
-        problems.append(Problem(f"{path}.type", f"{shape.model_type} uses learned absolute positions, not RoPE",
-                                "set `rope.type: none`"))
-        return params
-    original = rope.original_max_position_embeddings or (shape.max_position_embeddings if shape else None)
-    if original is None and (rope.type in NEEDS_ORIGINAL or rope.factor is None):
-        problems.append(Problem(f"{path}.original_max_position_embeddings",
-                                f"{rope.type} RoPE needs the model's original context and the model config "
-                                "is not readable", "set `original_max_position_embeddings: 8192` (the model's "
-                                "pre-training context)"))
-        return params
-    factor = rope.factor if rope.factor is not None else max(1.0, seq_len / original)
-    if factor < 1:
-        problems.append(Problem(f"{path}.factor", f"must be >= 1, got {factor:g}",
-                                "a factor below 1 shrinks the context; use 1 or more"))
-    params["factor"] = float(factor)
+    _check_dynamic_reaches(rope, seq_len, original, path, problems)
+    params["factor"] = _factor(rope, seq_len, original, path, problems)
     if original is not None:
         params["original_max_position_embeddings"] = int(original)
     params.update(_type_specific(rope, shape, path, problems))
     return params
 
 
+def _original_context(rope: Rope, shape: ModelShape | None, path: str, problems: list[Problem]) -> int | None:
+    original = rope.original_max_position_embeddings or (shape.max_position_embeddings if shape else None)
+    if original is None and (rope.type in NEEDS_ORIGINAL or rope.factor is None):
+        problems.append(Problem(f"{path}.original_max_position_embeddings",
+                                f"{rope.type} RoPE needs the model's original context and the model config "
+                                "is not readable", "set `original_max_position_embeddings: 8192` (the model's "
+                                "pre-training context)"))
+    return original
+
+
+def _check_dynamic_reaches(rope: Rope, seq_len: int, original: int | None, path: str,
+                           problems: list[Problem]) -> None:
+    if rope.type == "dynamic" and original is not None and seq_len <= original:
+        problems.append(Problem(f"{path}.type", f"dynamic NTK rescales only beyond the original context "
+                                f"({original}); at seq_len {seq_len} this stage would train the unscaled model",
+                                f"use `type: none` for stages inside the original context, or raise seq_len "
+                                f"above {original}"))
+
+
+def _factor(rope: Rope, seq_len: int, original: int | None, path: str, problems: list[Problem]) -> float:
+    factor = rope.factor if rope.factor is not None else max(1.0, seq_len / original)
+    if factor < 1:
+        problems.append(Problem(f"{path}.factor", f"must be >= 1, got {factor:g}",
+                                "a factor below 1 shrinks the context; use 1 or more"))
+    return float(factor)
+
+
+def scaled_context(params: dict[str, Any]) -> int | None:
+    """The context a static scaling addresses: original × factor (None for none and dynamic)."""
+    if params.get("rope_type") in (None, "default", "dynamic") or "original_max_position_embeddings" not in params:
+        return None
+    return round(params["original_max_position_embeddings"] * params.get("factor", 1.0))
+
+
+def _check_fields_read(rope: Rope, path: str, problems: list[Problem]) -> None:
+    read = FIELDS_READ[rope.type]
+    for name in Rope.__dataclass_fields__:
+        if name != "type" and getattr(rope, name) is not None and name not in read:
+            users = [kind for kind, fields in FIELDS_READ.items() if name in fields]
+            problems.append(Problem(f"{path}.{name}", f"is not used by `type: {rope.type}`",
+                                    f"remove it, or use a type that reads it ({', '.join(users)})"))
+
+
+def _check_no_rope(rope: Rope, shape: ModelShape, path: str, problems: list[Problem]) -> None:
+    if shape.learned_position_table:
+        what, fix = "learned absolute positions", ("set `rope.type: none`; to go past its "
+                                                   f"{shape.max_position_embeddings} positions, set the stage's "
+                                                   "`extend_positions: interpolate` (or copy, init)")
+    else:
+        what, fix = "positions transformers' RoPE settings do not reach (ALiBi or fixed)", "set `rope.type: none`"
+    if rope.type != "none":
+        problems.append(Problem(f"{path}.type", f"{shape.model_type} has no RoPE to scale: it uses {what}", fix))
+    if rope.rope_theta is not None:
+        problems.append(Problem(f"{path}.rope_theta", f"{shape.model_type} has no RoPE base to raise: it uses "
+                                f"{what}", "remove rope_theta"))
+
+
 def _type_specific(rope: Rope, shape: ModelShape | None, path: str, problems: list[Problem]) -> dict[str, Any]:
+    if rope.attention_factor is not None and rope.attention_factor <= 0:
+        problems.append(Problem(f"{path}.attention_factor", f"must be > 0, got {rope.attention_factor:g}",
+                                "leave it unset for the paper's default"))
     if rope.type == "yarn":
+        fast, slow = rope.beta_fast or 32.0, rope.beta_slow or 1.0
+        if fast <= slow:
+            problems.append(Problem(f"{path}.beta_fast", f"must exceed beta_slow ({slow:g}), got {fast:g}",
+                                    "use e.g. beta_fast: 32, beta_slow: 1 (the defaults)"))
         return {k: v for k, v in (("beta_fast", rope.beta_fast), ("beta_slow", rope.beta_slow),
                                   ("attention_factor", rope.attention_factor)) if v is not None}
     if rope.type == "llama3":
@@ -74,6 +144,9 @@ def _longrope(rope: Rope, shape: ModelShape | None, path: str, problems: list[Pr
         elif half is not None and len(values) != half:
             problems.append(Problem(f"{path}.{name}", f"has {len(values)} values, the model needs {half}",
                                     f"give head_dim/2 = {half} numbers"))
+        elif min(values, default=1) <= 0:
+            problems.append(Problem(f"{path}.{name}", "has a value <= 0; each divides a frequency",
+                                    "give positive numbers (1 leaves a frequency as it is)"))
         else:
             out[name] = [float(v) for v in values]
     if rope.attention_factor is not None:

@@ -25,11 +25,12 @@ class StageData:
     dp_size: int
     steps_per_epoch: int
     report: str
+    eval_copies: int = 1  # forward batch size for one validation row (see evaluate_loss)
 
     def evaluator(self, engine) -> Callable[[], float] | None:
         if not self.validation:
             return None
-        return lambda: evaluate_loss(engine, self.validation)
+        return lambda: evaluate_loss(engine, self.validation, self.eval_copies)
 
 
 def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_config: dict[str, Any]) -> StageData:
@@ -56,7 +57,8 @@ def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_co
     stream = BatchStream(train, micro, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
     return StageData(train=stream, validation=validation, dp_rank=dp_rank, dp_size=dp_size,
                      steps_per_epoch=max(1, len(train) // per_step),
-                     report=_report(stage, len(train), len(validation), bad))
+                     report=_report(stage, len(train), len(validation), bad),
+                     eval_copies=micro if stage.sequence_parallel > 1 else 1)
 
 
 def _split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -103,11 +105,15 @@ def _export_hub_dataset(name: str, split: str, target: Path) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(engine, rows: list) -> float:
+def evaluate_loss(engine, rows: list, copies: int = 1) -> float:
     """Mean per-row loss over the whole validation split, one row at a time, on every rank: the
     split is small, ZeRO-3 needs every rank to run the same forwards anyway, and the number is
-    then exactly what a plain reload of the exported model computes."""
+    then exactly what a plain reload of the exported model computes.
+
+    DeepSpeed's Ulysses attention only takes batches of the training micro-batch size: there each
+    row goes in as `copies` identical rows, whose mean loss is the row's own."""
     engine.eval()
-    losses = [engine(**{k: v.to(engine.device) for k, v in collate([row]).items()}).item() for row in rows]
+    losses = [engine(**{k: v.to(engine.device) for k, v in collate([row] * copies).items()}).item()
+              for row in rows]
     engine.train()
     return sum(losses) / len(losses)

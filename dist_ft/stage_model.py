@@ -53,6 +53,7 @@ def _base_model(plan: Plan, stage: StagePlan, tokenizer, quantize: bool | None =
         name_or_path=name_or_path, gguf_file=gguf_file,
         config_overrides=m["config"] if name_or_path is None else None,
         rope_parameters=stage.rope_parameters, max_position_embeddings=stage.max_position_embeddings,
+        extend_positions=stage.extend_positions,
         attn_implementation=m["attn_implementation"], dtype=DTYPES[m["dtype"]],
         quantize_4bit=stage.method == "qlora" if quantize is None else quantize,
         trust_remote_code=m["trust_remote_code"], vocab_size=len(tokenizer), seed=plan.seed)

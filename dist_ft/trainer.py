@@ -17,6 +17,7 @@ import torch
 from . import engine as ds
 from .checkpoint import commit, latest_tag, read_meta, tag_for
 from .distributed import DistEnv, read_env
+from .evaluate import evaluate_after_stage
 from .loss import LanguageModelLoss
 from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 from .metrics import NullMetrics, RankZeroMetrics, mfu
@@ -38,9 +39,6 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
     if (folder / "DONE").exists():
         _say(env, f"[{stage.name}] already complete ({folder / 'DONE'}); nothing to do")
         return 0
-    if stage.sequence_parallel > 1:
-        raise SystemExit(f"error: [{stage.name}] sequence_parallel {stage.sequence_parallel} is planned but the "
-                         "trainer does not run Ulysses sequence parallelism yet; set parallelism.sequence_parallel: 1")
     torch.manual_seed(plan.seed + stage.index)
     ds_config = _ds_config_for_world(plan, stage, env)
     tokenizer = stage_tokenizer(plan)
@@ -51,8 +49,10 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
     resume_from = _find_resume(folder / "checkpoints", data.dp_size, env)
     if resume_from and resume_from[0].name == "universal":
         ds_config["checkpoint"] = {"load_universal": True}
-    engine = ds.build_engine(LanguageModelLoss(model, plan.model["loss_chunk_tokens"]), ds_config, lambda s: lr_multiplier(
-        s, stage.warmup_steps, total_steps, stage.min_lr / stage.lr if stage.lr else 1.0))
+    mpu, sp = _sequence_parallel(stage, model, ds_config)
+    wrapped = LanguageModelLoss(model, plan.model["loss_chunk_tokens"], sequence_parallel=sp)
+    engine = ds.build_engine(wrapped, ds_config, lambda s: lr_multiplier(
+        s, stage.warmup_steps, total_steps, stage.min_lr / stage.lr if stage.lr else 1.0), mpu=mpu)
     state = _resume(engine, resume_from, data, env)
     _write_rank_info(folder, env, data, engine)
     metrics = _metrics(plan, stage, env, folder, total_steps, state.step)
@@ -64,7 +64,27 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
         if env.is_main:
             (folder / "DONE").write_text(json.dumps({"step": state.step, "outcome": outcome}) + "\n")
     ds.barrier()
+    if outcome != "stopped" and env.is_main and (plan.evaluation or {}).get("after_each_stage"):
+        del engine  # the export is reloaded for eval; the engine's optimizer state is no longer needed
+        _release_accelerator_memory()
+        evaluate_after_stage(plan, stage.name)
     return 0
+
+
+def _release_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sequence_parallel(stage: StagePlan, model, ds_config: dict[str, Any]):
+    """(DeepSpeed's mpu, our slice of each batch) under Ulysses; (None, None) without it."""
+    if stage.sequence_parallel == 1:
+        return None, None
+    mpu = ds.enable_sequence_parallel(model, stage.sequence_parallel, ds_config["train_micro_batch_size_per_gpu"])
+    return mpu, ds.sequence_parallel_group(mpu, ds_config)
 
 
 def _train(plan, stage, env, engine, data, state, total_steps, metrics, folder) -> str:

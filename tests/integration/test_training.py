@@ -212,3 +212,20 @@ def test_data_with_nothing_usable_fails_before_training_with_the_counts(tmp_path
     output = result.stdout + result.stderr
     assert "[ctx]" in output and "no usable documents" in output and "missing_field" in output, output[-3000:]
     assert not (run / "stages/ctx/checkpoints").exists()
+
+
+def test_evaluation_after_each_stage_writes_what_the_stage_bought(tmp_path):
+    run = tmp_path / "evaluated"
+    raw = tiny_recipe(zero=2, steps=2, every=None, ranks=1)
+    raw["evaluation"] = {"after_each_stage": True, "lengths": [128, 256], "passkey_lengths": [512],
+                         "depths": [0.0, 1.0], "trials": 1}
+    render(raw, run)
+    train(run, "ctx", nproc=1)
+    out = run / "eval" / "ctx"
+    results = json.loads((out / "results.json").read_text())
+    variant = results["variants"]["keep"]
+    assert variant["rope_parameters"]["rope_type"] == "yarn"  # the stage's export, RoPE as trained
+    assert results["model"] == f"{raw['name']}/ctx" and set(variant["perplexity"]) == {"128", "256"}
+    assert all(math.isfinite(row["ppl"]) for row in variant["perplexity"].values())
+    assert set(variant["passkey"]["512"]) == {"0.0", "1.0"}
+    assert (out / "ppl_vs_length.png").stat().st_size > 0 and (out / "passkey.png").stat().st_size > 0

@@ -37,6 +37,7 @@ def tiny_recipe(zero: int = 2, steps: int = 6, every: int | None = 2, finetune: 
         raw.pop("finetune")
     else:
         raw["finetune"] = finetune
+    raw.pop("evaluation", None)  # tests that want it turn it on
     raw["cluster"]["procs_per_node"] = ranks
     raw["parallelism"] = {"zero_stage": zero}
     raw["checkpointing"] = {"every_steps": every, "keep_last": 2}

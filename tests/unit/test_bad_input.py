@@ -21,6 +21,7 @@ def set_in(raw, dotted, value):
 
 
 DELETE = object()
+GPT2 = {"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256, "vocab_size": 259}
 EXPLICIT_STAGES = {"tokens_per_step": 4096, "data": {"paths": ["package:json"]},
                    "stages": [{"name": "a", "seq_len": 1024, "steps": 2}, {"name": "b", "seq_len": 512, "steps": 2}]}
 
@@ -42,6 +43,12 @@ CASES = {
                               "does not divide the world size 2"),
     "sp not dividing heads": ([("cluster.procs_per_node", 3), ("parallelism.sequence_parallel", 3)],
                               "parallelism.sequence_parallel", "4 attention heads"),
+    "sp with eager attention": ([("model.attn_implementation", "eager"), ("parallelism.sequence_parallel", 2)],
+                                "parallelism.sequence_parallel", "eager attention"),
+    "sp not fitting kv heads": ([("cluster.procs_per_node", 4), ("parallelism.sequence_parallel", 4),
+                                 ("model.config.hidden_size", 96), ("model.config.num_attention_heads", 12),
+                                 ("model.config.num_key_value_heads", 3)],
+                                "parallelism.sequence_parallel", "3 key/value heads"),
     "prefix with checkpointing": ([("finetune.method", "prefix"), ("model.gradient_checkpointing", True),
                                    ("finetune.data.packing", False)],
                                   "finetune.method", "gradient checkpointing"),
@@ -60,6 +67,33 @@ CASES = {
     "unknown method": ([("finetune.method", "lorra")], "finetune.method", "did you mean `lora`"),
     "offload on zero-1": ([("parallelism.zero_stage", 1), ("parallelism.offload_optimizer", "cpu")],
                           "parallelism.offload_optimizer", "ZeRO stage 2 or 3"),
+    "rope scaling on learned positions": ([("model.config", {**GPT2, "n_positions": 2048})],
+                                          "long_context.progressive.rope.type", "gpt2 has no RoPE to scale"),
+    "learned position table too short": ([("model.config", GPT2), ("long_context.progressive.rope.type", "none")],
+                                         "long_context.progressive.extend_positions", "learned table of 256"),
+    "extend_positions on a rope model": ([("long_context.progressive.extend_positions", "copy")],
+                                         "long_context.progressive.extend_positions", "no learned position table"),
+    "longrope without factors": ([("long_context.progressive.rope.type", "longrope")],
+                                 "long_context.progressive.rope.short_factor", "needs per-frequency factors"),
+    "rope field the type ignores": ([("long_context.progressive.rope.short_factor", [1.0] * 8)],
+                                    "long_context.progressive.rope.short_factor", "not used by `type: yarn`"),
+    "dynamic inside the original context": ([("long_context.progressive.rope.type", "dynamic"),
+                                             ("long_context.progressive.rope.original_max_position_embeddings", 512)],
+                                            "long_context.progressive.rope.type", "only beyond the original"),
+    "yarn beta_fast below beta_slow": ([("long_context.progressive.rope.beta_fast", 1.0),
+                                        ("long_context.progressive.rope.beta_slow", 32.0)],
+                                       "long_context.progressive.rope.beta_fast", "must exceed beta_slow"),
+    "llama3 band upside down": ([("long_context.progressive.rope.type", "llama3"),
+                                 ("long_context.progressive.rope.low_freq_factor", 4.0),
+                                 ("long_context.progressive.rope.high_freq_factor", 1.0)],
+                                "long_context.progressive.rope.high_freq_factor", "must exceed low_freq_factor"),
+    "packed rows under flash attention": ([("cluster.gpus_per_node", 1),
+                                           ("model.attn_implementation", "flash_attention_2"),
+                                           ("finetune.micro_batch_size", 2)],
+                                          "finetune.micro_batch_size", "attend across documents"),
+    "eval beyond what a stage addresses": ([("evaluation", {"after_each_stage": True, "lengths": [65536]})],
+                                           "evaluation.lengths", "beyond what stage"),
+    "eval depth outside [0, 1]": ([("evaluation", {"depths": [0.5, 2.0]})], "evaluation.depths", "outside [0, 1]"),
 }
 
 

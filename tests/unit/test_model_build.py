@@ -120,10 +120,11 @@ def test_vocab_size_sets_random_init_and_grows_a_pretrained_model(tmp_path):
     assert kept.get_input_embeddings().num_embeddings == 259
 
 
-def test_auto_attention_is_sdpa_without_flash_attn_and_cuda():
-    assert resolve_attn_implementation("auto") == "sdpa"
+def test_auto_attention_is_sdpa_varlen_without_flash_attn_and_cuda():
+    assert resolve_attn_implementation("auto") == "sdpa_varlen"
     assert resolve_attn_implementation("eager") == "eager"
-    assert tiny().config._attn_implementation == "sdpa"
+    assert build_model(name_or_path=None, config_overrides=TINY,
+                       attn_implementation="auto").config._attn_implementation == "sdpa_varlen"
 
 
 def test_byte_tokenizer_round_trips_bytes_and_has_special_tokens():

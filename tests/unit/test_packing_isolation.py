@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dist_ft.data import BatchStream, pack_documents
 from dist_ft.model import build_model
@@ -43,7 +44,7 @@ def alone_pieces():
     return rows, [(r, start, end) for r, row in enumerate(rows) for start, end in segments(row)]
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa_varlen", "sdpa", "eager"])
 def test_packed_document_logits_equal_the_document_alone(attn):
     model = tiny_model(attn)
     rows, pieces = alone_pieces()
@@ -76,3 +77,47 @@ def test_an_all_ones_attention_mask_leaks_across_documents():
                     attention_mask=torch.ones(1, SEQ_LEN, dtype=torch.long))
     alone = logits(model, row["input_ids"][start:end])
     assert (leaked[start:end] - alone).abs().max() > 1e-3
+
+
+# ---- flash-attn: transformers' real dispatch, with a pure-torch kernel standing in for flash_attn ----
+
+def _dense_kernel(q, k, v, causal=True, softmax_scale=None, **_):
+    """flash_attn_func's contract ([batch, seq, heads, dim], fewer KV heads allowed) in plain torch."""
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], 1) for x in (k, v))
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=softmax_scale).transpose(1, 2)
+
+
+def _varlen_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, causal=True,
+                   softmax_scale=None, **_):
+    """flash_attn_varlen_func: each [start, end) of cu_seqlens is a sequence of its own."""
+    bounds = cu_seqlens_q.tolist()
+    return torch.cat([_dense_kernel(q[None, s:e], k[None, s:e], v[None, s:e], causal, softmax_scale)[0]
+                      for s, e in zip(bounds, bounds[1:])])
+
+
+@pytest.fixture
+def flash_model(monkeypatch):
+    import transformers.modeling_flash_attention_utils as fa
+
+    kernels = ((_dense_kernel, _varlen_kernel, None, None, None),
+               (fa._lazy_define_process_function(_varlen_kernel), dict))
+    monkeypatch.setattr(fa, "lazy_import_flash_attention", lambda *args, **kwargs: kernels)
+    model = tiny_model("sdpa")
+    model.config._attn_implementation = "flash_attention_2"  # flash_attn itself is not installed here
+    return model
+
+
+def test_flash_attention_isolates_packed_documents_only_in_a_one_row_batch(flash_model):
+    """Why the plan gives packed rows under flash_attention_2 a micro-batch of one: transformers
+    derives the document boundaries (varlen) from position_ids only when the batch has one row."""
+    rows, _ = alone_pieces()
+    input_ids = torch.tensor([row["input_ids"] for row in rows])
+    position_ids = torch.tensor([row["position_ids"] for row in rows])
+    with torch.no_grad():
+        isolated = tiny_model("sdpa")(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+        one_row = [flash_model(input_ids=input_ids[i:i + 1], position_ids=position_ids[i:i + 1],
+                               use_cache=False).logits[0] for i in range(2)]
+        two_rows = flash_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
+    torch.testing.assert_close(torch.stack(one_row), isolated, atol=1e-5, rtol=0)
+    assert (two_rows - isolated).abs().max() > 1e-2

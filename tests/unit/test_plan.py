@@ -73,6 +73,33 @@ def test_theta_raise_per_stage():
     assert plan.stage("ctx512").rope_parameters["rope_theta"] == 500000.0
 
 
+def test_a_stage_without_rope_keeps_the_models_own_and_a_theta_raise_carries_forward():
+    stages = {"tokens_per_step": 4096, "data": {"paths": ["package:json"]},
+              "stages": [{"name": "a", "seq_len": 512, "steps": 1, "rope": {"rope_theta": 500000}},
+                         {"name": "b", "seq_len": 1024, "steps": 1, "rope": {"type": "yarn"}},
+                         {"name": "c", "seq_len": 2048, "steps": 1}]}
+    plan = plan_of(["finetune=null"], raw={**demo_raw(), "long_context": stages})
+    assert plan.stage("a").rope_parameters == {"rope_theta": 500000.0}  # no type: the model's own scaling stays
+    assert plan.stage("b").rope_parameters["rope_theta"] == 500000.0  # not the model's 10000 again
+    assert plan.stage("c").rope_parameters == {}
+
+
+def test_the_declared_context_covers_an_explicit_factor():
+    plan = plan_of(["long_context.progressive.rope.factor=8"])
+    assert plan.stage("ctx512").max_position_embeddings == 256 * 8
+
+
+def test_packed_rows_under_flash_attention_get_one_row_per_micro_batch():
+    gpu = ["cluster.gpus_per_node=1", "cluster.procs_per_node=1"]
+    flash = plan_of([*gpu, "model.attn_implementation=flash_attention_2"])
+    assert {s.micro_batch_size for s in flash.stages} == {1}
+    assert flash.stage("ctx512").global_batch_size == 8  # the tokens per step stay, by accumulation
+    sdpa = plan_of([*gpu, "model.attn_implementation=sdpa"])
+    assert max(s.micro_batch_size for s in sdpa.stages) > 1
+    unpacked = plan_of([*gpu, "model.attn_implementation=flash_attention_2", "finetune.data.packing=false"])
+    assert unpacked.stage("sft").micro_batch_size > 1
+
+
 def test_plan_round_trips_through_json():
     plan = plan_of()
     again = Plan.from_json(plan.to_json())
