@@ -41,8 +41,12 @@ def sdpa_varlen_attention(module: torch.nn.Module, query: torch.Tensor, key: tor
         raise ValueError("sdpa_varlen takes no attention mask: documents are delimited by position_ids "
                          "(right-padded rows need none)")
     length = query.shape[2]
+    if key.shape[2] != length:
+        raise ValueError(f"sdpa_varlen needs as many keys as queries ({key.shape[2]} keys, {length} queries): "
+                         "cached or prefix keys need attn_implementation sdpa")
     if position_ids is None:
-        position_ids = torch.arange(length, device=query.device).expand(query.shape[0], length)
+        position_ids = torch.arange(length, device=query.device)[None]
+    position_ids = position_ids.expand(query.shape[0], length)  # transformers' own are one row for the batch
     rows = []
     for row in range(query.shape[0]):
         pieces = [F.scaled_dot_product_attention(

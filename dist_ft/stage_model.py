@@ -9,7 +9,9 @@ import torch
 from . import engine as ds
 from .distributed import DistEnv
 from .methods import apply_method, load_trained, save_trained
-from .model import build_model, export_model_dir, load_tokenizer
+from .attention import SDPA_VARLEN
+from .config import VIRTUAL_TOKEN_METHODS
+from .model import build_model, export_model_dir, load_tokenizer, resolve_attn_implementation
 from .plan import Plan, StagePlan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,6 +48,14 @@ def build_stage_model(plan: Plan, stage: StagePlan, ds_config: dict, tokenizer) 
     return model
 
 
+def stage_attention(method: str, requested: str) -> str:
+    """The attention a stage runs. Virtual-token methods get transformers' sdpa where sdpa_varlen
+    would run: prefix tuning's cached keys are longer than the queries and prompt tuning drops
+    position_ids; their rows are never packed (plan), so plain sdpa is exact and linear there."""
+    resolved = resolve_attn_implementation(requested)
+    return "sdpa" if method in VIRTUAL_TOKEN_METHODS and resolved == SDPA_VARLEN else resolved
+
+
 def _base_model(plan: Plan, stage: StagePlan, tokenizer, quantize: bool | None = None) -> torch.nn.Module:
     name_or_path, gguf_file = weights_source(plan, stage)
     m = plan.model
@@ -54,7 +64,7 @@ def _base_model(plan: Plan, stage: StagePlan, tokenizer, quantize: bool | None =
         config_overrides=m["config"] if name_or_path is None else None,
         rope_parameters=stage.rope_parameters, max_position_embeddings=stage.max_position_embeddings,
         extend_positions=stage.extend_positions,
-        attn_implementation=m["attn_implementation"], dtype=DTYPES[m["dtype"]],
+        attn_implementation=stage_attention(stage.method, m["attn_implementation"]), dtype=DTYPES[m["dtype"]],
         quantize_4bit=stage.method == "qlora" if quantize is None else quantize,
         trust_remote_code=m["trust_remote_code"], vocab_size=len(tokenizer), seed=plan.seed)
 

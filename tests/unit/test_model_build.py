@@ -167,3 +167,10 @@ def test_smollm2_gguf_with_yarn_builds_exports_and_reloads(tmp_path):
     export_model_dir(model, load_tokenizer(str(gguf.parent), gguf.name), tmp_path)
     assert AutoConfig.from_pretrained(tmp_path).rope_parameters == model.config.rope_parameters
     torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path), ids), logits(model, ids))
+
+
+def test_virtual_token_methods_run_plain_sdpa_where_sdpa_varlen_would():
+    from dist_ft.stage_model import stage_attention
+
+    assert stage_attention("prefix", "auto") == "sdpa" and stage_attention("prompt", "sdpa_varlen") == "sdpa"
+    assert stage_attention("lora", "auto") == "sdpa_varlen" and stage_attention("ptuning", "eager") == "eager"

@@ -121,3 +121,15 @@ def test_flash_attention_isolates_packed_documents_only_in_a_one_row_batch(flash
         two_rows = flash_model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
     torch.testing.assert_close(torch.stack(one_row), isolated, atol=1e-5, rtol=0)
     assert (two_rows - isolated).abs().max() > 1e-2
+
+
+def test_sdpa_varlen_takes_one_row_of_positions_for_a_batch_and_refuses_cached_keys():
+    from dist_ft.attention import sdpa_varlen_attention
+
+    module = torch.nn.Module()
+    query = torch.randn(2, 4, 6, 8)
+    out, _ = sdpa_varlen_attention(module, query, query, query, None, position_ids=torch.arange(6)[None])
+    expected = torch.nn.functional.scaled_dot_product_attention(query, query, query, is_causal=True)
+    torch.testing.assert_close(out, expected.transpose(1, 2))
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        sdpa_varlen_attention(module, query, torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8), None)
