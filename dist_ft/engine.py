@@ -88,11 +88,6 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], lr_lambda: C
     return engine
 
 
-def data_parallel_size(engine) -> int:
-    """Ranks that read different data: the ranks of a sequence-parallel group share one batch."""
-    return torch.distributed.get_world_size() // engine.sequence_parallel_size
-
-
 def is_zero3(engine) -> bool:
     return engine.zero_optimization_stage() == 3
 

@@ -15,43 +15,30 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .loss import head_logits
+
 HEAD_CHUNK = 1024
 # The demo trains on these packages (and tests are huge and repetitive): keep them out of held-out text.
 EXCLUDED_PARTS = frozenset({"json", "email", "test", "tests", "idlelib", "site-packages", "dist-packages",
                             "__pycache__"})
 
 
-def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The base transformer (hidden states) and the output embedding of a causal LM."""
-    return model.get_decoder(), model.get_output_embeddings()
-
-
-def _logits(head: torch.nn.Module, hidden: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    logits = head(hidden).float()
-    if softcap:  # Gemma-2 style models cap logits; the full forward does the same
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
-
-
 @torch.no_grad()
 def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
     """Last hidden states (1, L, H). No attention mask and no cache: plain causal attention."""
-    decoder, _ = decoder_and_head(model)
-    return decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+    return model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
 @torch.no_grad()
 def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
     """NLL of tokens 1..L-1 of one window (shape (L-1,), fp32); entry i belongs to token position i+1."""
     hidden = hidden_states(model, input_ids)[0]
-    _, head = decoder_and_head(model)
-    softcap = getattr(model.config, "final_logit_softcapping", None)
+    logits = head_logits(model)
     targets = input_ids[0, 1:]
     parts = []
     for start in range(0, targets.numel(), chunk):
         end = min(start + chunk, targets.numel())
-        logits = _logits(head, hidden[start:end], softcap)
-        parts.append(F.cross_entropy(logits, targets[start:end], reduction="none"))
+        parts.append(F.cross_entropy(logits(hidden[start:end]).float(), targets[start:end], reduction="none"))
     return torch.cat(parts)
 
 
@@ -62,8 +49,7 @@ def greedy_matches(model: torch.nn.Module, input_ids: torch.Tensor, answer_len: 
     Equivalent to greedy decoding emitting exactly the answer first, at the cost of one forward.
     """
     hidden = hidden_states(model, input_ids)[0, -answer_len - 1:-1]
-    _, head = decoder_and_head(model)
-    predicted = _logits(head, hidden, getattr(model.config, "final_logit_softcapping", None)).argmax(-1)
+    predicted = head_logits(model)(hidden).argmax(-1)
     return bool(torch.equal(predicted, input_ids[0, -answer_len:]))
 
 

@@ -28,6 +28,7 @@ class LoopConfig:
     total_steps: int
     grad_accum: int
     seq_len: int
+    data_parallel: int  # ranks reading different batches (a sequence-parallel group shares one)
     checkpoint_every: int | None
     eval_every: int | None
     early_stopping_patience: int | None
@@ -54,7 +55,7 @@ def run_loop(engine, batches: Iterator[dict[str, torch.Tensor]], state: LoopStat
     while state.step < cfg.total_steps:
         started = time.perf_counter()
         lr = engine.get_lr()[0]  # the scheduler moves on inside the step
-        loss, tokens, finite = _optimizer_step(engine, batches, cfg.grad_accum)
+        loss, tokens, finite = _optimizer_step(engine, batches, cfg.grad_accum, cfg.data_parallel)
         state.step += 1
         state.tokens_seen += tokens
         _account_nonfinite(state, finite, cfg)
@@ -82,12 +83,11 @@ def _checkpoint_due(state: LoopState, cfg: LoopConfig) -> bool:
             and state.step < cfg.total_steps and state.consecutive_nonfinite == 0)
 
 
-def _optimizer_step(engine, batches, grad_accum: int) -> tuple[float, int, bool]:
+def _optimizer_step(engine, batches, grad_accum: int, data_parallel: int) -> tuple[float, int, bool]:
     """grad_accum micro-steps; DeepSpeed applies the update on the last. A non-finite loss on any
     rank turns that micro-batch into a zero-gradient one on every rank, so collectives stay aligned.
     The engine's module returns the chunked loss (no full-vocabulary logits)."""
     total, finite_all, tokens = 0.0, True, 0
-    data_parallel = ds.data_parallel_size(engine)
     for _ in range(grad_accum):
         batch = {k: v.to(engine.device) for k, v in next(batches).items()}
         raw = engine(**batch)
@@ -97,7 +97,7 @@ def _optimizer_step(engine, batches, grad_accum: int) -> tuple[float, int, bool]
         engine.step()
         finite_all &= finite
         total += ds.all_reduce_mean(raw.item()) if finite else math.nan
-        tokens += int(batch["input_ids"].numel()) * data_parallel  # a sequence-parallel group shares one batch
+        tokens += int(batch["input_ids"].numel()) * data_parallel
     return total / grad_accum, tokens, finite_all
 
 

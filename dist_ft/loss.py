@@ -96,7 +96,7 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     targets = batch.get(SHIFT_LABELS)
     if targets is None:
         targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]  # shifted as in ForCausalLMLoss
-    return chunked_head_loss_sum(hidden, targets, _logits_fn(model), chunk_tokens)
+    return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens)
 
 
 def _check_chunk_tokens(chunk_tokens: int) -> None:
@@ -130,7 +130,7 @@ def _chunk_loss_sum(logits_fn, hidden: torch.Tensor, targets: torch.Tensor) -> t
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _logits_fn(model: torch.nn.Module):
+def head_logits(model: torch.nn.Module):
     """The LM head as the model's own forward applies it (tied weights are the same module)."""
     head = model.get_output_embeddings()
     inner = _causal_lm(model)

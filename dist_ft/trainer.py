@@ -91,7 +91,8 @@ def _train(plan, stage, env, engine, data, state, total_steps, metrics, folder) 
     stop = StopRequest(Path(plan.run_dir) / "control" / f"{stage.name}.stop")
     save = _checkpointer(plan, stage, env, engine, data, folder / "checkpoints")
     cfg = LoopConfig(total_steps=total_steps, grad_accum=engine.gradient_accumulation_steps(),
-                     seq_len=stage.seq_len, checkpoint_every=plan.checkpointing["every_steps"],
+                     seq_len=stage.seq_len, data_parallel=data.dp_size,
+                     checkpoint_every=plan.checkpointing["every_steps"],
                      eval_every=stage.eval_every, early_stopping_patience=stage.early_stopping_patience)
     hooks = LoopHooks(evaluate=data.evaluator(engine), checkpoint=save, stop_requested=stop.agreed,
                       log=lambda row: metrics.log({"stage": stage.name, "seq_len": stage.seq_len,
