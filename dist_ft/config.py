@@ -53,6 +53,14 @@ class Model:
         "auto", doc="auto: flash_attention_2 when flash-attn imports and CUDA is present, else sdpa_varlen "
                     "(SDPA per packed document: memory linear in seq_len; sdpa and eager build an L×L mask).")
     gradient_checkpointing: bool = spec(False, doc="Recompute activations in backward.")
+    offload_activations: bool = spec(False, doc="Keep the activation checkpoints in host memory between forward and "
+                                                "backward (pinned, non-blocking copies): frees layers × tokens × "
+                                                "hidden per micro-batch on the GPU for PCIe traffic. Needs "
+                                                "gradient_checkpointing.")
+    tiled_mlp_tokens: int | None = spec(None, min=1, doc="Run each decoder MLP over tiles of this many tokens "
+                                                         "(DeepSpeed's TiledMLP, recomputed in backward): its "
+                                                         "intermediate activations shrink to one tile's. Unset: off; "
+                                                         "ALST uses the hidden size.")
     loss_chunk_tokens: int = spec(4096, doc="The LM head and cross-entropy run over this many tokens at a time, so "
                                             "full-vocabulary logits never exist for a whole long sequence.")
     trust_remote_code: bool = spec(False, doc="Allow model code from the hub repository.")
@@ -61,6 +69,10 @@ class Model:
         if self.loss_chunk_tokens < 1:
             raise Invalid("loss_chunk_tokens", f"must be at least 1, got {self.loss_chunk_tokens}",
                           "use e.g. 4096 (smaller saves memory at a little speed)")
+        if self.offload_activations and not self.gradient_checkpointing:
+            raise Invalid("offload_activations", "needs gradient_checkpointing: without checkpoints every "
+                          "activation of every layer would cross to host memory and back each step",
+                          "set `model.gradient_checkpointing: true` as well")
         if self.name_or_path is None and self.config is None:
             raise Invalid("name_or_path", "is required unless `model.config` builds a model from scratch",
                           "set `model.name_or_path` to a local dir or hub name")

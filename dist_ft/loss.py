@@ -18,6 +18,8 @@ head's partitioned weights as they run (the head again for each chunk recomputed
 
 `LanguageModelLoss` is what DeepSpeed wraps: `engine(**batch)` returns this loss through DeepSpeed's
 own forward (its backward bookkeeping hooks the returned loss), so no DeepSpeed internals are used.
+With `offload_activations` its forward runs inside `HostActivations` (activation_offload.py): the
+activation checkpoints wait for backward in host memory.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .activation_offload import HostActivations
 
 if TYPE_CHECKING:
     from .sequence_parallel import SequenceParallel
@@ -39,15 +43,25 @@ class LanguageModelLoss(torch.nn.Module):
     """A causal LM whose forward returns its chunked loss; the LM is `.lm` (state-dict prefix `lm.`)."""
 
     def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 4096,
-                 sequence_parallel: SequenceParallel | None = None) -> None:
+                 sequence_parallel: SequenceParallel | None = None, offload_activations: bool = False) -> None:
         super().__init__()
         self.lm = lm
         self.chunk_tokens = chunk_tokens
         self.sequence_parallel = sequence_parallel
+        self.offload_activations = offload_activations
+        self.offloaded_bytes = 0  # what the last forward kept in host memory
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         """The mean loss of the whole batch; under sequence parallelism every rank of the group gets
         the whole batch, runs its slice of it and returns the group's mean."""
+        if not self.offload_activations:
+            return self._loss(batch)
+        with HostActivations() as held:
+            loss = self._loss(batch)
+        self.offloaded_bytes = held.bytes
+        return loss
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         sp = self.sequence_parallel
         if sp is None:
             return causal_lm_loss(self.lm, batch, self.chunk_tokens)

@@ -1,9 +1,16 @@
 """Per-rank memory estimate with its parts. Pure arithmetic, documented assumptions.
 
-Activations follow Korthikanti et al. (2022) without the attention score term
-(SDPA/flash keep it linear): per token and layer a 16-bit run keeps about
-11·h + 5·i values (q/k/v/o inputs, norms, the SwiGLU branches). Activation
-checkpointing keeps one h-vector per layer plus one layer being recomputed.
+Activations follow Korthikanti et al. (2022): per token and layer a 16-bit run keeps
+about 11·h + 5·i values (q/k/v/o inputs, norms, the SwiGLU branches). Activation
+checkpointing keeps one h-vector per layer plus one layer being recomputed; with
+`offload_activations` those checkpoints wait in host memory (`host_gib`, not on the
+device). A tiled MLP (DeepSpeed TiledMLP) keeps only its input; its intermediates
+exist for one tile at a time.
+Attention is linear in L with flash and sdpa_varlen. Quadratic terms: eager keeps
+scores and probabilities per head; transformers' sdpa on packed rows builds an
+L×L boolean mask once (1 B per element) and each layer converts it to an additive mask in the
+training dtype that backward keeps (measured on CPU, fp32: 0.8 B/element shared
+plus 4.0 B/element per layer kept).
 The loss runs the LM head over `loss_chunk_tokens` tokens at a time (dist_ft.loss): the
 peak is one chunk's logits in the training dtype, their fp32 copy and its gradient.
 Prompt-learning methods (prefix/prompt/ptuning) go through transformers' own loss,
@@ -29,6 +36,7 @@ class MemoryEstimate:
     activations_gib: float
     logits_gib: float
     overhead_gib: float
+    host_gib: float = 0.0  # activation checkpoints offloaded to host memory: not part of the total
 
     @property
     def total_gib(self) -> float:
@@ -54,9 +62,12 @@ class MemoryInputs:
     micro_batch: int
     seq_len: int
     checkpointing: bool
-    eager_attention: bool
+    attention: str  # the attention implementation the stage runs (auto counts as linear)
     on_gpu: bool
     loss_chunk_tokens: int | None = None  # None: full-vocabulary logits for every token
+    packed: bool = False  # rows hold several documents (sdpa then builds an L×L mask)
+    offload_activations: bool = False
+    mlp_tile_tokens: int | None = None
 
 
 def trainable_params(shape: ModelShape, method: str, opts: MethodOptions) -> int:
@@ -89,7 +100,8 @@ def estimate(m: MemoryInputs) -> MemoryEstimate:
     logit_rows = tokens if m.loss_chunk_tokens is None else min(tokens, m.loss_chunk_tokens)
     logits = logit_rows * m.shape.vocab_size * (b + 4 + 4)
     overhead = 1.5 * GIB if m.on_gpu else 0.5 * GIB
-    return MemoryEstimate(*(x / GIB for x in (weights, gradients, optimizer, activations, logits, overhead)))
+    host = _checkpoints(m, b, tokens) if m.offload_activations else 0.0
+    return MemoryEstimate(*(x / GIB for x in (weights, gradients, optimizer, activations, logits, overhead, host)))
 
 
 def _weights(m: MemoryInputs, b: int) -> float:
@@ -104,9 +116,30 @@ def _weights(m: MemoryInputs, b: int) -> float:
 
 def _activations(m: MemoryInputs, b: int, tokens: float) -> float:
     h, i, layers = m.shape.hidden_size, m.shape.intermediate_size, m.shape.num_layers
-    per_layer = tokens * b * (11 * h + 5 * i)
-    if m.eager_attention:  # eager materialises scores and probabilities per head
-        per_layer += m.micro_batch * m.shape.num_heads / m.sp * m.seq_len**2 * b * 2
+    mlp = tokens * b * 5 * i
+    tiled = m.mlp_tile_tokens is not None
+    per_layer = tokens * b * 11 * h + (0 if tiled else mlp) + _scores_per_layer(m, b)
+    one_tile = mlp * min(1.0, m.mlp_tile_tokens / (m.seq_len / m.sp)) if tiled else 0.0
+    shared = _shared_mask(m)
     if m.checkpointing:
-        return layers * tokens * b * h + per_layer
-    return layers * per_layer
+        on_device = 0.0 if m.offload_activations else _checkpoints(m, b, tokens)
+        return on_device + per_layer + one_tile + shared
+    return layers * per_layer + one_tile + shared
+
+
+def _checkpoints(m: MemoryInputs, b: int, tokens: float) -> float:
+    return m.shape.num_layers * tokens * b * m.shape.hidden_size
+
+
+def _scores_per_layer(m: MemoryInputs, b: int) -> float:
+    square = m.micro_batch * m.seq_len**2
+    if m.attention == "eager":  # scores and probabilities per head
+        return square * m.shape.num_heads / m.sp * b * 2
+    if m.attention == "sdpa" and m.packed and m.sp == 1:  # additive mask (under SP sdpa runs per document)
+        return square * b
+    return 0.0
+
+
+def _shared_mask(m: MemoryInputs) -> float:
+    masked = m.attention == "eager" or (m.attention == "sdpa" and m.packed and m.sp == 1)
+    return m.micro_batch * m.seq_len**2 if masked else 0.0

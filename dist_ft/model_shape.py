@@ -23,6 +23,11 @@ LEARNED_POSITION_TYPES = ("gpt2", "gpt_neo", "opt", "gpt_bigcode")
 # gpt_neo is missing on purpose: its eager attention slices a causal buffer sized by the old length.
 POSITION_TABLES = {"gpt2": ("wpe", 0), "gpt_bigcode": ("wpe", 0), "opt": ("decoder.embed_positions", 2)}
 
+# Configs that route tokens to experts (their MLP is not one per-token function).
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_intermediate_size")
+# Decoder layers without an `mlp` module (their feed-forward is inline): nothing to tile.
+INLINE_MLP_TYPES = ("opt",)
+
 # Public config.json values of hub models our recipes name; used only for planning.
 CATALOGUE: dict[str, dict[str, Any]] = {
     "meta-llama/Meta-Llama-3-8B": dict(model_type="llama", hidden_size=4096, num_hidden_layers=32,
@@ -65,6 +70,7 @@ class ModelShape:
     tie_word_embeddings: bool
     attention_bias: bool
     source: str
+    mixture_of_experts: bool = False
 
     @property
     def absolute_positions(self) -> bool:
@@ -115,6 +121,7 @@ def shape_from_config(cfg: dict[str, Any], source: str) -> ModelShape:
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") in ABSOLUTE_POSITION_TYPES)),
         source=source,
+        mixture_of_experts=any(cfg.get(key) for key in MOE_KEYS),
     )
 
 

@@ -14,7 +14,7 @@ from typing import Any
 from . import memory
 from .config import PEFT_ADAPTERS, VIRTUAL_TOKEN_METHODS, Data, MethodOptions, Recipe, Rope, Stage, to_dict
 from .eval_model import addressable_length
-from .model_shape import POSITION_TABLES, ModelShape
+from .model_shape import INLINE_MLP_TYPES, POSITION_TABLES, ModelShape
 from .rope import rope_parameters, scaled_context
 from .strict import Problem, RecipeError
 from .timelimit import parse_time_limit
@@ -154,7 +154,11 @@ def _check_cluster(recipe: Recipe, shape: ModelShape | None, problems: list[Prob
                                 f"use a divisor of {c.world_size}"))
     if sp > 1:
         _check_sequence_parallel(sp, shape, model.attn_implementation, problems)
+    _check_tiled_mlp(model.tiled_mlp_tokens, shape, problems)
     if not c.gpus_per_node:
+        if model.offload_activations:
+            warnings.append("model.offload_activations on CPU ranks saves nothing (the checkpoints already "
+                            "live in host memory)")
         if model.attn_implementation == "flash_attention_2":
             problems.append(Problem("model.attn_implementation", "flash_attention_2 needs GPUs; these are CPU ranks",
                                     "use `sdpa` (or `auto`), or set `cluster.gpus_per_node`"))
@@ -163,6 +167,17 @@ def _check_cluster(recipe: Recipe, shape: ModelShape | None, problems: list[Prob
                                     "use `bf16` or `fp32` on CPU"))
         if "cpu" in (par.offload_optimizer, par.offload_params):
             warnings.append("offload to CPU on CPU ranks saves nothing")
+
+
+def _check_tiled_mlp(tile_tokens: int | None, shape: ModelShape | None, problems: list[Problem]) -> None:
+    if tile_tokens is None or shape is None:
+        return
+    if shape.mixture_of_experts:
+        problems.append(Problem("model.tiled_mlp_tokens", "TiledMLP tiles dense MLPs; this model routes tokens to "
+                                "experts", "unset model.tiled_mlp_tokens"))
+    if shape.model_type in INLINE_MLP_TYPES:
+        problems.append(Problem("model.tiled_mlp_tokens", f"{shape.model_type} layers have no MLP module to tile",
+                                "unset model.tiled_mlp_tokens"))
 
 
 def _check_sequence_parallel(sp: int, shape: ModelShape | None, attn: str, problems: list[Problem]) -> None:
@@ -234,7 +249,7 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
     _check_positions(shape, stage.seq_len, _table_length(shape, previous), stage.extend_positions, path, problems)
     global_seqs = max(1, round(lc.tokens_per_step / stage.seq_len))
     micro = _packing_safe_micro(recipe, lc.data, stage.micro_batch_size, f"{path}.micro_batch_size", problems)
-    batch = _batch(recipe, shape, "full", stage.seq_len, global_seqs, micro, dp,
+    batch = _batch(recipe, shape, "full", lc.data.packing, stage.seq_len, global_seqs, micro, dp,
                    f"{path}.micro_batch_size", problems, warnings)
     micro, accum, global_seqs, mem = batch
     tokens_per_step = global_seqs * stage.seq_len
@@ -271,7 +286,7 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
                                                              problems)
     _check_positions(shape, seq_len, _table_length(shape, last), ft.extend_positions, "finetune", problems)
     micro = _packing_safe_micro(recipe, ft.data, ft.micro_batch_size, "finetune.micro_batch_size", problems)
-    micro, accum, global_seqs, mem = _batch(recipe, shape, ft.method, seq_len, ft.global_batch_size,
+    micro, accum, global_seqs, mem = _batch(recipe, shape, ft.method, ft.data.packing, seq_len, ft.global_batch_size,
                                             micro, dp, "finetune.micro_batch_size", problems, warnings)
     return StagePlan(
         index=index, name=ft.name, phase="finetune", seq_len=seq_len, rope_parameters=rope,
@@ -312,7 +327,7 @@ def _check_method(recipe: Recipe, problems: list[Problem]) -> None:
                                 "remove merge_adapter"))
 
 
-def _batch(recipe: Recipe, shape: ModelShape | None, method: str, seq_len: int, global_seqs: int,
+def _batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int, global_seqs: int,
            micro_override: int | None, dp: int, path: str, problems: list[Problem],
            warnings: list[str]) -> tuple[int, int, int, dict | None]:
     """(micro, accum, global sequences, memory) with global = micro x accum x dp."""
@@ -324,7 +339,7 @@ def _batch(recipe: Recipe, shape: ModelShape | None, method: str, seq_len: int, 
     candidates = [micro_override] if micro_override else \
         [m for m in range(per_rank, 0, -1) if per_rank % m == 0 and m * seq_len / sp <= MAX_MICRO_TOKENS] or [1]
     for micro in candidates:
-        mem = _memory(recipe, shape, method, seq_len, micro, dp)
+        mem = _memory(recipe, shape, method, packed, seq_len, micro, dp)
         if mem is None or mem.total_gib <= TIGHT_FRACTION * _budget(recipe):
             break
     accum = max(1, math.ceil(per_rank / micro))
@@ -332,19 +347,20 @@ def _batch(recipe: Recipe, shape: ModelShape | None, method: str, seq_len: int, 
     return micro, accum, micro * accum * dp, mem.as_dict() if mem else None
 
 
-def _memory(recipe: Recipe, shape: ModelShape | None, method: str, seq_len: int, micro: int,
+def _memory(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int, micro: int,
             dp: int) -> memory.MemoryEstimate | None:
     if shape is None:
         return None
-    par, opts = recipe.parallelism, recipe.finetune.options if recipe.finetune else MethodOptions()
+    par, opts, model = recipe.parallelism, recipe.finetune.options if recipe.finetune else MethodOptions(), recipe.model
     return memory.estimate(memory.MemoryInputs(
         shape=shape, trainable_params=memory.trainable_params(shape, method, opts), dtype=recipe.model.dtype,
         quantized_4bit=method == "qlora", zero_stage=par.zero_stage,
         offload_optimizer=par.offload_optimizer != "none", offload_params=par.offload_params != "none",
         dp=dp, sp=par.sequence_parallel, micro_batch=micro, seq_len=seq_len,
-        checkpointing=recipe.model.gradient_checkpointing,
-        eager_attention=recipe.model.attn_implementation == "eager", on_gpu=bool(recipe.cluster.gpus_per_node),
-        loss_chunk_tokens=None if method in VIRTUAL_TOKEN_METHODS else recipe.model.loss_chunk_tokens))
+        checkpointing=model.gradient_checkpointing, attention=model.attn_implementation,
+        on_gpu=bool(recipe.cluster.gpus_per_node),
+        loss_chunk_tokens=None if method in VIRTUAL_TOKEN_METHODS else model.loss_chunk_tokens, packed=packed,
+        offload_activations=model.offload_activations, mlp_tile_tokens=model.tiled_mlp_tokens))
 
 
 def _budget(recipe: Recipe) -> float:

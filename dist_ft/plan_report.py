@@ -28,7 +28,18 @@ def _model_line(plan: Plan) -> str:
     return (f"{source}; {shape['model_type']} {params}, {shape['num_layers']} layers, hidden "
             f"{shape['hidden_size']}, {shape['num_heads']}/{shape['num_kv_heads']} heads, native context "
             f"{shape['max_position_embeddings']}; {m['dtype']}, attention {m['attn_implementation']}, "
-            f"checkpointing {'on' if m['gradient_checkpointing'] else 'off'}")
+            f"checkpointing {_checkpointing(m)}{_tiling(m)}")
+
+
+def _checkpointing(m: dict) -> str:
+    if not m["gradient_checkpointing"]:
+        return "off"
+    return "on, offloaded to host" if m.get("offload_activations") else "on"
+
+
+def _tiling(m: dict) -> str:
+    tile = m.get("tiled_mlp_tokens")
+    return f", MLP tiles of {tile} tokens" if tile else ""
 
 
 def _params(plan: Plan) -> str:
@@ -82,4 +93,6 @@ def _memory(mem: dict | None) -> str:
     if not mem:
         return "unknown (model config not readable)"
     parts = ("weights", "gradients", "optimizer", "activations", "logits", "overhead")
-    return f"~{mem['total_gib']:.2f} GiB = " + " + ".join(f"{p} {mem[p + '_gib']:.2f}" for p in parts)
+    line = f"~{mem['total_gib']:.2f} GiB = " + " + ".join(f"{p} {mem[p + '_gib']:.2f}" for p in parts)
+    host = mem.get("host_gib", 0.0)
+    return f"{line}; activation checkpoints in host memory {host:.2f} GiB" if host else line

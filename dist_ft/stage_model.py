@@ -13,6 +13,7 @@ from .attention import SDPA_VARLEN
 from .config import VIRTUAL_TOKEN_METHODS
 from .model import build_model, export_model_dir, load_tokenizer, resolve_attn_implementation
 from .plan import Plan, StagePlan
+from .tiled_mlp import tile_mlps
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXPORT = "export"
@@ -42,6 +43,8 @@ def build_stage_model(plan: Plan, stage: StagePlan, ds_config: dict, tokenizer) 
         model = _base_model(plan, stage, tokenizer)
     if m["gradient_checkpointing"]:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if m.get("tiled_mlp_tokens"):
+        tile_mlps(model, m["tiled_mlp_tokens"])
     if stage.phase == "finetune":
         model = apply_method(model, stage.method, stage.method_options,
                              gradient_checkpointing=m["gradient_checkpointing"])

@@ -50,7 +50,8 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
     if resume_from and resume_from[0].name == "universal":
         ds_config["checkpoint"] = {"load_universal": True}
     mpu, sp = _sequence_parallel(stage, model, ds_config)
-    wrapped = LanguageModelLoss(model, plan.model["loss_chunk_tokens"], sequence_parallel=sp)
+    wrapped = LanguageModelLoss(model, plan.model["loss_chunk_tokens"], sequence_parallel=sp,
+                                offload_activations=plan.model.get("offload_activations", False))
     engine = ds.build_engine(wrapped, ds_config, lambda s: lr_multiplier(
         s, stage.warmup_steps, total_steps, stage.min_lr / stage.lr if stage.lr else 1.0), mpu=mpu)
     state = _resume(engine, resume_from, data, env)

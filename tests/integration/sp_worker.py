@@ -4,7 +4,10 @@ Builds the seeded tiny Llama, registers DeepSpeed's Ulysses attention, wraps the
 LanguageModelLoss under a DeepSpeed engine per ZeRO stage, and saves on rank 0 the loss, the
 evaluation-mode loss and the full gradients (DeepSpeed's reduced ones, before any optimizer step).
 
-    torchrun --nproc_per_node 2 tests/integration/sp_worker.py OUT_DIR ATTN_IMPLEMENTATION ZERO_STAGE...
+    torchrun --nproc_per_node 2 tests/integration/sp_worker.py OUT_DIR ATTN_IMPLEMENTATION[+levers] ZERO_STAGE...
+
+`+levers` turns on every memory lever on top: activation checkpointing with the checkpoints offloaded
+(HostActivations) and DeepSpeed's TiledMLP over 5-token tiles — none of which may change a number.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+LEVERS = "+levers"
+MLP_TILE_TOKENS = 5  # 32 tokens per rank's slice: 7 uneven tiles
 SEQ_LEN = 64
 MICRO_BATCH = 2
 CHUNK_TOKENS = 16  # several LM-head chunks per rank's slice
@@ -62,23 +67,28 @@ def ds_config(zero: int, data_parallel: int) -> dict:
     return cfg
 
 
-def run(out: Path, attn: str, zeros: list[int], packed: bool = True) -> None:
+def run(out: Path, variant: str, zeros: list[int], packed: bool = True) -> None:
     from deepspeed.utils import safe_get_full_grad
 
     from dist_ft import engine as ds
     from dist_ft.distributed import read_env
     from dist_ft.loss import LanguageModelLoss
+    from dist_ft.tiled_mlp import tile_mlps
 
     env = read_env()
     ds.init_distributed(env)
     batch = fixed_batch(packed)
+    attn, levers = variant.removesuffix(LEVERS), variant.endswith(LEVERS)
     for zero in zeros:
         model = tiny_model(attn)
+        if levers:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            tile_mlps(model, MLP_TILE_TOKENS)
         mpu = ds.enable_sequence_parallel(model, 2, MICRO_BATCH)
         config = ds_config(zero, env.world_size // 2)  # more ranks: data-parallel groups on the same batch
         sp = ds.sequence_parallel_group(mpu, config)
-        engine = ds.build_engine(LanguageModelLoss(model, CHUNK_TOKENS, sequence_parallel=sp), config,
-                                 lambda step: 1.0, mpu=mpu)
+        wrapped = LanguageModelLoss(model, CHUNK_TOKENS, sequence_parallel=sp, offload_activations=levers)
+        engine = ds.build_engine(wrapped, config, lambda step: 1.0, mpu=mpu)
         loss = engine(**batch)
         engine.backward(loss)
         grads = {name: safe_get_full_grad(p).detach().clone() for name, p in engine.module.lm.named_parameters()}
@@ -87,7 +97,7 @@ def run(out: Path, attn: str, zeros: list[int], packed: bool = True) -> None:
             eval_loss = engine(**batch)
         if env.is_main:
             torch.save({"loss": loss.item(), "eval_loss": eval_loss.item(), "grads": grads},
-                       out / f"{attn}.zero{zero}.pt")
+                       out / f"{variant}.zero{zero}.pt")
         ds.barrier()
 
 

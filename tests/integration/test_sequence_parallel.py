@@ -2,7 +2,8 @@
 
 The sharded loss and DeepSpeed's reduced gradients equal transformers' own unsharded loss and
 gradients on packed documents, under ZeRO-2 and ZeRO-3 (whose gradient reductions differ), with sdpa
-(sdpa_varlen underneath) and sdpa_varlen; a stage with `parallelism.sequence_parallel: 2` trains,
+(sdpa_varlen underneath) and sdpa_varlen, and with every memory lever on (checkpoints offloaded,
+DeepSpeed's TiledMLP); a stage with `parallelism.sequence_parallel: 2` trains,
 evaluates and exports."""
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.integration
 ZERO_STAGES = (2, 3)
 
 
-@pytest.fixture(scope="module", params=["sdpa", "sdpa_varlen"])
+@pytest.fixture(scope="module", params=["sdpa", "sdpa_varlen", "sdpa_varlen" + sp_worker.LEVERS])
 def sharded(request, tmp_path_factory) -> dict[int, dict]:
     """One torchrun per attention (Ulysses wraps one attention function per process)."""
     attn, out = request.param, tmp_path_factory.mktemp(f"sp_{request.param}")

@@ -93,6 +93,12 @@ CASES = {
                                           "finetune.micro_batch_size", "attend across documents"),
     "eval beyond what a stage addresses": ([("evaluation", {"after_each_stage": True, "lengths": [65536]})],
                                            "evaluation.lengths", "beyond what stage"),
+    "activation offload without checkpointing": ([("model.offload_activations", True),
+                                                  ("model.gradient_checkpointing", False)],
+                                                 "model.offload_activations", "needs gradient_checkpointing"),
+    "mlp tiles of zero tokens": ([("model.tiled_mlp_tokens", 0)], "model.tiled_mlp_tokens", ">= 1"),
+    "tiled mlp on experts": ([("model.config.num_local_experts", 4), ("model.tiled_mlp_tokens", 256)],
+                             "model.tiled_mlp_tokens", "routes tokens to experts"),
     "eval depth outside [0, 1]": ([("evaluation", {"depths": [0.5, 2.0]})], "evaluation.depths", "outside [0, 1]"),
 }
 

@@ -119,6 +119,37 @@ def test_memory_shrinks_with_zero_stage_and_sequence_parallel():
     assert totals[(1, 1)] > totals[(2, 1)] > totals[(3, 1)] > totals[(3, 4)]
 
 
+def long_stage_memory(*overrides: str) -> dict:
+    plan = plan_of(["cluster.gpu_memory_gb=1000", "parallelism.sequence_parallel=1",
+                    "long_context.progressive.start=32768", "long_context.progressive.target=32768",
+                    *overrides], raw=yaml_cluster_recipe(), shape=LLAMA8B)
+    assert plan.stages[0].micro_batch_size == 1
+    return plan.stages[0].memory
+
+
+def test_activation_offload_moves_the_checkpoints_to_the_host():
+    kept = long_stage_memory("model.gradient_checkpointing=true")
+    offloaded = long_stage_memory("model.gradient_checkpointing=true", "model.offload_activations=true")
+    checkpoints = 32 * 32768 * 4096 * 2 / 2**30  # layers × tokens × hidden × bf16
+    assert offloaded["host_gib"] == pytest.approx(checkpoints, abs=0.01)
+    assert kept["activations_gib"] - offloaded["activations_gib"] == pytest.approx(checkpoints, abs=0.01)
+    assert offloaded["total_gib"] == pytest.approx(kept["total_gib"] - checkpoints, abs=0.01)
+
+
+def test_tiled_mlp_shrinks_the_intermediates_to_one_tile():
+    plain = long_stage_memory("model.gradient_checkpointing=true")
+    tiled = long_stage_memory("model.gradient_checkpointing=true", "model.tiled_mlp_tokens=4096")
+    intermediates = 32768 * 5 * 14336 * 2 / 2**30  # one layer's SwiGLU branches, bf16
+    saved = plain["activations_gib"] - tiled["activations_gib"]
+    assert saved == pytest.approx(intermediates * (1 - 4096 / 32768), abs=0.01)
+
+
+def test_sdpa_on_packed_rows_adds_a_quadratic_mask_term():
+    linear = long_stage_memory("model.attn_implementation=sdpa_varlen", "model.gradient_checkpointing=true")
+    masked = long_stage_memory("model.attn_implementation=sdpa", "model.gradient_checkpointing=true")
+    assert masked["activations_gib"] - linear["activations_gib"] == pytest.approx(32768**2 * (1 + 2) / 2**30, abs=0.01)
+
+
 def test_a_plan_that_cannot_fit_the_gpu_is_an_error_naming_the_parts():
     with pytest.raises(RecipeError) as err:
         plan_of(["parallelism.zero_stage=1", "model.gradient_checkpointing=false", "parallelism.sequence_parallel=1",
