@@ -18,7 +18,9 @@ head's partitioned weights as they run (the head again for each chunk recomputed
 
 `LanguageModelLoss` is what DeepSpeed wraps: `engine(**batch)` returns this loss through DeepSpeed's
 own forward (its backward bookkeeping hooks the returned loss), so no DeepSpeed internals are used.
-With `offload_activations` its forward runs inside `HostActivations` (activation_offload.py): the
+With `head_kernel="liger"` the LM head and cross-entropy run as Liger's fused linear cross-entropy
+(CUDA, Triton: it never holds more than a block of logits either, and skips the recompute). With
+`offload_activations` its forward runs inside `HostActivations` (activation_offload.py): the
 activation checkpoints wait for backward in host memory.
 """
 
@@ -36,6 +38,7 @@ if TYPE_CHECKING:
     from .sequence_parallel import SequenceParallel
 
 IGNORE_INDEX = -100
+HEAD_KERNELS = ("chunked", "liger")
 SHIFT_LABELS = "shift_labels"  # targets already shifted (a sequence-parallel slice's labels)
 
 
@@ -43,10 +46,14 @@ class LanguageModelLoss(torch.nn.Module):
     """A causal LM whose forward returns its chunked loss; the LM is `.lm` (state-dict prefix `lm.`)."""
 
     def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 4096,
-                 sequence_parallel: SequenceParallel | None = None, offload_activations: bool = False) -> None:
+                 sequence_parallel: SequenceParallel | None = None, offload_activations: bool = False,
+                 head_kernel: str = "chunked") -> None:
         super().__init__()
+        if head_kernel not in HEAD_KERNELS:
+            raise ValueError(f"head_kernel must be one of {HEAD_KERNELS}, got {head_kernel!r}")
         self.lm = lm
         self.chunk_tokens = chunk_tokens
+        self.head_kernel = head_kernel
         self.sequence_parallel = sequence_parallel
         self.offload_activations = offload_activations
         self.offloaded_bytes = 0  # what the last forward kept in host memory
@@ -64,10 +71,10 @@ class LanguageModelLoss(torch.nn.Module):
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         sp = self.sequence_parallel
         if sp is None:
-            return causal_lm_loss(self.lm, batch, self.chunk_tokens)
+            return causal_lm_loss(self.lm, batch, self.chunk_tokens, self.head_kernel)
         if _adds_virtual_tokens(self.lm):
             raise ValueError("prompt-learning methods prepend virtual tokens, which sequence parallelism cannot split")
-        total, count = causal_lm_loss_sum(self.lm, sp.shard(batch), self.chunk_tokens)
+        total, count = causal_lm_loss_sum(self.lm, sp.shard(batch), self.chunk_tokens, self.head_kernel)
         return sp.group_mean(total, count)
 
 
@@ -79,7 +86,8 @@ def unwrapped_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
     return {k.removeprefix(STATE_PREFIX): v for k, v in state.items()}
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096) -> torch.Tensor:
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096,
+                   head_kernel: str = "chunked") -> torch.Tensor:
     """Mean next-token cross-entropy of `batch` (input_ids, labels or shift_labels, optional position_ids).
 
     `model` is a transformers causal LM, a peft model around one, or a DeepSpeed engine's `.module`.
@@ -90,12 +98,12 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk
         # forward and realign the labels there; re-implementing that is not worth it for methods
         # whose sequences are short fine-tuning rows. Their loss goes through transformers as is.
         return model(**batch, use_cache=False).loss
-    total, count = causal_lm_loss_sum(model, batch, chunk_tokens)
+    total, count = causal_lm_loss_sum(model, batch, chunk_tokens, head_kernel)
     return total / count
 
 
 def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                       chunk_tokens: int = 4096) -> tuple[torch.Tensor, int]:
+                       chunk_tokens: int = 4096, head_kernel: str = "chunked") -> tuple[torch.Tensor, int]:
     """(sum of the token losses, number of scored tokens). `labels` are shifted here (position i is
     scored against labels[i + 1]); `shift_labels`, as transformers names them, already are: a
     sequence-parallel slice needs the label of the token that starts the next rank's slice."""
@@ -110,6 +118,8 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     targets = batch.get(SHIFT_LABELS)
     if targets is None:
         targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]  # shifted as in ForCausalLMLoss
+    if head_kernel == "liger":
+        return fused_head_loss_sum(hidden, targets, model)
     return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens)
 
 
@@ -142,6 +152,46 @@ def chunked_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, logits_fn
 def _chunk_loss_sum(logits_fn, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     logits = logits_fn(hidden).float()
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def fused_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor,
+                        model: torch.nn.Module) -> tuple[torch.Tensor, int]:
+    """(summed cross-entropy, scored tokens) through Liger's fused linear cross-entropy (CUDA only).
+    It reads the head's weight directly — hence a plain, unpartitioned Linear head (no ZeRO-3)."""
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    problem = fused_head_problem(model)
+    if problem:
+        raise ValueError(f"model.loss_kernel liger: {problem}; use loss_kernel: chunked")
+    head = model.get_output_embeddings()
+    softcap = getattr(_causal_lm(model).config, "final_logit_softcapping", None)
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).to(hidden.device)
+    fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
+    total = fused(head.weight, hidden, targets, head.bias)
+    return total.float(), int((targets != IGNORE_INDEX).sum())
+
+
+def choose_head_kernel(requested: str, model: torch.nn.Module, on_cuda: bool) -> str:
+    """The recipe's `model.loss_kernel` for this model: auto takes Liger where it is installed and applies."""
+    if requested != "auto":
+        return requested
+    import importlib.util
+
+    usable = on_cuda and importlib.util.find_spec("liger_kernel") is not None and fused_head_problem(model) is None
+    return "liger" if usable else "chunked"
+
+
+def fused_head_problem(model: torch.nn.Module) -> str | None:
+    """Why Liger's fused head cannot stand in for this model's LM head, or None."""
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        return f"the LM head is a {type(head).__name__}, not a plain Linear (an adapter on it?)"
+    if isinstance(getattr(_causal_lm(model), "logit_scale", None), (int, float)):
+        return "the model scales its logits (Cohere), which the fused kernel does not"
+    if hasattr(head.weight, "ds_id"):
+        return "ZeRO-3 partitions the LM head's weight, which the fused kernel reads directly"
+    return None
 
 
 def head_logits(model: torch.nn.Module):

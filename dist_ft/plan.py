@@ -155,6 +155,7 @@ def _check_cluster(recipe: Recipe, shape: ModelShape | None, problems: list[Prob
     if sp > 1:
         _check_sequence_parallel(sp, shape, model.attn_implementation, problems)
     _check_tiled_mlp(model.tiled_mlp_tokens, shape, problems)
+    _check_loss_kernel(recipe, problems)
     if not c.gpus_per_node:
         if model.offload_activations:
             warnings.append("model.offload_activations on CPU ranks saves nothing (the checkpoints already "
@@ -167,6 +168,18 @@ def _check_cluster(recipe: Recipe, shape: ModelShape | None, problems: list[Prob
                                     "use `bf16` or `fp32` on CPU"))
         if "cpu" in (par.offload_optimizer, par.offload_params):
             warnings.append("offload to CPU on CPU ranks saves nothing")
+
+
+def _check_loss_kernel(recipe: Recipe, problems: list[Problem]) -> None:
+    if recipe.model.loss_kernel != "liger":
+        return
+    if recipe.parallelism.zero_stage == 3:
+        problems.append(Problem("model.loss_kernel", "Liger's fused cross-entropy reads the LM head's weight "
+                                "directly, which ZeRO-3 partitions", "use `loss_kernel: auto` (chunked under "
+                                "ZeRO-3) or zero_stage 2"))
+    if not recipe.cluster.gpus_per_node:
+        problems.append(Problem("model.loss_kernel", "Liger's kernels are Triton, CUDA only; these are CPU ranks",
+                                "use `loss_kernel: auto` or `chunked`"))
 
 
 def _check_tiled_mlp(tile_tokens: int | None, shape: ModelShape | None, problems: list[Problem]) -> None:

@@ -18,7 +18,7 @@ from . import engine as ds
 from .checkpoint import commit, latest_tag, read_meta, tag_for
 from .distributed import DistEnv, read_env
 from .evaluate import evaluate_after_stage
-from .loss import LanguageModelLoss
+from .loss import LanguageModelLoss, choose_head_kernel
 from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 from .metrics import NullMetrics, RankZeroMetrics, mfu
 from .plan import Plan, StagePlan
@@ -50,8 +50,9 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
     if resume_from and resume_from[0].name == "universal":
         ds_config["checkpoint"] = {"load_universal": True}
     mpu, sp = _sequence_parallel(stage, model, ds_config)
+    kernel = choose_head_kernel(plan.model.get("loss_kernel", "chunked"), model, torch.cuda.is_available())
     wrapped = LanguageModelLoss(model, plan.model["loss_chunk_tokens"], sequence_parallel=sp,
-                                offload_activations=plan.model.get("offload_activations", False))
+                                offload_activations=plan.model.get("offload_activations", False), head_kernel=kernel)
     engine = ds.build_engine(wrapped, ds_config, lambda s: lr_multiplier(
         s, stage.warmup_steps, total_steps, stage.min_lr / stage.lr if stage.lr else 1.0), mpu=mpu)
     state = _resume(engine, resume_from, data, env)

@@ -99,6 +99,9 @@ CASES = {
     "mlp tiles of zero tokens": ([("model.tiled_mlp_tokens", 0)], "model.tiled_mlp_tokens", ">= 1"),
     "tiled mlp on experts": ([("model.config.num_local_experts", 4), ("model.tiled_mlp_tokens", 256)],
                              "model.tiled_mlp_tokens", "routes tokens to experts"),
+    "liger on cpu ranks": ([("model.loss_kernel", "liger")], "model.loss_kernel", "CUDA only"),
+    "liger under zero-3": ([("model.loss_kernel", "liger"), ("parallelism.zero_stage", 3)], "model.loss_kernel",
+                           "ZeRO-3 partitions"),
     "eval depth outside [0, 1]": ([("evaluation", {"depths": [0.5, 2.0]})], "evaluation.depths", "outside [0, 1]"),
 }
 

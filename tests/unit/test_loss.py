@@ -90,3 +90,28 @@ def test_no_scored_token_gives_nan_like_transformers():
 def test_rejects_a_non_positive_chunk():
     with pytest.raises(ValueError, match="chunk_tokens"):
         causal_lm_loss(tiny(), packed_batch(), chunk_tokens=0)
+
+
+def test_auto_head_kernel_is_chunked_without_cuda_or_where_liger_cannot_read_the_head():
+    from dist_ft.loss import choose_head_kernel, fused_head_problem
+
+    model = tiny()
+    assert choose_head_kernel("auto", model, on_cuda=False) == "chunked"
+    assert choose_head_kernel("chunked", model, on_cuda=True) == "chunked"
+    assert fused_head_problem(model) is None
+    lora = apply_method(tiny(), "lora", {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["lm_head"]})
+    assert "not a plain Linear" in fused_head_problem(lora)
+    assert choose_head_kernel("auto", lora, on_cuda=True) == "chunked"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Liger's kernels are Triton, CUDA only")
+def test_liger_fused_head_equals_the_chunked_loss():
+    pytest.importorskip("liger_kernel")
+    model = tiny(vocab_size=1024).cuda()
+    batch = {k: v.cuda() for k, v in packed_batch().items()}
+    expected, expected_grads = loss_and_grads(model, lambda: causal_lm_loss(model, batch, chunk_tokens=7))
+    got, grads = loss_and_grads(model, lambda: causal_lm_loss(model, batch, head_kernel="liger"))
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-3, atol=1e-5, msg=name)
