@@ -102,6 +102,13 @@ def gathered(params: list[torch.nn.Parameter], enabled: bool) -> Iterator[None]:
         yield
 
 
+def tiled_mlp_function():
+    """DeepSpeed's TiledMLP autograd function (dist_ft.tiled_mlp applies it to decoder MLPs)."""
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    return TiledMLP
+
+
 def parameter_residency(engine) -> tuple[int, int]:
     """(elements this rank holds, elements in the model): ZeRO-3 keeps ~1/dp of each parameter."""
     params = list(engine.module.parameters())

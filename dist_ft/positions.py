@@ -75,8 +75,7 @@ def extend_position_table(model: nn.Module, length: int, how: str, seed: int = 0
 def _whole(weight: nn.Parameter) -> torch.Tensor:
     if not hasattr(weight, "ds_id"):
         return weight.detach().clone()
-    # Only a ZeRO-3 partitioned table gets here, so only then is DeepSpeed imported.
-    from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+    from . import engine as ds  # only a ZeRO-3 partitioned table gets here, so only then is DeepSpeed imported
 
-    with GatheredParameters([weight], modifier_rank=None):
+    with ds.gathered([weight], enabled=True):
         return weight.detach().clone()

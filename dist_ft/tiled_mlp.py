@@ -19,6 +19,7 @@ import math
 
 import torch
 
+
 def tile_mlps(model: torch.nn.Module, tile_tokens: int) -> int:
     """Make every decoder layer's `mlp` run in tiles of about `tile_tokens` tokens; returns how many."""
     mlps = decoder_mlps(model)
@@ -62,8 +63,9 @@ def _pieces(length: int, chunks: int) -> int:
 
 
 def _tiled_forward(mlp: torch.nn.Module, tile_tokens: int):
-    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+    from . import engine as ds
 
+    tiled = ds.tiled_mlp_function()
     computation = type(mlp).forward  # the class's own, called on one tile at a time
 
     def per_token(module: torch.nn.Module, tile: torch.Tensor) -> torch.Tensor:
@@ -72,6 +74,6 @@ def _tiled_forward(mlp: torch.nn.Module, tile_tokens: int):
     def forward(hidden_states: torch.Tensor) -> torch.Tensor:
         trainable = [p for p in mlp.parameters() if p.requires_grad]
         tiles = tile_count(hidden_states.shape, tile_tokens)
-        return TiledMLP.apply(per_token, mlp, hidden_states, tiles, trainable)
+        return tiled.apply(per_token, mlp, hidden_states, tiles, trainable)
 
     return forward

@@ -2,7 +2,7 @@
 
 Zero-shot, on Python standard-library source. Perplexity in the 8k-16k band (positions the model
 never saw) collapses without scaling and stays near the in-window level with dynamic NTK or YaRN;
-linear interpolation sits between. Four 16k forwards: ~10 minutes on 2 cores, hence `longrun`.
+linear interpolation sits between. Four 16k forwards: ~20 minutes on 2 cores (19:25 on 2026-11-23), hence `longrun`.
 Figures from a full run are in docs/eval.md.
 """
 
