@@ -118,6 +118,8 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     targets = batch.get(SHIFT_LABELS)
     if targets is None:
         targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]  # shifted as in ForCausalLMLoss
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = targets.reshape(-1).to(hidden.device)
     if head_kernel == "liger":
         return fused_head_loss_sum(hidden, targets, model)
     return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens)
@@ -128,17 +130,10 @@ def _check_chunk_tokens(chunk_tokens: int) -> None:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
 
 
-def chunked_head_loss(hidden: torch.Tensor, targets: torch.Tensor, logits_fn, chunk_tokens: int) -> torch.Tensor:
-    """Mean cross-entropy of `logits_fn(hidden)` against `targets` (already shifted), chunk by chunk."""
-    total, count = chunked_head_loss_sum(hidden, targets, logits_fn, chunk_tokens)
-    return total / count
-
-
 def chunked_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, logits_fn,
                           chunk_tokens: int) -> tuple[torch.Tensor, int]:
-    """(summed cross-entropy over the scored targets, their number), chunk by chunk."""
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1).to(hidden.device)
+    """(summed cross-entropy over the scored targets, their number), chunk by chunk; `hidden` is
+    (tokens, hidden size) and `targets` (tokens,), already shifted."""
     scored = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
     hidden, targets = hidden.index_select(0, scored), targets.index_select(0, scored)  # skip unscored rows
     total = hidden.new_zeros((), dtype=torch.float32)
@@ -156,34 +151,34 @@ def _chunk_loss_sum(logits_fn, hidden: torch.Tensor, targets: torch.Tensor) -> t
 
 def fused_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor,
                         model: torch.nn.Module) -> tuple[torch.Tensor, int]:
-    """(summed cross-entropy, scored tokens) through Liger's fused linear cross-entropy (CUDA only).
-    It reads the head's weight directly — hence a plain, unpartitioned Linear head (no ZeRO-3)."""
+    """(summed cross-entropy, scored tokens) through Liger's fused linear cross-entropy (CUDA only),
+    for a head `choose_head_kernel` accepted; shapes as in `chunked_head_loss_sum`."""
     from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-    problem = fused_head_problem(model)
-    if problem:
-        raise ValueError(f"model.loss_kernel liger: {problem}; use loss_kernel: chunked")
     head = model.get_output_embeddings()
     softcap = getattr(_causal_lm(model).config, "final_logit_softcapping", None)
-    hidden = hidden.reshape(-1, hidden.shape[-1])
-    targets = targets.reshape(-1).to(hidden.device)
     fused = LigerFusedLinearCrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum", softcap=softcap)
     total = fused(head.weight, hidden, targets, head.bias)
     return total.float(), int((targets != IGNORE_INDEX).sum())
 
 
 def choose_head_kernel(requested: str, model: torch.nn.Module, on_cuda: bool) -> str:
-    """The recipe's `model.loss_kernel` for this model: auto takes Liger where it is installed and applies."""
+    """The recipe's `model.loss_kernel` for this model, decided once when the model is built: auto takes
+    Liger where it is installed and applies; an explicit liger the head cannot take is an error here."""
+    problem = fused_head_problem(model) if requested != "chunked" else None
+    if requested == "liger" and problem:
+        raise ValueError(f"model.loss_kernel liger: {problem}; use loss_kernel: chunked")
     if requested != "auto":
         return requested
     import importlib.util
 
-    usable = on_cuda and importlib.util.find_spec("liger_kernel") is not None and fused_head_problem(model) is None
+    usable = on_cuda and importlib.util.find_spec("liger_kernel") is not None and problem is None
     return "liger" if usable else "chunked"
 
 
 def fused_head_problem(model: torch.nn.Module) -> str | None:
-    """Why Liger's fused head cannot stand in for this model's LM head, or None."""
+    """Why Liger's fused head cannot stand in for this model's LM head, or None. (The kernel reads the
+    head's weight directly: a plain, unpartitioned Linear is needed.)"""
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear:
         return f"the LM head is a {type(head).__name__}, not a plain Linear (an adapter on it?)"

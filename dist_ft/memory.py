@@ -135,11 +135,13 @@ def _scores_per_layer(m: MemoryInputs, b: int) -> float:
     square = m.micro_batch * m.seq_len**2
     if m.attention == "eager":  # scores and probabilities per head
         return square * m.shape.num_heads / m.sp * b * 2
-    if m.attention == "sdpa" and m.packed and m.sp == 1:  # additive mask (under SP sdpa runs per document)
-        return square * b
-    return 0.0
+    return square * b if _masked_sdpa(m) else 0.0  # the additive mask in the training dtype
 
 
 def _shared_mask(m: MemoryInputs) -> float:
-    masked = m.attention == "eager" or (m.attention == "sdpa" and m.packed and m.sp == 1)
-    return m.micro_batch * m.seq_len**2 if masked else 0.0
+    return m.micro_batch * m.seq_len**2 if m.attention == "eager" or _masked_sdpa(m) else 0.0
+
+
+def _masked_sdpa(m: MemoryInputs) -> bool:
+    """transformers' sdpa keeping packed documents apart with an L×L mask (under SP it runs per document)."""
+    return m.attention == "sdpa" and m.packed and m.sp == 1

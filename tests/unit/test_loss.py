@@ -102,6 +102,8 @@ def test_auto_head_kernel_is_chunked_without_cuda_or_where_liger_cannot_read_the
     lora = apply_method(tiny(), "lora", {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["lm_head"]})
     assert "not a plain Linear" in fused_head_problem(lora)
     assert choose_head_kernel("auto", lora, on_cuda=True) == "chunked"
+    with pytest.raises(ValueError, match="not a plain Linear"):  # asked for explicitly: refused at build time
+        choose_head_kernel("liger", lora, on_cuda=True)
 
 
 @pytest.mark.gpu
