@@ -66,18 +66,23 @@ def enable_sequence_parallel(lm: torch.nn.Module, size: int, micro_batch_size: i
 
 
 def sequence_parallel_group(mpu, ds_config: dict[str, Any]) -> SequenceParallel:
-    """Our side of Ulysses: this rank's place in its group, and the factor on each rank's share of
-    the gradient that makes DeepSpeed's reduction the whole sequence's gradient. DeepSpeed 0.19
-    sums the sequence-parallel ranks' gradients under ZeRO-1/2 (it divides by the data-parallel
-    size only), but ZeRO-3's reduce-scatter averages them over all ranks. The equality test
-    (tests/integration/test_sequence_parallel.py) pins both for every DeepSpeed upgrade."""
-    size = mpu.get_sequence_parallel_world_size()
+    """Our side of Ulysses: this rank's place in the group of ranks that share a sequence."""
     zero = ds_config["zero_optimization"]
     if zero["stage"] == 3 and not zero.get("reduce_scatter", True):
         # Without reduce-scatter ZeRO-3 sums small buckets and averages large ones: no one factor.
         raise ValueError("sequence parallelism under ZeRO-3 needs zero_optimization.reduce_scatter: true")
     return SequenceParallel(group=mpu.get_sequence_parallel_group(), rank=mpu.get_sequence_parallel_rank(),
-                            size=size, gradient_factor=size if zero["stage"] == 3 else 1)
+                            size=mpu.get_sequence_parallel_world_size())
+
+
+def token_mean_gradient_factor(ds_config: dict[str, Any], data_parallel: int, sequence_parallel: int) -> float:
+    """The factor on each rank's share of the loss gradient (loss.TokenMean) that makes DeepSpeed's
+    reduction the gradient of the mean over all ranks' tokens. DeepSpeed 0.19 averages gradients over
+    the data-parallel ranks and sums the sequence-parallel ranks' under ZeRO-1/2, but ZeRO-3's
+    reduce-scatter averages over all ranks. The equality tests (tests/integration/test_sequence_parallel.py,
+    test_uneven_ranks.py) pin both for every DeepSpeed upgrade."""
+    averaged_over = data_parallel * (sequence_parallel if ds_config["zero_optimization"]["stage"] == 3 else 1)
+    return float(averaged_over)
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], lr_lambda: Callable[[int], float], mpu=None):

@@ -26,6 +26,7 @@ activation checkpoints wait for backward in host memory.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
@@ -42,12 +43,43 @@ HEAD_KERNELS = ("chunked", "liger")
 SHIFT_LABELS = "shift_labels"  # targets already shifted (a sequence-parallel slice's labels)
 
 
+@dataclass(frozen=True)
+class TokenMean:
+    """The mean loss over every scored token of every rank's micro-batch, the same value on all ranks.
+
+    A rank's gradient share is `gradient_factor` x (its tokens' loss sum / all ranks' count); the
+    factor undoes DeepSpeed's averaging over ranks (`engine.token_mean_gradient_factor`), so the update
+    does not depend on how scored tokens fall on ranks, and a rank that scores none (an all-prompt SFT
+    batch, a sequence-parallel slice of padding) contributes zero instead of NaN."""
+    gradient_factor: float
+
+    def __call__(self, local_sum: torch.Tensor, local_count: int) -> torch.Tensor:
+        return group_mean(local_sum, local_count, None, self.gradient_factor)
+
+
+def group_mean(local_sum: torch.Tensor, local_count: int, group, gradient_factor: float = 1.0) -> torch.Tensor:
+    """The group's mean token loss, the same value on every rank of `group` (None: all ranks), whose
+    gradient is `gradient_factor` x this rank's share (its tokens' loss sum / the group's count).
+
+    Under sequence parallelism the all-to-alls in attention already route every token's gradient to
+    the rank that holds its inputs, so the shares add up to the whole sequence's gradient."""
+    stats = torch.stack([local_sum.detach().float(),
+                         torch.tensor(float(local_count), device=local_sum.device)])
+    torch.distributed.all_reduce(stats, group=group)
+    group_sum, group_count = stats[0], stats[1]
+    share = local_sum * gradient_factor
+    return (share + (group_sum - share.detach())) / group_count
+
+
 class LanguageModelLoss(torch.nn.Module):
-    """A causal LM whose forward returns its chunked loss; the LM is `.lm` (state-dict prefix `lm.`)."""
+    """A causal LM whose forward returns its chunked loss; the LM is `.lm` (state-dict prefix `lm.`).
+
+    With `token_mean` (every multi-rank run) the loss is the mean over all ranks' scored tokens;
+    without it, this rank's own mean (one process)."""
 
     def __init__(self, lm: torch.nn.Module, chunk_tokens: int = 4096,
                  sequence_parallel: SequenceParallel | None = None, offload_activations: bool = False,
-                 head_kernel: str = "chunked") -> None:
+                 head_kernel: str = "chunked", token_mean: TokenMean | None = None) -> None:
         super().__init__()
         if head_kernel not in HEAD_KERNELS:
             raise ValueError(f"head_kernel must be one of {HEAD_KERNELS}, got {head_kernel!r}")
@@ -55,6 +87,9 @@ class LanguageModelLoss(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
         self.head_kernel = head_kernel
         self.sequence_parallel = sequence_parallel
+        if sequence_parallel is not None and token_mean is None:
+            raise ValueError("sequence parallelism needs a token_mean over the ranks that share a sequence")
+        self.token_mean = token_mean
         self.offload_activations = offload_activations
         self.offloaded_bytes = 0  # what the last forward kept in host memory
 
@@ -70,12 +105,13 @@ class LanguageModelLoss(torch.nn.Module):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         sp = self.sequence_parallel
-        if sp is None:
+        if sp is None and (self.token_mean is None or _adds_virtual_tokens(self.lm)):
             return causal_lm_loss(self.lm, batch, self.chunk_tokens, self.head_kernel)
         if _adds_virtual_tokens(self.lm):
             raise ValueError("prompt-learning methods prepend virtual tokens, which sequence parallelism cannot split")
-        total, count = causal_lm_loss_sum(self.lm, sp.shard(batch), self.chunk_tokens, self.head_kernel)
-        return sp.group_mean(total, count)
+        total, count = causal_lm_loss_sum(self.lm, sp.shard(batch) if sp else batch, self.chunk_tokens,
+                                          self.head_kernel)
+        return self.token_mean(total, count)
 
 
 STATE_PREFIX = "lm."
@@ -122,7 +158,9 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     targets = targets.reshape(-1).to(hidden.device)
     if head_kernel == "liger":
         return fused_head_loss_sum(hidden, targets, model)
-    return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens)
+    head = model.get_output_embeddings()
+    chunks = _chunk_count(int((targets != IGNORE_INDEX).sum()), chunk_tokens, head)
+    return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens, chunks)
 
 
 def _check_chunk_tokens(chunk_tokens: int) -> None:
@@ -130,14 +168,30 @@ def _check_chunk_tokens(chunk_tokens: int) -> None:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
 
 
-def chunked_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, logits_fn,
-                          chunk_tokens: int) -> tuple[torch.Tensor, int]:
+def _chunk_count(scored: int, chunk_tokens: int, head: torch.nn.Module) -> int:
+    """How many chunks this rank runs the head over. Under ZeRO-3 every call of the head all-gathers
+    its weight, a collective: all ranks must make the same number of calls whatever they score, so
+    they agree on the largest count and the ranks with less run empty chunks. At least one chunk
+    runs, even empty, so that the loss stays connected to every trainable parameter: each rank's
+    backward must produce (zero) gradients for DeepSpeed's reductions to match."""
+    chunks = max(1, -(-scored // chunk_tokens))
+    if not any(hasattr(p, "ds_id") for p in head.parameters()):
+        return chunks
+    from . import engine as ds
+
+    return int(ds.all_reduce_max(float(chunks)))
+
+
+def chunked_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, logits_fn, chunk_tokens: int,
+                          chunks: int | None = None) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy over the scored targets, their number), chunk by chunk; `hidden` is
-    (tokens, hidden size) and `targets` (tokens,), already shifted."""
+    (tokens, hidden size) and `targets` (tokens,), already shifted. `chunks` beyond what the scored
+    tokens fill run on no rows (the same collectives as a rank with more to score)."""
     scored = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
     hidden, targets = hidden.index_select(0, scored), targets.index_select(0, scored)  # skip unscored rows
+    chunks = max(1, -(-scored.numel() // chunk_tokens)) if chunks is None else chunks
     total = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], chunk_tokens):
+    for start in range(0, chunks * chunk_tokens, chunk_tokens):
         end = start + chunk_tokens
         total = total + checkpoint(_chunk_loss_sum, logits_fn, hidden[start:end], targets[start:end],
                                    use_reentrant=False)

@@ -28,13 +28,9 @@ class SequenceParallel:
     group: Any  # torch.distributed.ProcessGroup of the ranks sharing one sequence
     rank: int
     size: int
-    gradient_factor: float  # see group_mean
 
     def shard(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return shard_batch(batch, self.rank, self.size)
-
-    def group_mean(self, local_sum: torch.Tensor, local_count: int) -> torch.Tensor:
-        return group_mean(local_sum, local_count, self.group, self.gradient_factor)
 
 
 def shard_batch(batch: dict[str, torch.Tensor], rank: int, size: int) -> dict[str, torch.Tensor]:
@@ -61,21 +57,6 @@ def _pad_to_multiple(batch: dict[str, torch.Tensor], size: int) -> dict[str, tor
         else:
             out[key] = F.pad(value, (0, missing), value=IGNORE_INDEX if key == SHIFT_LABELS else 0)
     return out
-
-
-def group_mean(local_sum: torch.Tensor, local_count: int, group, gradient_factor: float = 1.0) -> torch.Tensor:
-    """The group's mean token loss, the same value on every rank of `group`, whose gradient is
-    `gradient_factor` x this rank's share (its tokens' loss sum / the group's count).
-
-    The all-to-alls in attention already route every token's gradient to the rank that holds its
-    inputs, so the shares add up to the whole sequence's gradient; what DeepSpeed then does with
-    them over the sequence-parallel ranks decides the factor (`engine.sequence_parallel_group`)."""
-    stats = torch.stack([local_sum.detach().float(),
-                         torch.tensor(float(local_count), device=local_sum.device)])
-    torch.distributed.all_reduce(stats, group=group)
-    group_sum, group_count = stats[0], stats[1]
-    share = local_sum * gradient_factor
-    return (share + (group_sum - share.detach())) / group_count
 
 
 def use_document_attention(lm: torch.nn.Module) -> None:

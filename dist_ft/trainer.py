@@ -18,7 +18,7 @@ from . import engine as ds
 from .checkpoint import commit, latest_tag, read_meta, tag_for
 from .distributed import DistEnv, read_env
 from .evaluate import evaluate_after_stage
-from .loss import LanguageModelLoss, choose_head_kernel
+from .loss import LanguageModelLoss, TokenMean, choose_head_kernel
 from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 from .metrics import NullMetrics, RankZeroMetrics, mfu
 from .plan import Plan, StagePlan
@@ -51,8 +51,10 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
         ds_config["checkpoint"] = {"load_universal": True}
     mpu, sp = _sequence_parallel(stage, model, ds_config)
     kernel = choose_head_kernel(plan.model.get("loss_kernel", "chunked"), model, torch.cuda.is_available())
+    token_mean = TokenMean(ds.token_mean_gradient_factor(ds_config, data.dp_size, stage.sequence_parallel))
     wrapped = LanguageModelLoss(model, plan.model["loss_chunk_tokens"], sequence_parallel=sp,
-                                offload_activations=plan.model.get("offload_activations", False), head_kernel=kernel)
+                                offload_activations=plan.model.get("offload_activations", False), head_kernel=kernel,
+                                token_mean=token_mean)
     engine = ds.build_engine(wrapped, ds_config, lambda s: lr_multiplier(
         s, stage.warmup_steps, total_steps, stage.min_lr / stage.lr if stage.lr else 1.0), mpu=mpu)
     state = _resume(engine, resume_from, data, env)

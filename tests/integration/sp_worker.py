@@ -72,7 +72,7 @@ def run(out: Path, variant: str, zeros: list[int], packed: bool = True) -> None:
 
     from dist_ft import engine as ds
     from dist_ft.distributed import read_env
-    from dist_ft.loss import LanguageModelLoss
+    from dist_ft.loss import LanguageModelLoss, TokenMean
     from dist_ft.tiled_mlp import tile_mlps
 
     env = read_env()
@@ -87,7 +87,9 @@ def run(out: Path, variant: str, zeros: list[int], packed: bool = True) -> None:
         mpu = ds.enable_sequence_parallel(model, 2, MICRO_BATCH)
         config = ds_config(zero, env.world_size // 2)  # more ranks: data-parallel groups on the same batch
         sp = ds.sequence_parallel_group(mpu, config)
-        wrapped = LanguageModelLoss(model, CHUNK_TOKENS, sequence_parallel=sp, offload_activations=levers)
+        token_mean = TokenMean(ds.token_mean_gradient_factor(config, env.world_size // 2, 2))
+        wrapped = LanguageModelLoss(model, CHUNK_TOKENS, sequence_parallel=sp, offload_activations=levers,
+                                    token_mean=token_mean)
         engine = ds.build_engine(wrapped, config, lambda step: 1.0, mpu=mpu)
         loss = engine(**batch)
         engine.backward(loss)

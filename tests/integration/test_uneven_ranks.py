@@ -1,0 +1,72 @@
+"""Ranks whose data score different numbers of tokens, one of them none, under ZeRO-3 (and ZeRO-2),
+with and without sequence parallelism and LoRA: every rank finishes the step, and the loss and
+DeepSpeed's reduced gradients equal transformers' unchunked loss over all ranks' tokens together.
+
+Before the chunk count was agreed across ranks, the rank with fewer chunks reached the next
+collective while the other waited in the LM head's all-gather: these runs hung (the timeout below
+turns a hang into a failure)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integration import uneven_worker
+from tests.integration.training_helpers import free_port, rank_env
+
+pytestmark = pytest.mark.integration
+
+VARIANTS = ("dp-none.zero2", "dp-none.zero3", "dp-few.zero3", "lora-none.zero3", "sp-none.zero3")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> dict[str, dict]:
+    out = tmp_path_factory.mktemp("uneven")
+    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", str(Path(uneven_worker.__file__)), str(out), *VARIANTS]
+    root = str(Path(__file__).resolve().parents[2])  # the worker imports tests.integration.sp_worker
+    # Its own session, so that a hang takes torchrun's ranks down with it, not just torchrun.
+    proc = subprocess.Popen(argv, env={**rank_env(), "PYTHONPATH": root}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=360)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail(f"ranks with uneven data hung: {proc.communicate()[0][-3000:]}")
+    assert proc.returncode == 0, output[-6000:]
+    return {variant: torch.load(out / f"{variant}.pt") for variant in VARIANTS}
+
+
+def unchunked(variant: str) -> dict:
+    """One process, no DeepSpeed: transformers' own loss over every rank's rows at once."""
+    model = uneven_worker.build_model(variant)
+    loss = model(**uneven_worker.reference_batch(variant), use_cache=False).loss
+    loss.backward()
+    return {"loss": loss.item(),
+            "grads": {name: p.grad for name, p in model.named_parameters() if p.requires_grad}}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_uneven_ranks_finish_with_the_unchunked_loss_and_gradients(variant, results):
+    got, want = results[variant], unchunked(variant)
+    assert got["losses"] == pytest.approx([want["loss"]] * 2, abs=1e-6)  # the same mean on both ranks
+    assert got["grads"].keys() == want["grads"].keys()
+    error = sum(((got["grads"][k] - g) ** 2).sum() for k, g in want["grads"].items()) ** 0.5
+    norm = sum((g ** 2).sum() for g in want["grads"].values()) ** 0.5
+    assert error / norm < 1e-5, f"gradient relative error {error / norm:.2e}"
+
+
+def test_the_uneven_batches_really_are_uneven():
+    """Rank 1 scores none (or 5) of the tokens rank 0 scores, across more than one chunk."""
+    counts = {kind: [int((uneven_worker.rank_batch(kind, r)["labels"][:, 1:] != -100).sum()) for r in (0, 1)]
+              for kind in ("none", "few")}
+    assert counts["none"][1] == 0 and counts["few"][1] == 5
+    assert counts["none"][0] > 2 * uneven_worker.sp_worker.CHUNK_TOKENS
+    half = uneven_worker.sp_batch()["labels"][:, uneven_worker.sp_worker.SEQ_LEN // 2:]
+    assert bool((half == -100).all())
