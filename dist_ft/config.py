@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .prompts import template_problem
 from .strict import Invalid, Problem, RecipeError, build, spec
 
 RopeType = Literal["none", "linear", "dynamic", "yarn", "llama3", "longrope"]
@@ -192,8 +193,10 @@ class Finetune:
     method: Method = spec("lora", doc="Which parameters train and how the model is wrapped.")
     options: MethodOptions = spec(factory=MethodOptions, doc="Method options (see finetune.options).")
     format: Literal["text", "instruction", "chat"] = spec("instruction", doc="text: loss on all tokens; instruction: instruction/input/output rows; chat: messages rows.")
-    template: str | None = spec(None, doc="Prompt template for instruction rows: `alpaca` or a format string "
-                                          "with {instruction} and {input}; chat uses the tokenizer's template.")
+    template: str | None = spec(None, doc="instruction rows: `alpaca`, `chat_template` (the tokenizer's) or a "
+                                          "format string with {instruction} and {input}; unset: the tokenizer's "
+                                          "chat template if it has one, else alpaca. chat rows: a Jinja chat "
+                                          "template replacing the tokenizer's. text rows: none.")
     seq_len: int | None = spec(None, min=16, doc="Defaults to the last long-context stage's seq_len.")
     rope: Rope | None = spec(None, doc="RoPE for a fine-tune-only recipe; otherwise the last long-context "
                                        "stage's RoPE is kept.")
@@ -216,6 +219,9 @@ class Finetune:
             raise Invalid("steps", "give exactly one of `steps` and `epochs`", "keep one of them")
         if self.early_stopping_patience and not self.eval_every:
             raise Invalid("early_stopping_patience", "needs `eval_every`", "set `eval_every: N`")
+        template = template_problem(self.format, self.template)
+        if template:
+            raise Invalid("template", *template)
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,12 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from ..prompts import CHAT_TEMPLATE, drops_input, instruction_prompt, uses_chat_template
 from ..tokenizer import chat_template
 from .pack import IGNORE_INDEX
 from .read import BadRows
 
 FORMATS = ("instruction", "chat", "text")
-INSTRUCTION_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
-INSTRUCTION_ONLY_TEMPLATE = "### Instruction:\n{instruction}\n\n### Response:\n"
 
 Piece = tuple[str, bool]  # (text, trained)
 
@@ -27,11 +26,10 @@ def sft_example(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, fmt:
                 seq_len: int, *, text_field: str = "text", bad: BadRows | None = None) -> dict[str, list[int]] | None:
     """{"input_ids", "labels"} of at most `seq_len` tokens, or None (counted in `bad`).
 
-    fmt "instruction": rows with instruction / input (optional) / output. `template`
-    is a str.format prompt with {instruction} and {input}; without one, the
-    tokenizer's chat template is used when it has one, else an Alpaca prompt.
+    fmt "instruction": rows with instruction / input (optional) / output; `template`
+    as prompts.py says (a name, or a str.format prompt with {instruction} and {input}).
     fmt "chat": rows with `messages` [{role, content}]; loss on assistant turns.
-    `template` is a Jinja chat template overriding the tokenizer's.
+    `template` is a Jinja chat template overriding the tokenizer's (or `chat_template`).
     fmt "text": loss on all of row[text_field].
     A prompt that alone fills `seq_len` drops the row; a long response is cut.
     """
@@ -77,13 +75,13 @@ def _instruction_pieces(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBa
     if not (_nonempty(instruction) and _nonempty(output) and isinstance(extra, str)):
         bad.add("missing_field", _show(row))
         return None
-    if template is None and tokenizer.chat_template:
+    if uses_chat_template(template, bool(tokenizer.chat_template)):
         user = f"{instruction}\n\n{extra}" if extra else instruction
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
         return _chat_pieces(messages, tokenizer, None, row, bad)
-    prompt_template = template or (INSTRUCTION_TEMPLATE if extra else INSTRUCTION_ONLY_TEMPLATE)
-    return [(prompt_template.format(instruction=instruction, input=extra), False), (output, True),
-            (tokenizer.eos_token, True)]
+    if extra and drops_input(template):
+        bad.add("input_not_in_template", _show(row))  # kept, but the user should know
+    return [(instruction_prompt(template, instruction, extra), False), (output, True), (tokenizer.eos_token, True)]
 
 
 def _chat_pieces(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, template: str | None,
@@ -94,6 +92,8 @@ def _chat_pieces(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerB
     where the conversation rendered up to it ends. That only holds for templates
     whose rendering of a conversation starts with its rendering of each prefix.
     """
+    if template == CHAT_TEMPLATE:
+        template = None
     template = template or tokenizer.chat_template or chat_template(tokenizer.eos_token)
 
     def render(turns: list[dict[str, str]], add_generation_prompt: bool = False) -> str:

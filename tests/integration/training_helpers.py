@@ -32,7 +32,7 @@ def tiny_recipe(zero: int = 2, steps: int = 6, every: int | None = 2, finetune: 
     raw["model"]["config"] = dict(TINY_CONFIG)
     raw["long_context"] = {"tokens_per_step": 1024, "data": {"paths": ["package:json"]},
                            "stages": [{"name": "ctx", "seq_len": 256, "steps": steps, "lr": 2e-3,
-                                       "warmup_steps": 1, "rope": {"type": "yarn"}}]}
+                                       "warmup_steps": min(1, steps - 1), "rope": {"type": "yarn"}}]}
     if finetune is None:
         raw.pop("finetune")
     else:
@@ -47,7 +47,7 @@ def tiny_recipe(zero: int = 2, steps: int = 6, every: int | None = 2, finetune: 
 
 def lora_finetune(method: str = "lora", steps: int = 3, **options) -> dict:
     return {"name": "sft", "method": method, "options": {"r": 4, "alpha": 8, "dropout": 0.0, **options},
-            "format": "instruction", "template": "alpaca", "seq_len": 128, "steps": steps,
+            "format": "instruction", "template": "chat_template", "seq_len": 128, "steps": steps,
             "global_batch_size": 4, "lr": 1e-2, "data": {"paths": [str(LAUNCH / "data" / "tiny_instructions.jsonl")],
                                                          "validation_fraction": 0.1, "packing": False}}
 
