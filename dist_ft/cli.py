@@ -83,6 +83,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("generate", help="sample an export (model, adapter, run dir) with transformers' generate")
+    from .generate import add_arguments as add_generate_arguments
+    add_generate_arguments(p)
+    p.set_defaults(func=cmd_generate)
+
     p = sub.add_parser("eval", help="perplexity by position at long context lengths, and passkey retrieval")
     from .evaluate import add_arguments as add_eval_arguments
     add_eval_arguments(p)
@@ -188,6 +193,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .trainer import train_stage
 
     return train_stage(plan, stage)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import main_from_args
+
+    return main_from_args(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -56,15 +56,16 @@ class RopeVariant:
         return {"rope_type": self.rope_type, "factor": float(self.factor)}
 
 
-def resolve_target(spec: str, gguf_file: str | None = None) -> Target:
-    """MODEL_OR_RUN_DIR → Target: a run dir (its last finished stage), an adapter dir, a HF dir, package:NAME."""
+def resolve_target(spec: str, gguf_file: str | None = None, virtual_tokens: bool = False) -> Target:
+    """MODEL_OR_RUN_DIR → Target: a run dir (its last finished stage), an adapter dir, a HF dir, package:NAME.
+    `virtual_tokens`: prompt-learning adapters are fine (generation), not only layer adapters (eval)."""
     path = resolve_model_dir(spec)
     if path is None or not path.is_dir():
         raise EvalError(f"{spec}: no such model directory, run dir or installed package")
     if (path / "plan.json").is_file():
-        return _from_run_dir(path, gguf_file)
+        return _from_run_dir(path, gguf_file, virtual_tokens)
     if (path / "adapter_config.json").is_file():
-        return _from_adapter(path, gguf_file)
+        return _from_adapter(path, gguf_file, virtual_tokens)
     return _plain(path, gguf_file, label=path.name if not spec.startswith("package:") else spec)
 
 
@@ -89,7 +90,7 @@ def _gguf_in(path: Path, requested: str | None) -> str | None:
     return found[0]
 
 
-def _from_adapter(path: Path, gguf_file: str | None) -> Target:
+def _from_adapter(path: Path, gguf_file: str | None, virtual_tokens: bool = False) -> Target:
     config = json.loads((path / "adapter_config.json").read_text())
     base = config.get("base_model_name_or_path")
     if not base:
@@ -97,7 +98,7 @@ def _from_adapter(path: Path, gguf_file: str | None) -> Target:
     base_dir = resolve_model_dir(base)
     if base_dir is None or not base_dir.is_dir():
         raise EvalError(f"the base model of adapter {path} ({base}) is not a local directory")
-    if config.get("peft_type") in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING"):
+    if config.get("peft_type") in ("PREFIX_TUNING", "PROMPT_TUNING", "P_TUNING") and not virtual_tokens:
         raise EvalError(f"{path} is a {config['peft_type']} adapter: long-context eval supports adapters that "
                         "change layers (LoRA, DoRA, IA3), not virtual tokens")
     base_target = _plain(base_dir, gguf_file, base_dir.name)
@@ -106,14 +107,14 @@ def _from_adapter(path: Path, gguf_file: str | None) -> Target:
                   f"{base_dir.name}+{path.parent.parent.name}/adapter")
 
 
-def _from_run_dir(run: Path, gguf_file: str | None) -> Target:
+def _from_run_dir(run: Path, gguf_file: str | None, virtual_tokens: bool = False) -> Target:
     plan = json.loads((run / "plan.json").read_text())
     finished = [s["name"] for s in plan["stages"] if (run / "stages" / s["name"] / "DONE").exists()
                 and (run / "stages" / s["name"] / "export").is_dir()]
     if not finished:
         raise EvalError(f"run {run} has no finished stage with an export yet")
     export = run / "stages" / finished[-1] / "export"
-    inner = _from_adapter(export / "adapter", gguf_file) if (export / "adapter").is_dir() \
+    inner = _from_adapter(export / "adapter", gguf_file, virtual_tokens) if (export / "adapter").is_dir() \
         else _plain(export, gguf_file, export.name)
     return Target(inner.model_dir, inner.gguf_file, inner.adapter_dir, inner.tokenizer_dir,
                   f"{plan['name']}/{finished[-1]}", run_dir=str(run))
@@ -168,8 +169,10 @@ def check_lengths(config, lengths: list[int], variant: RopeVariant, allow_beyond
 
 # ---- loading --------------------------------------------------------------------------------
 
-def load_variant(target: Target, variant: RopeVariant, dtype: torch.dtype) -> torch.nn.Module:
-    """The model in eval mode with the variant's RoPE built in (and the adapter on top, if any)."""
+def load_variant(target: Target, variant: RopeVariant, dtype: torch.dtype,
+                 keep_peft_model: bool = False) -> torch.nn.Module:
+    """The model in eval mode with the variant's RoPE built in (and the adapter on top, if any;
+    `keep_peft_model` returns the PeftModel itself, whose generate adds virtual tokens)."""
     from .model import build_model
 
     model = build_model(name_or_path=target.model_dir, gguf_file=target.gguf_file,
@@ -178,7 +181,8 @@ def load_variant(target: Target, variant: RopeVariant, dtype: torch.dtype) -> to
         from peft import PeftModel
 
         # get_base_model(): the base with the adapter's layers injected, so get_decoder() still works.
-        model = PeftModel.from_pretrained(model, target.adapter_dir).get_base_model()
+        model = PeftModel.from_pretrained(model, target.adapter_dir)
+        model = model if keep_peft_model else model.get_base_model()
     return model.eval()
 
 
