@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from .eval_model import EvalError, RopeVariant, load_eval_tokenizer, load_variant, resolve_target
 from .prompts import instruction_prompt
+from .task_metrics import METRICS, score
 
 EXIT_BAD_INPUT = 2
 MAX_NEW_TOKENS = 32768
@@ -60,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--prompt", help="one prompt: the answer streams to the terminal")
     source.add_argument("--prompts", help="JSONL file of prompts: writes JSONL (see --out)")
     p.add_argument("--out", help="JSONL output for --prompts (default: standard output)")
+    p.add_argument("--metrics", help=f"with --prompts: score answers against the rows' references "
+                                     f"({', '.join(METRICS)}, comma-separated); printed and written to OUT.metrics.json")
     p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
@@ -75,16 +78,21 @@ def main_from_args(args: argparse.Namespace) -> int:
     try:
         sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
         rows = [{"prompt": args.prompt}] if args.prompt is not None else read_prompts(Path(args.prompts))
+        metrics = metric_names(args.metrics, rows)
         model, tokenizer = load_for_generation(args.model, args.gguf_file, args.dtype)
         if args.chat and not tokenizer.chat_template:
             raise EvalError(f"{args.model}: the tokenizer has no chat template; drop --chat")
         if args.prompt is not None:
             stream_one(model, tokenizer, render_prompt(rows[0], tokenizer, args.chat), sampling)
             return 0
+        records = []
         with _output(args.out) as out:
             for record in generate_rows(model, tokenizer, rows, sampling, args.chat):
                 out.write(json.dumps(record, ensure_ascii=False) + "\n")
                 out.flush()
+                records.append(record)
+        if metrics:
+            report_metrics(metrics, records, args.out)
         return 0
     except EvalError as err:
         if args.debug:
@@ -117,6 +125,27 @@ def read_prompts(path: Path) -> list[dict[str, Any]]:
     if not rows or len(rows) > MAX_PROMPTS:
         raise EvalError(f"--prompts {path}: {len(rows)} prompts; give 1..{MAX_PROMPTS}")
     return rows
+
+
+def metric_names(text: str | None, rows: list[dict[str, Any]]) -> list[str]:
+    if not text:
+        return []
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in METRICS]
+    if unknown or not names:
+        raise EvalError(f"--metrics {text!r}: choose from {', '.join(METRICS)}")
+    if any(not isinstance(row.get("reference", row.get("output")), str) for row in rows):
+        raise EvalError("--metrics needs a reference (`output` or `reference`) in every row of --prompts")
+    return names
+
+
+def report_metrics(names: list[str], records: list[dict[str, Any]], out: str | None) -> dict[str, float]:
+    values = score(names, [r["output"] for r in records], [r["reference"] for r in records])
+    line = "  ".join(f"{name} {value:.2f}" for name, value in values.items())
+    print(f"{len(records)} prompts: {line}", file=sys.stderr)
+    if out:
+        Path(f"{out}.metrics.json").write_text(json.dumps({"prompts": len(records), **values}, indent=1) + "\n")
+    return values
 
 
 def _has_prompt(row: dict[str, Any]) -> bool:

@@ -126,3 +126,18 @@ def test_bad_prompt_files_and_models_exit_2(base_dir, tmp_path, capsys):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     assert generate(capsys, base_dir, "--prompts", empty)[0] == 2
+
+
+def test_metrics_score_the_answers_against_the_references(base_dir, tmp_path, capsys):
+    prompts = tmp_path / "task.jsonl"
+    answer = reference(load(base_dir), PROMPT, 4, do_sample=False)
+    prompts.write_text(json.dumps({"prompt": PROMPT, "reference": answer}) + "\n"
+                       + json.dumps({"prompt": PROMPT, "reference": "something else"}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    code, _, err = generate(capsys, base_dir, "--prompts", prompts, "--out", out, "--max-new-tokens", 4,
+                            "--metrics", "exact_match,chrf")
+    metrics = json.loads((tmp_path / "answers.jsonl.metrics.json").read_text())
+    assert code == 0 and metrics["prompts"] == 2 and metrics["exact_match"] == 50.0
+    assert "exact_match 50.00" in err
+    code, _, err = generate(capsys, base_dir, "--prompts", prompts, "--metrics", "bleu,exactness")
+    assert code == 2 and "choose from" in err
