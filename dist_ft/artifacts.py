@@ -1,7 +1,8 @@
 """Render a plan into files, then write the run dir in one step.
 
-Rendering is pure (name → text). Writing goes through a temporary sibling
-directory renamed into place, so a failure never leaves a half-written run dir.
+Rendering is pure (name → text). Writing builds every file in a private temporary
+folder first, then renames the folder into place (a new run dir) or the files into
+it (a re-render), so a failure never leaves a half-written or mixed run dir.
 """
 
 from __future__ import annotations
@@ -24,10 +25,11 @@ PLAN_FILE = "plan.json"
 RECIPE_FILE = "recipe.resolved.yaml"
 LOCAL_SCRIPT = "local.sh"
 DEFAULT_PORT = 29500
+SUBDIRS = ("logs", "control", "stages")
 
 
 class RunDirConflict(Exception):
-    pass
+    """The run dir cannot take the rendered files (a foreign folder, another plan, something in the way)."""
 
 
 def render_files(recipe: Recipe, plan: Plan) -> dict[str, str]:
@@ -41,37 +43,94 @@ def render_files(recipe: Recipe, plan: Plan) -> dict[str, str]:
 
 
 def write_run_dir(run_dir: Path, files: dict[str, str], force: bool = False) -> None:
-    """Create run_dir with `files`. An existing run dir is kept if it holds the same plan
-    (re-rendering a run is harmless; its checkpoints stay) and refused otherwise."""
-    if run_dir.exists():
-        _check_same_plan(run_dir, files[PLAN_FILE], force)
-        _write_all(run_dir, files)
-        return
-    run_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{run_dir.name}.", dir=run_dir.parent))
+    """Create run_dir with `files`, or re-render a run dir that holds the same plan (its checkpoints
+    stay, so a resume may re-render). Every file is written and synced in a fresh private folder
+    first, so a full disk or a crash while writing leaves the run dir as it was."""
+    fresh = not os.path.lexists(run_dir)
+    if not fresh:
+        _check_rerender(run_dir, files, force)
+    staging = _staging_dir(run_dir, fresh)
     try:
-        _write_all(staging, files)
-        os.rename(staging, run_dir)
-    except BaseException:
+        _write_all(staging, files, run_dir)
+        if fresh:
+            os.rename(staging, run_dir)  # the whole run dir appears at once
+            _fsync_dir(run_dir.parent)
+        else:
+            _move_in(staging, run_dir, files)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
-def _check_same_plan(run_dir: Path, plan_text: str, force: bool) -> None:
-    existing = run_dir / PLAN_FILE
-    if force or not existing.exists() or existing.read_text() == plan_text:
+def _check_rerender(run_dir: Path, files: dict[str, str], force: bool) -> None:
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        raise RunDirConflict(f"{run_dir} exists and is not a directory: choose another --out")
+    plan_file = run_dir / PLAN_FILE
+    if not os.path.lexists(plan_file):
+        if any(run_dir.iterdir()):
+            raise RunDirConflict(f"{run_dir} is not empty and holds no {PLAN_FILE}: it is not a dist-ft run dir, and "
+                                 "rendering would overwrite files in it. Choose a new or empty --out.")
         return
-    raise RunDirConflict(f"{run_dir} already holds a different plan; its checkpoints belong to that plan. "
-                         "Use another `name`, delete the run dir, or pass --force to overwrite its files.")
+    if not force and _text_or_none(plan_file) != files[PLAN_FILE]:
+        raise RunDirConflict(f"{run_dir} already holds a different plan; its checkpoints belong to that plan. "
+                             "Use another `name`, delete the run dir, or pass --force to overwrite its files.")
+    for name in files:
+        if (run_dir / name).is_dir() and not (run_dir / name).is_symlink():
+            raise RunDirConflict(f"{run_dir / name} is a directory where a rendered file goes: move it away")
 
 
-def _write_all(folder: Path, files: dict[str, str]) -> None:
-    for name, text in files.items():
-        target = folder / name
-        tmp = target.with_name(f".{name}.tmp")
-        tmp.write_text(text)
-        if name.endswith((".sbatch", ".sh")):
-            tmp.chmod(0o755)
-        os.replace(tmp, target)
-    for sub in ("logs", "control", "stages"):
-        (folder / sub).mkdir(exist_ok=True)
+def _text_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _staging_dir(run_dir: Path, fresh: bool) -> Path:
+    """A new 0700 folder with an unguessable name (mkdtemp), so nothing can be planted in it: beside
+    a new run dir (renamed into its place), inside an existing one (same filesystem for the renames)."""
+    try:
+        if fresh:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{run_dir.name[:40]}.render.",
+                                     dir=run_dir.parent if fresh else run_dir))
+    except OSError as err:
+        raise RunDirConflict(f"cannot write the run dir {run_dir}: {err}") from err
+
+
+def _write_all(folder: Path, files: dict[str, str], run_dir: Path) -> None:
+    try:
+        for name, text in files.items():
+            _write_new(folder / name, text, executable=name.endswith((".sbatch", ".sh")))
+        for sub in SUBDIRS:
+            (folder / sub).mkdir()
+    except OSError as err:  # e.g. a full disk: say so, as a bad --out would be
+        raise RunDirConflict(f"cannot write the run dir {run_dir}: {err}; nothing in it was changed") from err
+
+
+def _write_new(path: Path, text: str, executable: bool) -> None:
+    """A new file, never through a link or over an existing file, on disk before it is renamed in."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        if executable:
+            os.fchmod(handle.fileno(), 0o755)
+        os.fsync(handle.fileno())
+
+
+def _move_in(staging: Path, run_dir: Path, files: dict[str, str]) -> None:
+    """One rename per file (a rename replaces a planted link, never follows it). plan.json goes last:
+    until it moves, the old plan stays in charge, and rendering again completes the set."""
+    for sub in SUBDIRS:
+        (run_dir / sub).mkdir(exist_ok=True)
+    for name in sorted(files, key=lambda n: n == PLAN_FILE):
+        os.replace(staging / name, run_dir / name)
+    _fsync_dir(run_dir)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

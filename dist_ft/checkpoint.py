@@ -2,21 +2,28 @@
 
     stages/<stage>/checkpoints/step_00000010/   DeepSpeed shards + dist_ft.json (written last)
     stages/<stage>/checkpoints/latest           the newest complete tag, replaced atomically
+    stages/<stage>/universal/step_00000010/     a conversion for another data-parallel size
+    stages/<stage>/universal/step_00000010.converted   written when that conversion finished
 
-A tag counts only once its dist_ft.json exists, and `latest` moves only after
-that, so a crash mid-write leaves the previous checkpoint as the latest.
+A tag counts only once its dist_ft.json exists and reads back, and that file is
+written only after every rank's shards are on disk; `latest` moves after it. A
+crash mid-write, or a damaged dist_ft.json, leaves the previous checkpoint in charge.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 META = "dist_ft.json"
 LATEST = "latest"
+CONVERTED = ".converted"
+_TAG = re.compile(r"step_\d{8}")
 
 
 def tag_for(step: int) -> str:
@@ -24,34 +31,118 @@ def tag_for(step: int) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    """Replace path's content in one rename, the text on disk first. The temporary file gets a fresh
+    name created exclusively (mkstemp: O_EXCL, no links followed)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would hide it from the run's other readers
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the folder's entries (new and renamed names) durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif path.is_dir():
+            fsync_dir(path)
+    fsync_dir(folder)
+
+
+def clear_tag(folder: Path, tag: str) -> None:
+    """Before saving `tag` (rank 0, then a barrier): an old folder of that name (a crash mid-save, or
+    a save at another world size) would mix its files into the new checkpoint."""
+    shutil.rmtree(folder / tag, ignore_errors=True)
 
 
 def commit(folder: Path, tag: str, meta: dict[str, Any], keep_last: int) -> None:
-    """Mark `tag` complete and make it the latest (rank 0, after every rank saved)."""
+    """Mark `tag` complete and make it the latest (rank 0, after every rank saved and synced its shards)."""
+    fsync_dir(folder / tag)
     write_atomic(folder / tag / META, json.dumps(meta, indent=2))
     write_atomic(folder / LATEST, tag)
-    for old in complete_tags(folder)[:-keep_last]:
-        shutil.rmtree(folder / old, ignore_errors=True)
+    prune(folder, keep_last)
+
+
+def prune(folder: Path, keep_last: int) -> None:
+    """Keep the newest keep_last complete tags; drop every other tag folder, the incomplete ones too
+    (no later step finishes them, and each may hold a model's worth of shards)."""
+    keep = set(complete_tags(folder)[-keep_last:])
+    for name in tag_folders(folder):
+        if name not in keep:
+            shutil.rmtree(folder / name, ignore_errors=True)
+
+
+def tag_folders(folder: Path) -> list[str]:
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if _TAG.fullmatch(p.name) and p.is_dir())
 
 
 def complete_tags(folder: Path) -> list[str]:
-    if not folder.is_dir():
-        return []
-    return sorted(p.name for p in folder.iterdir() if p.is_dir() and (p / META).is_file())
+    return [tag for tag in tag_folders(folder) if read_meta(folder, tag) is not None]
+
+
+def read_meta(folder: Path, tag: str) -> dict[str, Any] | None:
+    """The tag's dist_ft.json, or None when it is missing or damaged (the tag is then incomplete)."""
+    try:
+        meta = json.loads((folder / tag / META).read_text())
+    except (OSError, ValueError):  # ValueError: bad JSON or bad UTF-8
+        return None
+    if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in ("step", "dp")):
+        return None
+    return meta
 
 
 def latest_tag(folder: Path) -> str | None:
-    named = (folder / LATEST).read_text().strip() if (folder / LATEST).is_file() else None
+    named = _read_text(folder / LATEST)
     complete = complete_tags(folder)
     if named in complete:
         return named
     return complete[-1] if complete else None
 
 
-def read_meta(folder: Path, tag: str) -> dict[str, Any]:
-    return json.loads((folder / tag / META).read_text())
+def resume_choice(folder: Path) -> tuple[str, int] | None:
+    """(tag, the data-parallel size it was saved at) to resume from, or None: decided on rank 0 only."""
+    tag = latest_tag(folder)
+    return None if tag is None else (tag, read_meta(folder, tag)["dp"])
+
+
+def ensure_universal(folder: Path, tag: str, universal: Path, convert: Callable[[Path, str, Path], None]) -> None:
+    """Convert `tag` into universal/<tag> once (rank 0). The marker is written after the converted files
+    are on disk, so a conversion cut short (a killed rank, a full disk) is found and done again."""
+    out, marker = universal / tag, universal / f"{tag}{CONVERTED}"
+    if marker.is_file() and out.is_dir():
+        return
+    marker.unlink(missing_ok=True)
+    shutil.rmtree(out, ignore_errors=True)
+    universal.mkdir(parents=True, exist_ok=True)
+    convert(folder, tag, out)
+    fsync_tree(out)
+    write_atomic(marker, tag)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except (OSError, ValueError):
+        return None

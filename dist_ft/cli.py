@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
+import os
 import sys
 import traceback
 from pathlib import Path
 
 from .artifacts import PLAN_FILE, RunDirConflict, render_files, write_run_dir
 from .config import load_recipe
-from .local_launch import torchrun_command
+from .local_launch import run_stages
 from .plan import Plan, make_plan
 from .plan_report import format_plan
 from .preflight import check_inputs, model_shape, resolve_recipe_paths
 from .strict import Problem, RecipeError
 
 EXIT_BAD_INPUT = 2
+NAME_MAX, PATH_MAX = 255, 4096  # bytes per path component and per path on Linux file systems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,7 +106,20 @@ def _load_plan(args: argparse.Namespace) -> tuple[object, Plan]:
     if not all(ch.isprintable() for ch in str(run_dir)):
         raise RecipeError([Problem("--out", "the run dir path contains a control character",
                                    "use a plain path")])
+    _check_run_dir_path(run_dir, "--out" if out else "checkpointing.output_root")
     return recipe, make_plan(recipe, model_shape(recipe), str(run_dir.resolve()))
+
+
+def _check_run_dir_path(run_dir: Path, field: str) -> None:
+    """A run dir the file system can create, refused before planning rather than half-written later."""
+    too_long = [part for part in run_dir.parts if len(os.fsencode(part)) > NAME_MAX]
+    if too_long or len(os.fsencode(str(run_dir))) > PATH_MAX:
+        what = f"a part of the run dir path is longer than {NAME_MAX} bytes" if too_long else \
+            f"the run dir path is longer than {PATH_MAX} bytes"
+        raise RecipeError([Problem(field, what, "use a shorter path")])
+    for folder in (run_dir, *run_dir.parents):
+        if os.path.exists(folder) and not os.path.isdir(folder):  # os.path never raises (no permission)
+            raise RecipeError([Problem(field, f"{folder} is a file, not a folder", "give a folder for the run dir")])
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
@@ -138,30 +152,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 def _run_local(plan: Plan, dry_run: bool) -> int:
-    port = int(plan.cluster.get("rdzv_port", 29500))
-    for stage in plan.stages:
-        cmd = torchrun_command(plan, stage, port)
-        print(f"[{stage.name}] " + " ".join(cmd), flush=True)
-        if dry_run:
-            continue
-        status = subprocess.call(cmd, env=_local_env())
-        if status != 0:
-            print(f"error: stage {stage.name} failed with exit status {status}; later stages were not run. "
-                  f"Re-run the same command to resume from its last checkpoint.", file=sys.stderr)
-            return status
-    if not dry_run:
+    status = run_stages(plan, dry_run)
+    if status == 0 and not dry_run:
         from .summary import pipeline_summary
 
         print(pipeline_summary(plan))
-    return 0
-
-
-def _local_env() -> dict[str, str]:
-    import os
-
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", "1")
-    return env
+    return status
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -6,13 +6,15 @@ or the model's shape live in `plan.py`.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
+from .launch_script import env_key_problem
+from .model_shape import SHAPE_KEYS
 from .prompts import template_problem
+from .recipe_yaml import MAX_DEPTH, parse_override, read_recipe
 from .strict import Invalid, Problem, RecipeError, build, spec
 
 RopeType = Literal["none", "linear", "dynamic", "yarn", "llama3", "longrope"]
@@ -26,13 +28,35 @@ Method = Literal["full", "lora", "qlora", "dora", "prefix", "prompt", "ptuning",
 PEFT_ADAPTERS = ("lora", "qlora", "dora", "prefix", "prompt", "ptuning", "ia3", "longlora")
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
 
+# Upper bounds on user numbers: far beyond any real run, yet small enough that every loop and product
+# in the planner stays small, so a planner call on any recipe returns within seconds.
+MAX_SEQ_LEN = 1 << 24  # tokens per sequence (16M)
+MAX_STAGES = 64  # long-context stages; a real schedule has a handful
+MAX_STEPS = 10**9
+MAX_TOKENS = 10**15  # tokens of one stage (a pretraining corpus is ~1e13)
+MAX_TOKENS_PER_STEP = 1 << 32  # global tokens per optimizer step (large runs use ~1.6e7)
+MAX_BATCH = 1 << 24  # sequences per optimizer step
+MAX_MICRO_BATCH = 1 << 12  # sequences per rank per micro-step
+MAX_EPOCHS = 10_000
+MAX_ROPE_FACTOR = 1024.0
+MAX_ROPE_THETA = 1e15
+MAX_ADAPTER_SIZE = 1 << 16  # LoRA rank, virtual tokens, encoder width, trainable layers
+MAX_NODES = 1 << 16
+MAX_GPUS_PER_NODE = 64
+MAX_PROCS_PER_NODE = 256
+MAX_SEED = 2**32 - 1  # seeds are summed with epochs and offsets into generators that take 64 bits
+MAX_NAME = 100  # names become file names (ds_config.NAME.json, NAME.sbatch): far below NAME_MAX
+
 
 @dataclass(frozen=True)
 class Rope:
     type: RopeType = spec("none", doc="RoPE scaling kind; none keeps the model's own (rope_theta may still change).")
-    factor: float | None = spec(None, doc="Scale factor; derived from seq_len / original context when unset.")
-    original_max_position_embeddings: int | None = spec(None, min=1, doc="The model's pre-training context.")
-    rope_theta: float | None = spec(None, min=1, doc="New RoPE base (theta raise, as Llama 3 / EasyContext).")
+    factor: float | None = spec(None, max=MAX_ROPE_FACTOR,
+                                doc="Scale factor; derived from seq_len / original context when unset.")
+    original_max_position_embeddings: int | None = spec(None, min=1, max=MAX_SEQ_LEN,
+                                                        doc="The model's pre-training context.")
+    rope_theta: float | None = spec(None, min=1, max=MAX_ROPE_THETA,
+                                    doc="New RoPE base (theta raise, as Llama 3 / EasyContext).")
     beta_fast: float | None = spec(None, doc="YaRN: high-frequency boundary.")
     beta_slow: float | None = spec(None, doc="YaRN: low-frequency boundary.")
     attention_factor: float | None = spec(None, doc="YaRN/LongRoPE: attention temperature.")
@@ -58,12 +82,14 @@ class Model:
                                                 "backward (pinned, non-blocking copies): frees layers × tokens × "
                                                 "hidden per micro-batch on the GPU for PCIe traffic. Needs "
                                                 "gradient_checkpointing.")
-    tiled_mlp_tokens: int | None = spec(None, min=1, doc="Run each decoder MLP over tiles of this many tokens "
-                                                         "(DeepSpeed's TiledMLP, recomputed in backward): its "
-                                                         "intermediate activations shrink to one tile's. Unset: off; "
-                                                         "ALST uses the hidden size.")
-    loss_chunk_tokens: int = spec(4096, doc="The LM head and cross-entropy run over this many tokens at a time, so "
-                                            "full-vocabulary logits never exist for a whole long sequence.")
+    tiled_mlp_tokens: int | None = spec(None, min=1, max=MAX_SEQ_LEN,
+                                        doc="Run each decoder MLP over tiles of this many tokens "
+                                            "(DeepSpeed's TiledMLP, recomputed in backward): its "
+                                            "intermediate activations shrink to one tile's. Unset: off; "
+                                            "ALST uses the hidden size.")
+    loss_chunk_tokens: int = spec(4096, max=MAX_SEQ_LEN,
+                                  doc="The LM head and cross-entropy run over this many tokens at a time, so "
+                                      "full-vocabulary logits never exist for a whole long sequence.")
     loss_kernel: Literal["auto", "chunked", "liger"] = spec(
         "auto", doc="How the LM head and cross-entropy run. chunked: loss_chunk_tokens at a time, recomputed in "
                     "backward; liger: Liger's fused linear cross-entropy (CUDA, liger-kernel installed, not under "
@@ -84,6 +110,11 @@ class Model:
         if self.config is not None and self.name_or_path is None and "model_type" not in self.config:
             raise Invalid("config.model_type", "is required to build a model from a config",
                           "add `model_type: llama` (or another transformers model type)")
+        fixed = [key for key in SHAPE_KEYS if key in (self.config or {})] if self.name_or_path else []
+        if fixed:  # the checkpoint's weights have these shapes: overriding them cannot load
+            raise Invalid(f"config.{fixed[0]}", "is fixed by the pretrained model's weights (model.config "
+                          "overrides a pretrained model's other settings, e.g. dropout)",
+                          "remove it; RoPE and context change through the stages' `rope` and seq_len")
 
 
 @dataclass(frozen=True)
@@ -95,9 +126,12 @@ class Data:
     packing: bool = spec(True, doc="Pack documents into full rows (per-document positions, no cross attention).")
     long_documents: Literal["split", "truncate", "skip"] = spec("split", doc="What to do with documents over seq_len.")
     validation_fraction: float = spec(0.0, min=0.0, max=0.5)
-    seed: int = spec(0, doc="Added to the recipe seed for shuffling and the validation split.")
+    seed: int = spec(0, min=0, max=MAX_SEED, doc="Added to the recipe seed for shuffling and the validation split.")
 
     def __post_init__(self) -> None:
+        for index, path in enumerate(self.paths):
+            if not path.strip():  # an empty path would read the recipe's own folder
+                raise Invalid(f"paths[{index}]", "is empty", "give a data file or folder, or remove the entry")
         if not self.paths and not self.hub_dataset:
             raise Invalid("paths", "no data: neither local paths nor a hub dataset",
                           "add `paths: [data/train.jsonl]` or `hub_dataset: org/name`")
@@ -106,15 +140,16 @@ class Data:
 @dataclass(frozen=True)
 class Stage:
     name: str = spec(doc="Unique stage name; used in file names.")
-    seq_len: int = spec(min=16, doc="Tokens per sequence.")
-    steps: int | None = spec(None, min=1, doc="Optimizer steps (or give tokens).")
-    tokens: int | None = spec(None, min=1, doc="Tokens to train on; steps = tokens / tokens_per_step.")
+    seq_len: int = spec(min=16, max=MAX_SEQ_LEN, doc="Tokens per sequence.")
+    steps: int | None = spec(None, min=1, max=MAX_STEPS, doc="Optimizer steps (or give tokens).")
+    tokens: int | None = spec(None, min=1, max=MAX_TOKENS, doc="Tokens to train on; steps = tokens / tokens_per_step.")
     lr: float = spec(2e-5, min=0.0)
     min_lr_ratio: float = spec(0.1, min=0.0, max=1.0, doc="Cosine floor as a fraction of lr.")
-    warmup_steps: int = spec(0, min=0)
+    warmup_steps: int = spec(0, min=0, max=MAX_STEPS)
     rope: Rope = spec(factory=Rope, doc="RoPE scaling for this stage.")
     extend_positions: PositionExtension = spec("none", doc=EXTEND_POSITIONS_DOC)
-    micro_batch_size: int | None = spec(None, min=1, doc="Sequences per rank per micro-step; planned when unset.")
+    micro_batch_size: int | None = spec(None, min=1, max=MAX_MICRO_BATCH,
+                                        doc="Sequences per rank per micro-step; planned when unset.")
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -125,14 +160,14 @@ class Stage:
 
 @dataclass(frozen=True)
 class Progressive:
-    start: int = spec(min=16, doc="First seq_len.")
-    target: int = spec(min=16, doc="Last seq_len.")
-    growth: float = spec(2.0, min=1.01, doc="seq_len multiplier between stages.")
-    steps: int | None = spec(None, min=1, doc="Optimizer steps per stage.")
-    tokens: int | None = spec(None, min=1, doc="Tokens per stage.")
+    start: int = spec(min=16, max=MAX_SEQ_LEN, doc="First seq_len.")
+    target: int = spec(min=16, max=MAX_SEQ_LEN, doc="Last seq_len.")
+    growth: float = spec(2.0, min=1.1, max=64.0, doc="seq_len multiplier between stages.")
+    steps: int | None = spec(None, min=1, max=MAX_STEPS, doc="Optimizer steps per stage.")
+    tokens: int | None = spec(None, min=1, max=MAX_TOKENS, doc="Tokens per stage.")
     lr: float = spec(2e-5, min=0.0)
     min_lr_ratio: float = spec(0.1, min=0.0, max=1.0)
-    warmup_steps: int = spec(0, min=0)
+    warmup_steps: int = spec(0, min=0, max=MAX_STEPS)
     rope: Rope = spec(factory=Rope, doc="Applied to every stage; factor derived per stage when unset.")
     extend_positions: PositionExtension = spec("none", doc="Applied to every stage: " + EXTEND_POSITIONS_DOC)
     name_prefix: str = spec("ctx", doc="Stage names are prefix + seq_len (ctx8k, ctx16k, ...).")
@@ -143,22 +178,33 @@ class Progressive:
                           "set target >= start")
         if (self.steps is None) == (self.tokens is None):
             raise Invalid("steps", "give exactly one of `steps` and `tokens`", "keep one of them")
+        if len(self.lengths()) > MAX_STAGES:
+            raise Invalid("growth", f"{self.start} to {self.target} by x{self.growth:g} is more than {MAX_STAGES} "
+                          "stages", "raise growth (2 doubles seq_len per stage) or start")
+        try:  # every stage name must be valid, not only the prefix
+            check_name(f"{self.name_prefix}{_short(self.target)}")
+        except Invalid as err:
+            raise Invalid("name_prefix", err.what, err.fix) from None
+
+    def lengths(self) -> list[int]:
+        """Each stage's seq_len; stops counting past MAX_STAGES, so a tiny growth cannot loop for long."""
+        lengths, n = [], self.start
+        while n < self.target and len(lengths) <= MAX_STAGES:
+            lengths.append(n)
+            n = max(n + 1, int(n * self.growth))  # int() alone can stall: int(16 * 1.01) == 16
+        return lengths + [self.target]
 
     def expand(self) -> list[Stage]:
-        lengths, n = [], self.start
-        while n < self.target:
-            lengths.append(int(n))
-            n = int(n * self.growth)
-        lengths.append(self.target)
         return [Stage(name=f"{self.name_prefix}{_short(n)}", seq_len=n, steps=self.steps, tokens=self.tokens,
                       lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps, rope=self.rope,
                       extend_positions=self.extend_positions)
-                for n in lengths]
+                for n in self.lengths()]
 
 
 @dataclass(frozen=True)
 class LongContext:
-    tokens_per_step: int = spec(min=16, doc="Global tokens per optimizer step, kept as seq_len grows.")
+    tokens_per_step: int = spec(min=16, max=MAX_TOKENS_PER_STEP,
+                                doc="Global tokens per optimizer step, kept as seq_len grows.")
     data: Data = spec(doc="Long documents for continued pretraining.")
     stages: list[Stage] = spec(factory=list, doc="Explicit stages, seq_len increasing.")
     progressive: Progressive | None = spec(None, doc="Compact form: start, target, growth.")
@@ -167,6 +213,9 @@ class LongContext:
         if bool(self.stages) == (self.progressive is not None):
             raise Invalid("stages", "give exactly one of `stages` and `progressive`",
                           "list stages explicitly or use `progressive: {start, target, growth}`")
+        if len(self.stages) > MAX_STAGES:
+            raise Invalid("stages", f"{len(self.stages)} stages are more than {MAX_STAGES}",
+                          "grow seq_len in fewer, bigger steps")
 
     def expanded(self) -> list[Stage]:
         return self.progressive.expand() if self.progressive else list(self.stages)
@@ -174,14 +223,14 @@ class LongContext:
 
 @dataclass(frozen=True)
 class MethodOptions:
-    r: int = spec(16, min=1, doc="LoRA rank.")
-    alpha: float = spec(32.0, min=0.0, doc="LoRA scaling numerator.")
+    r: int = spec(16, min=1, max=MAX_ADAPTER_SIZE, doc="LoRA rank.")
+    alpha: float = spec(32.0, min=0.0, max=1e6, doc="LoRA scaling numerator.")
     dropout: float = spec(0.05, min=0.0, max=1.0)
     target_modules: list[str] | str | None = spec(None, doc="Module names, or all-linear; unset: all-linear for "
                                                             "the LoRA family, peft's per-model default for ia3.")
-    num_virtual_tokens: int = spec(16, min=1, doc="prefix / prompt / ptuning tokens.")
-    encoder_hidden_size: int = spec(128, min=1, doc="ptuning prompt-encoder width.")
-    trainable_layers: int = spec(2, min=0, doc="freeze: last N decoder layers train.")
+    num_virtual_tokens: int = spec(16, min=1, max=MAX_ADAPTER_SIZE, doc="prefix / prompt / ptuning tokens.")
+    encoder_hidden_size: int = spec(128, min=1, max=MAX_ADAPTER_SIZE, doc="ptuning prompt-encoder width.")
+    trainable_layers: int = spec(2, min=0, max=MAX_ADAPTER_SIZE, doc="freeze: last N decoder layers train.")
     trainable_patterns: list[str] = spec(factory=list, doc="freeze: parameter-name substrings that also train.")
     feedforward_modules: list[str] | None = spec(None, doc="ia3: modules scaled on their input.")
 
@@ -197,20 +246,21 @@ class Finetune:
                                           "format string with {instruction} and {input}; unset: the tokenizer's "
                                           "chat template if it has one, else alpaca. chat rows: a Jinja chat "
                                           "template replacing the tokenizer's. text rows: none.")
-    seq_len: int | None = spec(None, min=16, doc="Defaults to the last long-context stage's seq_len.")
+    seq_len: int | None = spec(None, min=16, max=MAX_SEQ_LEN, doc="Defaults to the last long-context stage's seq_len.")
     rope: Rope | None = spec(None, doc="RoPE for a fine-tune-only recipe; otherwise the last long-context "
                                        "stage's RoPE is kept.")
     extend_positions: PositionExtension = spec("none", doc="When seq_len outgrows the model's (or the last stage's) "
                                                            "learned position table: " + EXTEND_POSITIONS_DOC)
-    epochs: float | None = spec(None, min=0.0)
-    steps: int | None = spec(None, min=1)
-    global_batch_size: int = spec(8, min=1, doc="Sequences per optimizer step.")
-    micro_batch_size: int | None = spec(None, min=1)
+    epochs: float | None = spec(None, min=0.0, max=MAX_EPOCHS)
+    steps: int | None = spec(None, min=1, max=MAX_STEPS)
+    global_batch_size: int = spec(8, min=1, max=MAX_BATCH, doc="Sequences per optimizer step.")
+    micro_batch_size: int | None = spec(None, min=1, max=MAX_MICRO_BATCH)
     lr: float = spec(2e-4, min=0.0)
     min_lr_ratio: float = spec(0.1, min=0.0, max=1.0)
-    warmup_steps: int = spec(0, min=0)
-    eval_every: int | None = spec(None, min=1, doc="Evaluate on the validation split every N steps.")
-    early_stopping_patience: int | None = spec(None, min=1, doc="Stop after N evaluations without improvement.")
+    warmup_steps: int = spec(0, min=0, max=MAX_STEPS)
+    eval_every: int | None = spec(None, min=1, max=MAX_STEPS, doc="Evaluate on the validation split every N steps.")
+    early_stopping_patience: int | None = spec(None, min=1, max=MAX_STEPS,
+                                               doc="Stop after N evaluations without improvement.")
     merge_adapter: bool = spec(False, doc="Also export a merged model for adapter methods.")
 
     def __post_init__(self) -> None:
@@ -226,36 +276,49 @@ class Finetune:
 
 @dataclass(frozen=True)
 class Cluster:
-    nodes: int = spec(1, min=1)
-    gpus_per_node: int = spec(0, min=0, doc="0 means CPU ranks (then procs_per_node).")
-    procs_per_node: int = spec(1, min=1, doc="CPU ranks per node when gpus_per_node is 0.")
-    gpu_memory_gb: float = spec(80.0, min=1.0, doc="Per-GPU memory the plan must fit in.")
+    nodes: int = spec(1, min=1, max=MAX_NODES)
+    gpus_per_node: int = spec(0, min=0, max=MAX_GPUS_PER_NODE, doc="0 means CPU ranks (then procs_per_node).")
+    procs_per_node: int = spec(1, min=1, max=MAX_PROCS_PER_NODE, doc="CPU ranks per node when gpus_per_node is 0.")
+    gpu_memory_gb: float = spec(80.0, min=1.0, max=4096.0, doc="Per-GPU memory the plan must fit in.")
     partition: str | None = spec(None, doc="SLURM partition.")
     account: str | None = spec(None, doc="SLURM account.")
     qos: str | None = spec(None, doc="SLURM QOS.")
-    time_limit: str | None = spec(None, doc="SLURM time: MM, HH:MM:SS, D-HH, D-HH:MM:SS.")
+    time_limit: int | str | None = spec(None, doc="SLURM time: minutes (90), MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS.")
     constraint: str | None = spec(None, doc="SLURM --constraint (node features).")
     mem: str | None = spec(None, doc="SLURM --mem, e.g. 0 or 480G.")
-    cpus_per_task: int | None = spec(None, min=1)
+    cpus_per_task: int | None = spec(None, min=1, max=4096)
     exclusive: bool = spec(False, doc="Whole nodes (--exclusive).")
     setup: list[str] = spec(factory=list, doc="Shell lines run before training (module load, venv activate).")
     env: dict[str, str] = spec(factory=dict, doc="Environment for every rank (NCCL_*, ...).")
-    rdzv_port: int = spec(29500, min=1024, max=65535)
-    signal_grace_s: int = spec(120, min=10, doc="Seconds before the time limit to signal a checkpoint.")
+    python: str | None = spec(None, doc="Interpreter the ranks train with (`PYTHON -m torch.distributed.run`), "
+                                        "a path or a name the setup lines put on PATH. Unset: the interpreter "
+                                        "that rendered the run, so its venv works without activation.")
+    rdzv_port: int | None = spec(None, min=1024, max=65535, doc="Rendezvous port. Unset: derived from the SLURM "
+                                                               "job id; a free port for local runs.")
+    signal_grace_s: int = spec(120, min=10, max=86400, doc="Seconds before the time limit to signal a checkpoint.")
     requeue: bool = spec(True, doc="Requeue the job after a pre-limit checkpoint.")
-    max_restarts: int = spec(3, min=0)
+    max_restarts: int = spec(3, min=0, max=1000)
+    collective_timeout_minutes: int = spec(
+        60, min=1, max=1440, doc="How long a rank waits in a collective before the job fails (DeepSpeed's default "
+                                 "is 10): the other ranks wait in a barrier while rank 0 alone converts a "
+                                 "checkpoint or exports a merged model, which takes longer on a big model.")
     job_name: str | None = spec(None, doc="Defaults to the recipe name.")
 
     def __post_init__(self) -> None:
-        for name in ("partition", "account", "qos", "constraint", "mem", "job_name", "time_limit"):
+        for name in ("partition", "account", "qos", "constraint", "mem", "job_name", "time_limit", "python"):
             value = getattr(self, name)
-            if value is not None and not _printable_line(value):
+            if isinstance(value, str) and not _printable_line(value):
                 raise Invalid(name, f"{value!r} contains a line break or control character",
-                              "write it on one line; it becomes an #SBATCH directive")
+                              "write it on one line; it becomes an #SBATCH directive or a script line")
+        if self.python is not None and not self.python.strip():
+            raise Invalid("python", "is empty", "unset it (the rendering interpreter) or name an interpreter")
         for key in self.env:
             if not key.isidentifier() or not key.isascii():
                 raise Invalid(f"env.{key}", "is not a valid environment variable name",
                               "use letters, digits and '_' (not starting with a digit)")
+            if env_key_problem(key):
+                raise Invalid(f"env.{key}", env_key_problem(key),
+                              "choose another name; shell settings belong in `cluster.setup` lines")
 
     @property
     def ranks_per_node(self) -> int:
@@ -272,7 +335,8 @@ class Parallelism:
     offload_optimizer: Literal["none", "cpu", "nvme"] = spec("none", doc="Optimizer states off the GPU (ZeRO 2/3).")
     offload_params: Literal["none", "cpu", "nvme"] = spec("none", doc="Weights off the GPU (ZeRO 3).")
     nvme_path: str | None = spec(None, doc="Local NVMe folder for nvme offload.")
-    sequence_parallel: int = spec(1, min=1, doc="Ulysses degree: ranks sharing one sequence.")
+    sequence_parallel: int = spec(1, min=1, max=MAX_GPUS_PER_NODE * MAX_NODES,
+                                  doc="Ulysses degree: ranks sharing one sequence.")
 
     def __post_init__(self) -> None:
         if self.offload_params != "none" and self.zero_stage != 3:
@@ -295,8 +359,9 @@ class Tracking:
 
 @dataclass(frozen=True)
 class Checkpointing:
-    every_steps: int | None = spec(None, min=1, doc="Also checkpoint every N steps (always at stage end).")
-    keep_last: int = spec(2, min=1)
+    every_steps: int | None = spec(None, min=1, max=MAX_STEPS,
+                                   doc="Also checkpoint every N steps (always at stage end).")
+    keep_last: int = spec(2, min=1, max=1000)
     output_root: str = spec("runs", doc="Run dirs are created under this folder.")
 
     def __post_init__(self) -> None:
@@ -311,8 +376,8 @@ class Evaluation:
     lengths: list[int] = spec(factory=lambda: [1024, 2048], doc="Perplexity window lengths (tokens).")
     passkey_lengths: list[int] | None = spec(None, doc="Passkey prompt lengths; default: `lengths`.")
     depths: list[float] = spec(factory=lambda: [0.0, 0.5, 1.0], doc="Relative needle depths in [0, 1].")
-    trials: int = spec(2, min=1, doc="Passkeys per (length, depth) cell.")
-    windows: int = spec(1, min=1, doc="Perplexity windows per length.")
+    trials: int = spec(2, min=1, max=1000, doc="Passkeys per (length, depth) cell.")
+    windows: int = spec(1, min=1, max=1000, doc="Perplexity windows per length.")
     text: list[str] = spec(factory=list, doc="Held-out text files or folders; default: Python stdlib source.")
 
     def __post_init__(self) -> None:
@@ -320,6 +385,8 @@ class Evaluation:
             short = [n for n in getattr(self, name) or [] if n < 16]
             if short:
                 raise Invalid(name, f"{short} are below 16 tokens", "use lengths of at least 16 tokens")
+            if any(n > MAX_SEQ_LEN for n in getattr(self, name) or []):
+                raise Invalid(name, f"has a length above {MAX_SEQ_LEN} tokens", "evaluate shorter lengths")
         if any(not 0 <= d <= 1 for d in self.depths):
             raise Invalid("depths", f"{self.depths} has a depth outside [0, 1]", "use fractions like 0, 0.5, 1")
 
@@ -328,7 +395,7 @@ class Evaluation:
 class Recipe:
     name: str = spec(doc="Run name; the run dir is output_root/name.")
     model: Model = spec(doc="What to train.")
-    seed: int = spec(0, doc="Seeds model init, data order and splits.")
+    seed: int = spec(0, min=0, max=MAX_SEED, doc="Seeds model init, data order and splits.")
     long_context: LongContext | None = spec(None, doc="Continued-pretraining stages at growing seq_len.")
     finetune: Finetune | None = spec(None, doc="The task fine-tuning stage, after the long-context stages.")
     cluster: Cluster = spec(factory=Cluster, doc="Where it runs: nodes, ranks, SLURM settings.")
@@ -344,11 +411,19 @@ class Recipe:
                           "add a `long_context` section, a `finetune` section, or both")
 
 
+_PORTABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def check_name(name: str) -> None:
     """Names become file names and job names: keep them tame."""
-    if not name or not all(c.isalnum() or c in "-_." for c in name) or name.startswith("."):
+    if len(name) > MAX_NAME:  # file systems refuse names over 255 bytes: fail here, not when writing
+        raise Invalid("name", f"is {len(name)} characters long, more than {MAX_NAME}",
+                      "use a shorter name (it becomes file, folder and job names)")
+    # ASCII only, and a letter or digit first: `-x` would read as an option on a command line,
+    # `.x` is hidden, and other scripts' characters are not portable across file and job systems.
+    if not _PORTABLE_NAME.fullmatch(name):
         raise Invalid("name", f"{name!r} is not a valid name",
-                      "use letters, digits, '-', '_' and '.' only")
+                      "start with a letter or digit; then use ASCII letters, digits, '-', '_' and '.' only")
 
 
 def _printable_line(text: str) -> bool:
@@ -362,13 +437,7 @@ def _short(n: int) -> str:
 # ---- loading -------------------------------------------------------------------------
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    try:
-        raw = yaml.safe_load(Path(path).read_text())
-    except FileNotFoundError:
-        raise RecipeError([Problem("<recipe>", f"file {path} does not exist", "check the path")]) from None
-    except yaml.YAMLError as err:
-        raise RecipeError([Problem("<recipe>", f"is not valid YAML: {err}", "fix the YAML syntax")]) from None
-    return recipe_from_dict(apply_overrides(raw or {}, overrides))
+    return recipe_from_dict(apply_overrides(read_recipe(Path(path)), overrides))
 
 
 def recipe_from_dict(raw: dict) -> Recipe:
@@ -385,7 +454,9 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not sep or not key:
             raise RecipeError([Problem(key or item, "override is not of the form key=value",
                                        "write e.g. --set cluster.nodes=4")])
-        _set_path(out, key.split("."), yaml.safe_load(text) if text else "")
+        if key.count(".") >= MAX_DEPTH:  # as deep as the YAML loader allows, so validation cannot recurse away
+            raise RecipeError([Problem(key[:80], f"the key is more than {MAX_DEPTH} levels deep", "check the key")])
+        _set_path(out, key.split("."), parse_override(key, text))
     return out
 
 

@@ -56,11 +56,26 @@ def quiet_process_env(cuda_available: bool, environ: dict[str, str] | None = Non
     target.setdefault("DS_ACCELERATOR", "cuda" if cuda_available else "cpu")
 
 
+# A job's rendezvous port is derived from its id, so two jobs sharing a node do not collide
+# (unless their ids differ by a multiple of the span). The range stays below Linux's ephemeral
+# ports (32768+), which the kernel hands out to outgoing connections. slurm.py renders the same
+# formula into the sbatch script.
+RDZV_PORT_BASE = 20000
+RDZV_PORT_SPAN = 12000
+FALLBACK_PORT = 29500
+
+
+def job_rendezvous_port(job_id: str | None) -> int:
+    if job_id and job_id.isdigit():
+        return RDZV_PORT_BASE + int(job_id) % RDZV_PORT_SPAN
+    return FALLBACK_PORT
+
+
 def export_rendezvous_defaults(env: DistEnv, environ: dict[str, str] | None = None) -> None:
     """srun-launched ranks (no torchrun) still need MASTER_ADDR/PORT for env:// init."""
     target = os.environ if environ is None else environ
     target.setdefault("MASTER_ADDR", "127.0.0.1")
-    target.setdefault("MASTER_PORT", "29500")
+    target.setdefault("MASTER_PORT", str(job_rendezvous_port(env.slurm_job_id)))
     target.setdefault("RANK", str(env.rank))
     target.setdefault("LOCAL_RANK", str(env.local_rank))
     target.setdefault("WORLD_SIZE", str(env.world_size))

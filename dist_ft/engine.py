@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import datetime
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +19,12 @@ from .loss import unwrapped_state_dict
 from .sequence_parallel import SequenceParallel, use_document_attention
 
 
-def init_distributed(env: DistEnv) -> None:
+def init_distributed(env: DistEnv, timeout_minutes: int = 60) -> None:
+    """The process group, with the recipe's collective timeout: the other ranks wait in a barrier while
+    rank 0 alone converts or exports a checkpoint, which can outlast DeepSpeed's default 10 minutes."""
     if env.device.startswith("cuda"):
         torch.cuda.set_device(env.local_rank)
-    deepspeed.init_distributed(dist_backend=env.backend)
+    deepspeed.init_distributed(dist_backend=env.backend, timeout=datetime.timedelta(minutes=timeout_minutes))
 
 
 @contextlib.contextmanager
@@ -123,18 +127,53 @@ def parameter_residency(engine) -> tuple[int, int]:
     return sum(p.ds_tensor.numel() for p in params), sum(p.ds_numel for p in params)
 
 
-def full_state_dict(engine) -> dict[str, torch.Tensor] | None:
-    """Consolidated weights (on rank 0 under ZeRO-3; everywhere otherwise)."""
+def full_state_dict(engine, is_main: bool) -> dict[str, torch.Tensor] | None:
+    """Consolidated weights on rank 0 (None elsewhere): a CPU copy of a big model on every rank of a node
+    would exhaust its host memory."""
     if is_zero3(engine):
-        # Gathers layer by layer onto rank 0 instead of materialising the model on every rank.
+        # Every rank takes part in the gather, layer by layer onto rank 0.
         state = engine._zero3_consolidated_16bit_state_dict()
         return None if state is None else unwrapped_state_dict(state)
+    if not is_main:  # ZeRO-1/2 keep whole weights on every rank: rank 0 copies its own, no collective
+        return None
     return unwrapped_state_dict({k: v.detach().cpu() for k, v in engine.module.state_dict().items()})
 
 
+def parameters_finite(engine) -> bool:
+    """Whether every trainable weight is finite on every rank (each checks what it holds; under ZeRO-3
+    its shard). A finite loss and gradient can still step weights to inf."""
+    held = [getattr(p, "ds_tensor", p) for p in engine.module.parameters() if p.requires_grad]
+    local = all(bool(torch.isfinite(t).all()) for t in held)
+    return all_reduce_max(0.0 if local else 1.0) == 0.0
+
+
 def save_checkpoint(engine, folder: Path, tag: str, client_state: dict[str, Any], frozen_excluded: bool) -> None:
-    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False,
-                           exclude_frozen_parameters=frozen_excluded)
+    """DeepSpeed's save; every file this rank writes is on disk when it returns, so the commit that
+    follows never marks complete a checkpoint still in the page cache."""
+    with _synced_writes(engine.checkpoint_engine):
+        engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=frozen_excluded)
+
+
+@contextlib.contextmanager
+def _synced_writes(writer) -> Iterator[None]:
+    """fsync each file DeepSpeed's checkpoint writer saves (by path), for the duration."""
+    save = writer.save
+
+    def save_and_sync(state_dict, path, *args, **kwargs):
+        result = save(state_dict, path, *args, **kwargs)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return result
+
+    writer.save = save_and_sync
+    try:
+        yield
+    finally:
+        writer.save = save
 
 
 def load_checkpoint(engine, folder: Path, tag: str) -> dict[str, Any]:
@@ -154,6 +193,23 @@ def convert_to_universal(folder: Path, tag: str, out: Path) -> None:
 
 def barrier() -> None:
     torch.distributed.barrier()
+
+
+def collective_timeout_s() -> float | None:
+    """The world group's collective timeout as torch holds it (None where torch hides it)."""
+    try:
+        backend = torch.distributed.group.WORLD._get_backend(torch.device(_comm_device()))
+        return backend.options._timeout.total_seconds()
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def broadcast_from_main(value: Any) -> Any:
+    """Rank 0's value (any picklable object) on every rank: one decision where ranks could see files
+    differently (a shared filesystem's caches, a file changing between their reads)."""
+    box = [value]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def all_reduce_max(value: float) -> float:

@@ -51,34 +51,58 @@ class NonFiniteLossError(RuntimeError):
 
 def run_loop(engine, batches: Iterator[dict[str, torch.Tensor]], state: LoopState, cfg: LoopConfig,
              hooks: LoopHooks) -> str:
-    """Train until total_steps; returns "finished", "stopped" (checkpointed on request) or "early_stopped"."""
+    """Train until total_steps. Returns "finished" or "early_stopped" (both checkpointed), or "stopped" on
+    request: checkpointed, unless the last steps were non-finite (a rerun resumes from the last good one).
+    Raises NonFiniteLossError rather than checkpoint, or end on, a non-finite state."""
     while state.step < cfg.total_steps:
         started = time.perf_counter()
         lr = engine.get_lr()[0]  # the scheduler moves on inside the step
-        loss, tokens, finite = _optimizer_step(engine, batches, cfg.grad_accum, cfg.data_parallel)
+        loss, tokens, loss_finite = _optimizer_step(engine, batches, cfg.grad_accum, cfg.data_parallel)
+        grad_norm = _grad_norm(engine)
+        grad_finite = _gradient_finite(engine, grad_norm)  # a collective: every rank, every step
         state.step += 1
         state.tokens_seen += tokens
-        _account_nonfinite(state, finite, cfg)
+        _account_nonfinite(state, loss_finite and grad_finite, cfg)
         row = {"step": state.step, "loss": loss, "lr": lr, "tokens_seen": state.tokens_seen,
-               "grad_norm": _grad_norm(engine), "nonfinite_steps": state.nonfinite_steps}
+               "grad_norm": grad_norm, "nonfinite_steps": state.nonfinite_steps}
         row.update(hooks.step_extras(time.perf_counter() - started))
         hooks.log(row)
         _stop_on_nonfinite_streak(state, cfg)
         if _evaluate_now(state, cfg) and _early_stop(state, cfg, hooks):
-            hooks.checkpoint(state)
+            _final_checkpoint(engine, state, hooks)
             return "early_stopped"
         if hooks.stop_requested():
-            hooks.checkpoint(state)
+            if state.consecutive_nonfinite == 0:
+                _checkpoint(engine, state, hooks)
             return "stopped"
         if _checkpoint_due(state, cfg):
-            hooks.checkpoint(state)
+            _checkpoint(engine, state, hooks)
     if hooks.evaluate is not None:  # the exported model's loss, for comparison after reloading
         hooks.log({"step": state.step, "eval_loss": hooks.evaluate()})
+    _final_checkpoint(engine, state, hooks)
     return "finished"
 
 
+def _checkpoint(engine, state: LoopState, hooks: LoopHooks) -> None:
+    """Save, unless a weight is NaN/inf on some rank: a finite loss and gradient can still step a weight
+    to inf, and a checkpoint of it would be where every restart resumes."""
+    if not ds.parameters_finite(engine):
+        raise NonFiniteLossError(f"a weight is NaN/inf after step {state.step}; not checkpointing it: the last "
+                                 "good checkpoint stays the latest")
+    hooks.checkpoint(state)
+
+
+def _final_checkpoint(engine, state: LoopState, hooks: LoopHooks) -> None:
+    """The checkpoint the stage is exported from: never one taken inside a run of non-finite steps."""
+    if state.consecutive_nonfinite:
+        raise NonFiniteLossError(f"the stage ended on {state.consecutive_nonfinite} optimizer step(s) with a NaN/inf "
+                                 f"loss or gradient (step {state.step}); not checkpointing or exporting it: the "
+                                 "last good checkpoint stays the latest")
+    _checkpoint(engine, state, hooks)
+
+
 def _checkpoint_due(state: LoopState, cfg: LoopConfig) -> bool:
-    """Periodic checkpoints, except inside a run of non-finite losses: the last good one must stay."""
+    """Periodic checkpoints, except inside a run of non-finite steps: the last good one must stay."""
     return (bool(cfg.checkpoint_every) and state.step % cfg.checkpoint_every == 0
             and state.step < cfg.total_steps and state.consecutive_nonfinite == 0)
 
@@ -116,13 +140,23 @@ def _account_nonfinite(state: LoopState, finite: bool, cfg: LoopConfig) -> None:
 
 def _stop_on_nonfinite_streak(state: LoopState, cfg: LoopConfig) -> None:
     if state.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
-        raise NonFiniteLossError(f"{state.consecutive_nonfinite} optimizer steps in a row had a NaN/inf loss "
-                                 f"(step {state.step}); stopping with the last good checkpoint intact")
+        raise NonFiniteLossError(f"{state.consecutive_nonfinite} optimizer steps in a row had a NaN/inf loss or "
+                                 f"gradient (step {state.step}); stopping with the last good checkpoint intact")
 
 
 def _grad_norm(engine) -> float | None:
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else None
+
+
+def _gradient_finite(engine, norm: float | None) -> bool:
+    """Whether the step's gradient norm was finite on every rank. DeepSpeed skips an update whose norm
+    is NaN/inf (and reports inf): that step trained nothing, like a non-finite loss. Under fp16 such
+    skips are the dynamic loss scale searching downwards, and DeepSpeed stops at its minimum scale."""
+    if engine.fp16_enabled():
+        return True
+    local = norm is None or math.isfinite(norm)
+    return ds.all_reduce_max(0.0 if local else 1.0) == 0.0
 
 
 def _evaluate_now(state: LoopState, cfg: LoopConfig) -> bool:

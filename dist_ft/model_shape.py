@@ -96,28 +96,47 @@ class ModelShape:
         return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
 
 
+class ShapeError(ValueError):
+    """A model config value the plan cannot use; `key` names it, `what` says why."""
+
+    def __init__(self, key: str, what: str):
+        self.key, self.what = key, what
+        super().__init__(f"{key} {what}")
+
+
+MAX_DIM = 1 << 20  # hidden size, heads, layers, vocabulary: beyond any model, small enough for the estimates
+MAX_POSITIONS = 1 << 24
+# Keys that decide the parameters' shapes or the positions: read by the plan, fixed by a pretrained
+# checkpoint's weights (the recipe's `rope` and stages change RoPE and context instead).
+SHAPE_KEYS = ("model_type", "hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer",
+              "num_attention_heads", "n_head", "num_key_value_heads", "head_dim", "intermediate_size", "n_inner",
+              "ffn_dim", "vocab_size", "max_position_embeddings", "n_positions", "rope_parameters", "rope_scaling",
+              "rope_theta", "tie_word_embeddings", "attention_bias", *MOE_KEYS)
+
+
 def shape_from_config(cfg: dict[str, Any], source: str) -> ModelShape:
-    """Pure: a transformers-style config dict → ModelShape (gpt2-style names too)."""
-    def get(*names: str, default: Any = None) -> Any:
+    """Pure: a transformers-style config dict → ModelShape (gpt2-style names too). Raises ShapeError."""
+    def get(*names: str, default: int, limit: int = MAX_DIM) -> int:
         for name in names:
             if cfg.get(name) is not None:
-                return cfg[name]
+                return _whole(name, cfg[name], limit)
         return default
 
-    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     hidden = get("hidden_size", "n_embd", "d_model", default=64)
     heads = get("num_attention_heads", "n_head", default=4)
+    kv_heads = get("num_key_value_heads", default=heads)
+    _check_heads(cfg, hidden, heads, kv_heads)
     return ModelShape(
-        model_type=cfg.get("model_type", "llama"),
+        model_type=_model_type(cfg),
         hidden_size=hidden,
         num_layers=get("num_hidden_layers", "n_layer", default=2),
         num_heads=heads,
-        num_kv_heads=get("num_key_value_heads", default=heads),
+        num_kv_heads=kv_heads,
         head_dim=get("head_dim", default=hidden // heads),
         intermediate_size=get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
         vocab_size=get("vocab_size", default=32000),
-        max_position_embeddings=get("max_position_embeddings", "n_positions", default=2048),
-        rope_theta=float(rope.get("rope_theta") or cfg.get("rope_theta") or 10000.0),
+        max_position_embeddings=get("max_position_embeddings", "n_positions", default=2048, limit=MAX_POSITIONS),
+        rope_theta=_rope_theta(cfg),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
         attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") in ABSOLUTE_POSITION_TYPES)),
         source=source,
@@ -125,14 +144,84 @@ def shape_from_config(cfg: dict[str, Any], source: str) -> ModelShape:
     )
 
 
+def _whole(key: str, value: Any, limit: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+        raise ShapeError(key, f"must be a whole number from 1 to {limit}, got {repr(value)[:40]}")
+    return value
+
+
+def _check_heads(cfg: dict[str, Any], hidden: int, heads: int, kv_heads: int) -> None:
+    """What attention layers need to be built at all: whole heads, whole groups of query heads per KV head."""
+    head_key = "num_attention_heads" if "num_attention_heads" in cfg else "n_head"
+    if cfg.get("head_dim") is None and hidden % heads:
+        raise ShapeError(head_key, f"{heads} does not divide the hidden size {hidden} (and head_dim is unset)")
+    if heads % kv_heads:
+        raise ShapeError("num_key_value_heads", f"{kv_heads} does not divide the {heads} attention heads")
+
+
+def _model_type(cfg: dict[str, Any]) -> str:
+    value = cfg.get("model_type", "llama")
+    if not isinstance(value, str) or not value.replace("-", "_").isidentifier():
+        raise ShapeError("model_type", f"must be a transformers model type such as llama, got {repr(value)[:40]}")
+    return value
+
+
+def _rope_theta(cfg: dict[str, Any]) -> float:
+    rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+    rope = cfg.get(rope_key) or {}
+    if not isinstance(rope, dict):
+        raise ShapeError(rope_key, f"must be a mapping, got {repr(rope)[:40]}")
+    for key, value in ((f"{rope_key}.rope_theta", rope.get("rope_theta")), ("rope_theta", cfg.get("rope_theta"))):
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+            raise ShapeError(key, f"must be a positive number, got {repr(value)[:40]}")
+        return float(value)
+    return 10000.0
+
+
 def resolve_model_dir(name_or_path: str) -> Path | None:
     """`package:NAME` → the installed package's folder; a local dir → itself; else None."""
     if name_or_path.startswith("package:"):
-        found = importlib.util.find_spec(name_or_path.removeprefix("package:"))
-        return Path(next(iter(found.submodule_search_locations))) if found and found.submodule_search_locations \
-            else None
+        return package_dir(name_or_path.removeprefix("package:"))
     path = Path(name_or_path).expanduser()
-    return path if path.is_dir() else None
+    return path if is_dir(path) else None
+
+
+def is_dir(path: Path) -> bool:
+    """Path.is_dir, False where the system refuses to look (a name too long, a folder without permission)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:
+        return False
+
+
+def package_dir(name: str) -> Path | None:
+    """`NAME` or `NAME.SUB.SUB` → that package's folder, found without importing anything.
+
+    `importlib.util.find_spec("a.b")` imports `a`, running its `__init__`: a data path would run code
+    at plan time. So only the top-level name goes to the finders (they locate, never execute) and
+    sub-packages are plain folders below it.
+    """
+    parts = name.split(".")
+    if not all(part.isidentifier() for part in parts):
+        return None
+    try:
+        spec = importlib.util.find_spec(parts[0])
+    except (ImportError, ValueError):  # ValueError: a module in sys.modules without a __spec__
+        return None
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        folder = Path(root).joinpath(*parts[1:])
+        if is_dir(folder):
+            return folder
+    return None
 
 
 def read_model_shape(name_or_path: str | None, gguf_file: str | None,
@@ -141,14 +230,27 @@ def read_model_shape(name_or_path: str | None, gguf_file: str | None,
     if name_or_path is None:
         return shape_from_config(inline or {}, "recipe model.config")
     folder = resolve_model_dir(name_or_path)
-    if folder and gguf_file and (folder / gguf_file).is_file():
-        return _gguf_shape(folder / gguf_file)
-    if folder and (folder / "config.json").is_file():
-        cfg = json.loads((folder / "config.json").read_text())
+    if folder and gguf_file and is_file(folder / gguf_file):
+        try:
+            return _gguf_shape(folder / gguf_file)
+        except (OSError, ValueError, KeyError, IndexError) as err:  # not a GGUF file, or a truncated one
+            raise ShapeError("gguf_file", f"{gguf_file} cannot be read as GGUF: {err}") from None
+    if folder and is_file(folder / "config.json"):
+        cfg = _read_config_json(folder / "config.json")
         return shape_from_config({**cfg, **(inline or {})}, str(folder / "config.json"))
     if name_or_path in CATALOGUE:
         return shape_from_config({**CATALOGUE[name_or_path], **(inline or {})}, f"catalogue:{name_or_path}")
     return None
+
+
+def _read_config_json(path: Path) -> dict[str, Any]:
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or bad UTF-8
+        raise ShapeError("config.json", f"in {path.parent} cannot be read: {err}") from None
+    if not isinstance(cfg, dict):
+        raise ShapeError("config.json", f"in {path.parent} is not a JSON object")
+    return cfg
 
 
 def _gguf_shape(path: Path) -> ModelShape:

@@ -222,7 +222,8 @@ def _time_limit(recipe: Recipe, problems: list[Problem]) -> int | None:
     try:
         seconds = parse_time_limit(c.time_limit)
     except ValueError as err:
-        problems.append(Problem("cluster.time_limit", str(err), "write e.g. `time_limit: \"1-12:00:00\"`"))
+        problems.append(Problem("cluster.time_limit", str(err),
+                                "write minutes (`time_limit: 90`) or e.g. `time_limit: \"1-12:00:00\"`"))
         return None
     if seconds is not None and c.signal_grace_s >= seconds:
         problems.append(Problem("cluster.signal_grace_s",
@@ -270,13 +271,14 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
         warnings.append(f"{stage.name}: {tokens_per_step} tokens per step (asked {lc.tokens_per_step}): "
                         f"{global_seqs} sequences of {stage.seq_len} over {dp} data-parallel ranks")
     steps = stage.steps or math.ceil(stage.tokens / tokens_per_step)
+    _check_warmup(stage.warmup_steps, steps, f"{path}.warmup_steps", problems)
     return StagePlan(
         index=index, name=stage.name, phase="continued_pretraining", seq_len=stage.seq_len,
         rope_parameters=rope, max_position_embeddings=_max_positions(shape, stage.seq_len, rope), method="full",
         method_options={}, data=to_dict(lc.data), data_format="text", template=None,
         micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs, tokens_per_step=tokens_per_step,
         steps=steps, epochs=None, lr=stage.lr, min_lr=stage.lr * stage.min_lr_ratio,
-        warmup_steps=min(stage.warmup_steps, steps), schedule="warmup_cosine",
+        warmup_steps=stage.warmup_steps, schedule="warmup_cosine",
         **_parallel_fields(recipe), init_from=previous.name if previous else None, eval_every=None,
         early_stopping_patience=None, merge_adapter=False, memory=mem, ds_config=f"ds_config.{stage.name}.json",
         sbatch=f"{stage.name}.sbatch", extend_positions=stage.extend_positions,
@@ -301,6 +303,11 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
     micro = _packing_safe_micro(recipe, ft.data, ft.micro_batch_size, "finetune.micro_batch_size", problems)
     micro, accum, global_seqs, mem = _batch(recipe, shape, ft.method, ft.data.packing, seq_len, ft.global_batch_size,
                                             micro, dp, "finetune.micro_batch_size", problems, warnings)
+    if global_seqs != ft.global_batch_size:  # dp does not divide it: said, as for long-context tokens_per_step
+        warnings.append(f"{ft.name}: {global_seqs} sequences per step (asked {ft.global_batch_size}): {micro} x "
+                        f"{accum} accumulation x {dp} data-parallel ranks")
+    if ft.steps is not None:  # by epochs, the step count is known only from the data, at run time
+        _check_warmup(ft.warmup_steps, ft.steps, "finetune.warmup_steps", problems)
     return StagePlan(
         index=index, name=ft.name, phase="finetune", seq_len=seq_len, rope_parameters=rope,
         max_position_embeddings=max(_max_positions(shape, seq_len, rope),
@@ -313,6 +320,12 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
         early_stopping_patience=ft.early_stopping_patience, merge_adapter=ft.merge_adapter, memory=mem,
         ds_config=f"ds_config.{ft.name}.json", sbatch=f"{ft.name}.sbatch", extend_positions=ft.extend_positions,
     )
+
+
+def _check_warmup(warmup: int, steps: int, path: str, problems: list[Problem]) -> None:
+    if warmup and warmup >= steps:
+        problems.append(Problem(path, f"{warmup} warmup steps leave none of the stage's {steps} steps to decay "
+                                "the learning rate", f"use fewer than {steps} warmup steps"))
 
 
 def _check_method(recipe: Recipe, problems: list[Problem]) -> None:
@@ -349,8 +362,10 @@ def _batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, 
         problems.append(Problem("parallelism.sequence_parallel", f"{sp} does not divide seq_len {seq_len}",
                                 "choose seq_len divisible by the sequence-parallel degree"))
     per_rank = max(1, math.ceil(global_seqs / dp))
+    if micro_override and per_rank % micro_override:
+        problems.append(_micro_changes_batch(micro_override, per_rank, dp, path))
     candidates = [micro_override] if micro_override else \
-        [m for m in range(per_rank, 0, -1) if per_rank % m == 0 and m * seq_len / sp <= MAX_MICRO_TOKENS] or [1]
+        _divisors_desc(per_rank, max(1, MAX_MICRO_TOKENS * sp // seq_len))
     for micro in candidates:
         mem = _memory(recipe, shape, method, packed, seq_len, micro, dp)
         if mem is None or mem.total_gib <= TIGHT_FRACTION * _budget(recipe):
@@ -358,6 +373,21 @@ def _batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, 
     accum = max(1, math.ceil(per_rank / micro))
     _check_fit(recipe, mem, path, seq_len, problems, warnings)
     return micro, accum, micro * accum * dp, mem.as_dict() if mem else None
+
+
+def _micro_changes_batch(micro: int, per_rank: int, dp: int, path: str) -> Problem:
+    """An explicit micro-batch that does not divide a rank's share would silently change the global batch."""
+    accum = math.ceil(per_rank / micro)
+    return Problem(path, f"{micro} sequences per micro-step do not divide the {per_rank} each of the {dp} "
+                   f"data-parallel ranks takes per step: the step would grow to {micro * accum * dp} sequences "
+                   f"(from {per_rank * dp})", f"use a divisor of {per_rank} (gradient accumulation keeps the "
+                   "batch), or unset it to let the plan choose, or change the global batch")
+
+
+def _divisors_desc(n: int, limit: int) -> list[int]:
+    """Divisors of n up to limit, largest first; O(sqrt n), so a huge batch cannot stall the planner."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({d for d in small + [n // d for d in small] if d <= limit}, reverse=True) or [1]
 
 
 def _memory(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int, micro: int,

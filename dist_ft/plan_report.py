@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shlex
+
+from .launch_script import training_python
 from .plan import Plan, StagePlan
 
 
@@ -11,10 +14,17 @@ def format_plan(plan: Plan) -> str:
         f"cluster: {plan.nodes} node(s) x {plan.ranks_per_node} {'GPU' if plan.device == 'cuda' else 'CPU rank'}(s)"
         f" = world {plan.world_size}; data-parallel {plan.dp} x sequence-parallel {plan.sp}",
         f"model: {_model_line(plan)}",
+        f"ranks run: {_python_line(plan)}",
     ]
     blocks = [_stage_block(plan, s) for s in plan.stages]
     tail = [f"warning: {w}" for w in plan.warnings]
     return "\n".join(head + [""] + blocks + tail)
+
+
+def _python_line(plan: Plan) -> str:
+    python = training_python(plan.cluster)
+    source = "cluster.python" if plan.cluster.get("python") else "the interpreter rendering this plan"
+    return f"{shlex.quote(python)} -m torch.distributed.run ({source})"
 
 
 def _model_line(plan: Plan) -> str:

@@ -7,7 +7,8 @@ import dataclasses
 from pathlib import Path
 
 from .config import Data, Recipe
-from .model_shape import ModelShape, read_model_shape, resolve_model_dir
+from .data_files import data_path_problem
+from .model_shape import ModelShape, ShapeError, is_file, read_model_shape, resolve_model_dir
 from .strict import Problem, RecipeError
 
 
@@ -21,7 +22,8 @@ def resolve_data_path(entry: str, base: Path) -> str:
 
 
 def resolve_recipe_paths(recipe: Recipe, base: Path) -> Recipe:
-    """Make data paths and a local model path absolute: ranks may start in any directory."""
+    """Make data paths and a local (or `package:NAME`) model path absolute: ranks may start in any directory,
+    and only the launcher resolves `package:` names."""
     def fix(data: Data) -> Data:
         return dataclasses.replace(data, paths=[resolve_data_path(p, base) for p in data.paths])
 
@@ -31,7 +33,7 @@ def resolve_recipe_paths(recipe: Recipe, base: Path) -> Recipe:
     if recipe.finetune:
         changes["finetune"] = dataclasses.replace(recipe.finetune, data=fix(recipe.finetune.data))
     model_path = recipe.model.name_or_path
-    if model_path and not model_path.startswith("package:") and _looks_local(model_path, base):
+    if model_path and (model_path.startswith("package:") or _looks_local(model_path, base)):
         changes["model"] = dataclasses.replace(recipe.model, name_or_path=resolve_data_path(model_path, base))
     return dataclasses.replace(recipe, **changes)
 
@@ -46,9 +48,8 @@ def check_inputs(recipe: Recipe) -> None:
             if entry.startswith("package:"):
                 problems.append(Problem(f"{path}.paths[{i}]", f"no installed package {entry[8:]!r}",
                                         "install it or give a file path"))
-            elif not Path(entry).exists():
-                problems.append(Problem(f"{path}.paths[{i}]", f"{entry} does not exist",
-                                        "fix the path (relative paths are read from the recipe's folder)"))
+            elif (unusable := data_path_problem(entry)) is not None:
+                problems.append(Problem(f"{path}.paths[{i}]", *unusable))
     model = recipe.model
     if model.name_or_path:
         folder = resolve_model_dir(model.name_or_path)
@@ -58,7 +59,7 @@ def check_inputs(recipe: Recipe) -> None:
         elif Path(model.name_or_path).is_absolute() and folder is None:
             problems.append(Problem("model.name_or_path", f"{model.name_or_path} is not a directory",
                                     "give a local model directory, `package:NAME`, or a hub name"))
-        elif folder and model.gguf_file and not (folder / model.gguf_file).is_file():
+        elif folder and model.gguf_file and not is_file(folder / model.gguf_file):
             problems.append(Problem("model.gguf_file", f"{model.gguf_file} is not in {folder}",
                                     "check the file name"))
     if problems:
@@ -67,7 +68,15 @@ def check_inputs(recipe: Recipe) -> None:
 
 def model_shape(recipe: Recipe) -> ModelShape | None:
     m = recipe.model
-    return read_model_shape(m.name_or_path, m.gguf_file, m.config)
+    try:
+        return read_model_shape(m.name_or_path, m.gguf_file, m.config)
+    except ShapeError as err:
+        if m.name_or_path is None:  # the recipe's own model.config
+            raise RecipeError([Problem(f"model.config.{err.key}", err.what, "fix the value in model.config")]) \
+                from None
+        field = "model.gguf_file" if err.key == "gguf_file" else "model.name_or_path"
+        raise RecipeError([Problem(field, f"the model's config is unusable: {err}",
+                                   "point at a valid model directory")]) from None
 
 
 def _looks_local(path: str, base: Path) -> bool:

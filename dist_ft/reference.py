@@ -7,7 +7,7 @@ import dataclasses
 import typing
 
 from . import config
-from .strict import _describe
+from .strict import _describe, number_text
 
 SECTIONS = [("(top level)", config.Recipe), ("model", config.Model), ("long_context", config.LongContext),
             ("long_context.stages[]", config.Stage), ("long_context.progressive", config.Progressive),
@@ -44,7 +44,8 @@ def _default(f: dataclasses.Field) -> str:
 
 def _bounds(f: dataclasses.Field) -> str:
     low, high = f.metadata.get("min"), f.metadata.get("max")
-    parts = ([f">= {low:g}"] if low is not None else []) + ([f"<= {high:g}"] if high is not None else [])
+    parts = ([f">= {number_text(low)}"] if low is not None else []) + \
+        ([f"<= {number_text(high)}"] if high is not None else [])
     return f" ({', '.join(parts)})" if parts else ""
 
 

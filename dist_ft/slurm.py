@@ -18,6 +18,8 @@ import re
 import shlex
 
 from .assets import asset
+from .distributed import RDZV_PORT_BASE, RDZV_PORT_SPAN
+from .launch_script import training_python
 from .plan import Plan, StagePlan
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_.,:@%/+=-]+$")
@@ -59,7 +61,7 @@ def sbatch_directives(plan: Plan, stage: StagePlan) -> list[tuple[str, str | Non
     if c["gpus_per_node"]:
         items.append(("gpus-per-node", str(c["gpus_per_node"])))
     optional = {"cpus-per-task": c.get("cpus_per_task"), "partition": c.get("partition"),
-                "account": c.get("account"), "qos": c.get("qos"), "time": c.get("time_limit"),
+                "account": c.get("account"), "qos": c.get("qos"), "time": _time(c.get("time_limit")),
                 "constraint": c.get("constraint"), "mem": c.get("mem")}
     items += [(k, str(v)) for k, v in optional.items() if v is not None]
     if c.get("exclusive"):
@@ -85,7 +87,8 @@ def render_sbatch(plan: Plan, stage: StagePlan, template: str | None = None) -> 
         "STAGE_NAME": stage.name,
         "RUN_DIR": shlex.quote(plan.run_dir),
         "STAGE": shlex.quote(stage.name),
-        "RDZV_PORT": str(int(c["rdzv_port"])),
+        "PYTHON": shlex.quote(training_python(c)),
+        "RDZV_PORT": rendezvous_port(c.get("rdzv_port")),
         "RANKS_PER_NODE": str(int(plan.ranks_per_node)),
         "MAX_RESTARTS": str(int(c["max_restarts"])),
         "REQUEUE": "1" if c["requeue"] else "0",
@@ -94,6 +97,19 @@ def render_sbatch(plan: Plan, stage: StagePlan, template: str | None = None) -> 
         "OMP_THREADS": str(OMP_THREADS_PER_RANK),
     }
     return re.sub(r"@@([A-Z_]+)@@", lambda m: values[m.group(1)], text)
+
+
+def rendezvous_port(port: int | None) -> str:
+    """The recipe's fixed port, else one derived from the job id at run time (as
+    `distributed.job_rendezvous_port`): jobs sharing a node get different ports."""
+    if port:
+        return str(int(port))
+    return f"$(({RDZV_PORT_BASE} + SLURM_JOB_ID % {RDZV_PORT_SPAN}))"
+
+
+def _time(limit: str | int | None) -> str | None:
+    """sbatch --time: bare minutes as YAML reads them (an integer) or a SLURM time string."""
+    return None if limit is None else str(limit).strip()
 
 
 def load_template() -> str:

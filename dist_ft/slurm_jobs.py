@@ -12,7 +12,8 @@ from pathlib import Path
 from .artifacts import PLAN_FILE
 from .plan import Plan
 from .slurm import submit_command
-from .slurm_status import ACTIVE_STATES, SlurmClient, SlurmError, format_status, read_stage_files, summarize_run
+from .slurm_status import (ACTIVE_STATES, SlurmClient, SlurmError, format_status, is_job_id, read_stage_files,
+                           summarize_run)
 
 JOBS_FILE = "jobs.json"
 
@@ -33,6 +34,11 @@ def submit_stages(plan: Plan, dry_run: bool) -> int:
             _record(run_dir, jobs)
             return 1
         previous = result.stdout.strip().split(";")[0]
+        if not is_job_id(previous):
+            print(f"error: sbatch answered {result.stdout.strip()!r} for stage {stage.name}, not a job id",
+                  file=sys.stderr)
+            _record(run_dir, jobs)
+            return 1
         jobs[stage.name] = previous
         print(f"[{stage.name}] submitted job {previous}", flush=True)
     if not dry_run:
@@ -56,11 +62,28 @@ def load_run(run_dir: Path) -> tuple[Plan, dict[str, str]]:
         raise NotARunDir(f"{run_dir} has no {PLAN_FILE}: give a run dir written by `dist-ft render` or `launch`")
     try:
         plan = Plan.from_json(plan_file.read_text())
-        jobs_file = run_dir / JOBS_FILE
-        jobs = json.loads(jobs_file.read_text()) if jobs_file.exists() else {}
-    except (ValueError, TypeError, KeyError, AttributeError) as err:  # not JSON, or not a plan
-        raise NotARunDir(f"{run_dir}: {err}") from None
-    return plan, {str(stage): str(job) for stage, job in jobs.items()}
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:  # not JSON, or not a plan
+        raise NotARunDir(f"{plan_file}: {err}") from None
+    jobs_file = run_dir / JOBS_FILE
+    return plan, read_jobs(jobs_file) if jobs_file.exists() else {}
+
+
+def read_jobs(path: Path) -> dict[str, str]:
+    """{stage: job id} from jobs.json. Every id must be a SLURM job id: they become arguments of
+    scontrol, sacct and scancel, where `--user=root` would cancel every job of the user."""
+    try:
+        jobs = json.loads(path.read_text())
+    except OSError as err:
+        raise NotARunDir(f"{path}: {err.strerror or err}") from None
+    except ValueError as err:  # not UTF-8, or not JSON
+        raise NotARunDir(f"{path} is not valid JSON ({err}): fix or delete the file") from None
+    if not isinstance(jobs, dict):
+        raise NotARunDir(f"{path}: expected an object of stage: job id, got {type(jobs).__name__}")
+    for stage, job in jobs.items():
+        if isinstance(job, bool) or not isinstance(job, (str, int)) or not is_job_id(str(job)):
+            raise NotARunDir(f"{path}: stage {stage!r} has {job!r}, which is not a SLURM job id "
+                             "(digits, optionally _N): fix or delete the file")
+    return {stage: str(job) for stage, job in jobs.items()}
 
 
 def run_status(run_dir: Path, client: SlurmClient | None = None) -> int:

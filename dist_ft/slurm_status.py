@@ -21,7 +21,8 @@ FAILED_STATES = {"FAILED": "failed", "TIMEOUT": "timed out", "NODE_FAIL": "lost 
                  "OUT_OF_MEMORY": "ran out of memory", "BOOT_FAIL": "failed to boot", "DEADLINE": "missed its deadline",
                  "PREEMPTED": "was preempted", "CANCELLED": "was cancelled"}
 #: Exit codes of slurm/stage.sbatch.tmpl itself.
-SCRIPT_EXITS = {3: "restarted more than cluster.max_restarts times", 4: "stopped before the end and not requeued"}
+SCRIPT_EXITS = {3: "restarted more than cluster.max_restarts times", 4: "stopped before the end and not requeued",
+                5: "the training interpreter was not found on the node"}
 NEVER_SATISFIED = "DependencyNeverSatisfied"
 LOG_TAIL_LINES = 5
 _TAIL_BYTES = 16384
@@ -41,6 +42,12 @@ _KNOWN_KEYS = frozenset(
     "TresPerNode TresPerJob TresPerTask CpusPerTres MemPerTres MailUser MailType Reservation".split())
 _KEY = re.compile(r"(?:^|(?<=\s))([A-Za-z][\w:/]*)=")
 _DEPENDENCY = re.compile(r"(\w+):(\d+)(?:_\*)?(?:\((\w+)\))?")
+_JOB_ID = re.compile(r"[0-9]+(_[0-9]+)?")
+
+
+def is_job_id(text: str) -> bool:
+    """A SLURM job id: digits, or an array task `123_4`."""
+    return _JOB_ID.fullmatch(text) is not None
 
 
 @dataclass(frozen=True)
@@ -267,6 +274,7 @@ class SlurmClient:
 
     def job(self, job_id: str) -> JobInfo | None:
         """What slurmctld (else sacct) knows about the job; None when neither knows it."""
+        _check_ids([job_id])
         result = self._run(["scontrol", "-o", "show", "job", job_id])
         if result.returncode == 0 and result.stdout.strip():
             return job_info_from_scontrol(parse_scontrol_line(result.stdout.splitlines()[0]))
@@ -279,6 +287,14 @@ class SlurmClient:
         return parse_sacct(result.stdout) if result.returncode == 0 else None
 
     def cancel(self, job_ids: list[str]) -> None:
+        _check_ids(job_ids)
         result = self._run(["scancel", *job_ids])
         if result.returncode != 0:
             raise SlurmError(f"scancel: {(result.stderr or result.stdout).strip()}")
+
+
+def _check_ids(job_ids: list[str]) -> None:
+    """Never hand SLURM an argument that is not a job id (it could be an option)."""
+    bad = [job for job in job_ids if not is_job_id(job)]
+    if bad:
+        raise SlurmError(f"{bad[0]!r} is not a SLURM job id")

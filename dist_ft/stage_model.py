@@ -64,7 +64,9 @@ def _base_model(plan: Plan, stage: StagePlan, tokenizer, quantize: bool | None =
     m = plan.model
     return build_model(
         name_or_path=name_or_path, gguf_file=gguf_file,
-        config_overrides=m["config"] if name_or_path is None else None,
+        # The recipe's model.config applies to the recipe's model, random-init or pretrained (the plan read
+        # the same values); a later stage starts from an export whose config.json already carries them.
+        config_overrides=m["config"] if stage.init_from is None else None,
         rope_parameters=stage.rope_parameters, max_position_embeddings=stage.max_position_embeddings,
         extend_positions=stage.extend_positions,
         attn_implementation=stage_attention(stage.method, m["attn_implementation"]), dtype=DTYPES[m["dtype"]],
@@ -86,7 +88,7 @@ def export_stage(plan: Plan, stage: StagePlan, engine, tokenizer, out: Path, env
         if stage.merge_adapter and env.is_main:
             _export_merged(plan, stage, out / ADAPTER, out / MERGED, tokenizer)
         return
-    state = ds.full_state_dict(engine)
+    state = ds.full_state_dict(engine, env.is_main)
     if env.is_main:
         export_model_dir(model, tokenizer, out, state_dict=state)
 

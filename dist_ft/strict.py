@@ -8,10 +8,21 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union
+
+
+# The largest integer any field may hold: torch, DeepSpeed and JSON readers take 64-bit integers.
+MAX_INT = 2**63 - 1
+
+
+class NumberTooLong(str):
+    """An integer literal beyond MAX_INT, kept as its text by the YAML loader so that validation
+    reports it with its dotted path (building it may fail: Python refuses 4300+ digit strings)."""
 
 
 @dataclass(frozen=True)
@@ -52,11 +63,46 @@ def spec(default: Any = dataclasses.MISSING, *, doc: str = "", min: float | None
 
 def build(cls: type, data: Any, path: str = "") -> Any:
     """Build `cls` from `data`, raising RecipeError with every problem found."""
-    problems: list[Problem] = []
+    problems = list(_unusable_values(data, path))
+    if problems:  # NaN passes every bound (each comparison is False); validate nothing until they are gone
+        raise RecipeError(problems)
     value = _convert(cls, data, path, problems)
     if problems:
         raise RecipeError(problems)
     return value
+
+
+# What a recipe may hold: what JSON holds (plan.json carries the recipe's values to every rank).
+PLAIN_TYPES = (str, int, float, bool, type(None), list, dict)
+
+
+def _unusable_values(data: Any, path: str) -> Iterator[Problem]:
+    """Every NaN, infinity, integer beyond 64 bits and non-plain value (a date, bytes, a set) in the
+    data, keys included, with its dotted path."""
+    problem = _unusable_value(data, path)
+    if problem:
+        yield problem
+    elif isinstance(data, dict):
+        for key, value in data.items():
+            key_problem = _unusable_value(key, path)
+            if key_problem:
+                yield key_problem
+            else:
+                yield from _unusable_values(value, join(path, str(key)))
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            yield from _unusable_values(value, join(path, index))
+
+
+def _unusable_value(value: Any, path: str) -> Problem | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return Problem(path, f"{value} is not a finite number", "write a finite number")
+    if isinstance(value, NumberTooLong) or (isinstance(value, int) and abs(value) > MAX_INT):
+        return Problem(path, "the integer is beyond the 64-bit range (more than 9.2e18)", "write a smaller number")
+    if not isinstance(value, PLAIN_TYPES):
+        return Problem(path, f"a {type(value).__name__} value cannot be used", "write text, a number, true/false, "
+                       "a list or a mapping (quote dates)")
+    return None
 
 
 def join(path: str, key: str | int) -> str:
@@ -180,9 +226,14 @@ def _convert_scalar(tp: Any, data: Any, path: str, problems: list[Problem]) -> A
         return float(data)
     if tp is float and isinstance(data, str):
         try:  # YAML 1.1 reads `2e-5` as a string
-            return float(data)
+            value = float(data)
         except ValueError:
-            pass
+            value = None
+        if value is not None and math.isfinite(value):
+            return value
+        if value is not None:  # "nan", "inf", "1e999"
+            problems.append(Problem(path, f"{data!r} is not a finite number", "write a finite number"))
+            return None
     if isinstance(data, tp) and not (tp is int and isinstance(data, bool)):
         return data
     problems.append(Problem(path, f"expected {_describe(tp)}, got {_kind(data)} {data!r}",
@@ -195,9 +246,16 @@ def _check_bounds(fld: dataclasses.Field, value: Any, path: str, problems: list[
         return
     low, high = fld.metadata.get("min"), fld.metadata.get("max")
     if low is not None and value < low:
-        problems.append(Problem(path, f"must be >= {low:g}, got {value:g}", f"set it to {low:g} or more"))
+        problems.append(Problem(path, f"must be >= {number_text(low)}, got {number_text(value)}",
+                                f"set it to {number_text(low)} or more"))
     if high is not None and value > high:
-        problems.append(Problem(path, f"must be <= {high:g}, got {value:g}", f"set it to {high:g} or less"))
+        problems.append(Problem(path, f"must be <= {number_text(high)}, got {number_text(value)}",
+                                f"set it to {number_text(high)} or less"))
+
+
+def number_text(value: float) -> str:
+    """Whole numbers in full (a bound of 16777216 must not read 1.67772e+07), others as %g."""
+    return str(int(value)) if float(value).is_integer() and abs(value) < 1e18 else f"{value:g}"
 
 
 def _describe(tp: Any) -> str:

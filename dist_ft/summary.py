@@ -9,13 +9,17 @@ from .plan import Plan
 
 
 def read_metrics(path: Path) -> list[dict]:
-    """Training rows by step; a resumed stage may have logged a step twice, the later row wins."""
+    """Training rows by step; a resumed stage may have logged a step twice, the later row wins. A line
+    cut short by a killed rank (the next run appends to it) is skipped, not fatal."""
     if not path.is_file():
         return []
     by_step: dict[int, dict] = {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if "loss" in row:
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "loss" in row and isinstance(row.get("step"), int):
             by_step[row["step"]] = row
     return [by_step[k] for k in sorted(by_step)]
 

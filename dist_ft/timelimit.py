@@ -16,9 +16,10 @@ _SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 UNLIMITED = ("unlimited", "infinite")
 
 
-def parse_time_limit(text: str) -> int | None:
-    """Seconds, or None for no limit. Raises ValueError for what SLURM would reject."""
-    text = text.strip()
+def parse_time_limit(limit: str | int) -> int | None:
+    """Seconds, or None for no limit. Raises ValueError for what SLURM would reject.
+    An integer is minutes, as `sbatch --time=90` reads it (YAML and --set give `90` as one)."""
+    text = str(limit).strip()
     if text.lower() in UNLIMITED:
         return None
     for pattern, units in _FORMS:

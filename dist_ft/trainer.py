@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from . import engine as ds
-from .checkpoint import commit, latest_tag, read_meta, tag_for
+from .checkpoint import clear_tag, commit, ensure_universal, resume_choice, tag_for
 from .distributed import DistEnv, read_env
 from .evaluate import evaluate_after_stage
 from .loss import LanguageModelLoss, TokenMean, choose_head_kernel
@@ -34,9 +34,9 @@ def stage_dir(plan: Plan, stage: StagePlan) -> Path:
 
 def train_stage(plan: Plan, stage: StagePlan) -> int:
     env = read_env()
-    ds.init_distributed(env)
+    ds.init_distributed(env, plan.cluster.get("collective_timeout_minutes", 60))
     folder = stage_dir(plan, stage)
-    if (folder / "DONE").exists():
+    if ds.broadcast_from_main((folder / "DONE").exists() if env.is_main else None):  # one answer for all ranks
         _say(env, f"[{stage.name}] already complete ({folder / 'DONE'}); nothing to do")
         return 0
     torch.manual_seed(plan.seed + stage.index)
@@ -93,7 +93,7 @@ def _sequence_parallel(stage: StagePlan, model, ds_config: dict[str, Any]):
 
 def _train(plan, stage, env, engine, data, state, total_steps, metrics, folder) -> str:
     stop = StopRequest(Path(plan.run_dir) / "control" / f"{stage.name}.stop")
-    save = _checkpointer(plan, stage, env, engine, data, folder / "checkpoints")
+    save = _checkpointer(plan, stage, env, engine, data, folder / "checkpoints", resumed_at=state.step)
     cfg = LoopConfig(total_steps=total_steps, grad_accum=engine.gradient_accumulation_steps(),
                      seq_len=stage.seq_len, data_parallel=data.dp_size,
                      checkpoint_every=plan.checkpointing["every_steps"],
@@ -108,19 +108,29 @@ def _train(plan, stage, env, engine, data, state, total_steps, metrics, folder) 
         _say(env, f"error: [{stage.name}] {err}", err=True)
         metrics.close()
         return "failed"
-    if outcome != "stopped":
-        save(state)
     metrics.close()
-    _say(env, f"[{stage.name}] {outcome} at step {state.step}/{total_steps}"
-              f"{' (checkpointed; resume continues here)' if outcome == 'stopped' else ''}")
+    _say(env, f"[{stage.name}] {outcome} at step {state.step}/{total_steps}{_resume_note(outcome, state)}")
     return outcome
 
 
-def _checkpointer(plan, stage, env, engine, data, folder: Path):
+def _resume_note(outcome: str, state: LoopState) -> str:
+    if outcome != "stopped":
+        return ""
+    if state.consecutive_nonfinite:
+        return " without a checkpoint (its last steps were NaN/inf); resume continues from the last good one"
+    return " (checkpointed; resume continues here)"
+
+
+def _checkpointer(plan, stage, env, engine, data, folder: Path, resumed_at: int):
     frozen_excluded = stage.method != "full"
 
     def save(state: LoopState) -> None:
+        if state.step == resumed_at:  # a restart after the last step: that checkpoint is this very state
+            return
         tag = tag_for(state.step)
+        if env.is_main:
+            clear_tag(folder, tag)
+        ds.barrier()
         ds.save_checkpoint(engine, folder, tag, {"dist_ft": _client_state(state, data)}, frozen_excluded)
         ds.barrier()
         if env.is_main:
@@ -139,19 +149,19 @@ def _client_state(state: LoopState, data: StageData) -> dict[str, Any]:
 
 
 def _find_resume(folder: Path, dp: int, env: DistEnv) -> tuple[Path, str] | None:
-    """The latest complete checkpoint; converted to DeepSpeed's universal format when it was saved at
-    another data-parallel size (DeepSpeed refuses to load it directly)."""
-    tag = latest_tag(folder)
-    if tag is None:
+    """The latest complete checkpoint, chosen by rank 0 for every rank; converted to DeepSpeed's universal
+    format when it was saved at another data-parallel size (DeepSpeed refuses to load it directly)."""
+    choice = ds.broadcast_from_main(resume_choice(folder) if env.is_main else None)
+    if choice is None:
         return None
-    saved_dp = read_meta(folder, tag)["dp"]
+    tag, saved_dp = choice
     if saved_dp == dp:
         return folder, tag
     universal = folder.parent / "universal"
     _say(env, f"{tag} was saved at data-parallel {saved_dp}; this run has {dp}: converting it to DeepSpeed's "
               f"universal checkpoint in {universal}")
-    if env.is_main and not (universal / tag).is_dir():
-        ds.convert_to_universal(folder, tag, universal / tag)
+    if env.is_main:  # the others wait in the barrier, under the recipe's collective timeout
+        ensure_universal(folder, tag, universal, ds.convert_to_universal)
     ds.barrier()
     return universal, tag
 
@@ -190,7 +200,8 @@ def _write_rank_info(folder: Path, env: DistEnv, data: StageData, engine) -> Non
     held, total = ds.parameter_residency(engine)
     info = {"rank": env.rank, "world_size": env.world_size, "dp_rank": data.dp_rank, "dp_size": data.dp_size,
             "zero_stage": engine.zero_optimization_stage(), "param_elements_held": held,
-            "param_elements_total": total, "device": env.device, "restart": env.restart_count}
+            "param_elements_total": total, "device": env.device, "restart": env.restart_count,
+            "collective_timeout_s": ds.collective_timeout_s()}
     (folder / "ranks").mkdir(parents=True, exist_ok=True)
     (folder / "ranks" / f"rank{env.rank}.json").write_text(json.dumps(info) + "\n")
 

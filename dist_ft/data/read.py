@@ -15,10 +15,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".tex", ".py", ".c", ".h", ".cc", ".cpp", ".hpp", ".java", ".js", ".ts",
-                 ".go", ".rs", ".rb", ".sh", ".sql", ".html", ".css", ".yaml", ".yml", ".toml", ".ini", ".cfg")
+from ..data_files import RECORD_SUFFIXES, TEXT_SUFFIXES  # plan checks paths with the same kinds
+
 EXAMPLES_PER_REASON = 3
+# Real rows nest a few levels (chat messages: 3). A row nested deeper is refused here, before any
+# later repr() or walk of it could recurse past Python's limit.
+MAX_NESTING = 64
 
 
 class DataError(ValueError):
@@ -66,7 +68,23 @@ def read_records(paths: Sequence[str], bad: BadRows) -> Iterator[tuple[str, Any]
     """(location, record) pairs: a parsed row from a record file, or a whole text file as one string."""
     files = [file for path in paths for file in _files(Path(path), bad)]
     for file in files:
-        yield from _file_records(file, bad)
+        for where, record in _file_records(file, bad):
+            if _nested_deeper_than(record, MAX_NESTING):
+                bad.add("too_deeply_nested", where)
+            else:
+                yield where, record
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists/dicts nest more than `limit` levels; iterative, so any depth is safe to measure."""
+    todo = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, (list, dict)):
+            if depth > limit:
+                return True
+            todo.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _files(path: Path, bad: BadRows) -> list[Path]:
@@ -115,10 +133,23 @@ def _jsonl_records(file: Path, data: bytes, bad: BadRows) -> Iterator[tuple[str,
         where = f"{file}:{number}"
         if not line.strip() or (text := _decode(line, where, bad)) is None:
             continue
-        try:
-            yield where, json.loads(text)
-        except json.JSONDecodeError:
-            bad.add("bad_json", where)
+        record = _parse_json(text, where, bad)
+        if record is not _UNPARSED:
+            yield where, record
+
+
+_UNPARSED = object()
+
+
+def _parse_json(text: str, where: str, bad: BadRows) -> Any:
+    """The parsed value, or _UNPARSED once the row is counted as bad."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        bad.add("bad_json", where)
+    except RecursionError:  # nested deeper than Python's recursion limit, e.g. [[[[...]]]] 200k deep
+        bad.add("too_deeply_nested", where)
+    return _UNPARSED
 
 
 def _json_records(file: Path, data: bytes, bad: BadRows) -> Iterator[tuple[str, Any]]:
@@ -127,8 +158,10 @@ def _json_records(file: Path, data: bytes, bad: BadRows) -> Iterator[tuple[str, 
         return
     try:
         parsed = json.loads(text)
-    except json.JSONDecodeError:
-        yield from _jsonl_records(file, data, bad)  # JSON Lines under a .json name, as `datasets` accepts
+    except (json.JSONDecodeError, RecursionError):
+        # JSON Lines under a .json name, as `datasets` accepts; there each line is judged on its own
+        # (one over-deep line must not cost the others).
+        yield from _jsonl_records(file, data, bad)
         return
     rows = parsed if isinstance(parsed, list) else [parsed]
     for index, row in enumerate(rows):

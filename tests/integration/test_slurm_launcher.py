@@ -6,7 +6,7 @@
   run dir are checked where SLURM and bash put them.
 - `dist-ft launch --backend slurm` chains the stages with afterok, a failed first stage cancels the
   rest, `dist-ft status` names it and `dist-ft cancel` stops a chain. No training: a stand-in
-  `torchrun`, put first on PATH by `cluster.setup`, writes DONE (or fails).
+  interpreter (`cluster.python`) in place of `python -m torch.distributed.run` writes DONE (or fails).
 
 Skips with the reason when the cluster is not up; every wait is bounded (60 s).
 """
@@ -68,7 +68,7 @@ def job_ids():
 
 
 def fake_torchrun(tmp_path: Path, fail_stage: str = "", gated: bool = False) -> tuple[Path, Path, Path]:
-    """A `torchrun` that records its call and, unless it fails, writes the stage's DONE and metrics.
+    """A `python` (run as `python -m torch.distributed.run ...`) that records its call and, unless it fails, writes the stage's DONE and metrics.
     Gated: it waits (at most 30 s) for the `go` file first, and stops early (exit 0, no DONE) when
     the sbatch script touches the stage's stop file. Returns (bin dir, calls dir, go file)."""
     bin_dir, calls, go = tmp_path / "bin", tmp_path / "calls", tmp_path / "go"
@@ -80,7 +80,7 @@ def fake_torchrun(tmp_path: Path, fail_stage: str = "", gated: bool = False) -> 
 calls={shlex.quote(str(calls))}; go={shlex.quote(str(go))}; fail_stage={shlex.quote(fail_stage)}
 printf '%s\\n' "$@" > "$calls/$SLURM_JOB_ID.$SLURMD_NODENAME.args"
 env > "$calls/$SLURM_JOB_ID.$SLURMD_NODENAME.env"
-while [ $# -gt 0 ]; do case "$1" in --run-dir|--run) run=$2; shift ;; --stage) stage=$2; shift ;; esac; shift; done
+while [ $# -gt 0 ]; do case "$1" in --run-dir=*) run=${{1#*=}} ;; --stage=*) stage=${{1#*=}} ;; esac; shift; done
 echo "fake torchrun: stage $stage on $SLURMD_NODENAME"
 if [ "$stage" = "$fail_stage" ]; then echo "boom: simulated failure of $stage" >&2; exit 1; fi
 for _ in $(seq 300); do
@@ -96,13 +96,13 @@ if [ "$SLURM_PROCID" = 0 ]; then
 fi
 exit 0
 """
-    (bin_dir / "torchrun").write_text(script)
-    (bin_dir / "torchrun").chmod(0o755)
+    (bin_dir / "python").write_text(script)
+    (bin_dir / "python").chmod(0o755)
     return bin_dir, calls, go
 
 
-def setup_override(bin_dir: Path) -> str:
-    return f'cluster.setup=["export PATH={bin_dir}:$PATH"]'
+def python_override(bin_dir: Path) -> str:
+    return f"cluster.python={bin_dir / 'python'}"
 
 
 def stages_of(run: Path) -> list[str]:
@@ -141,7 +141,7 @@ def nasty_recipe(recipe_file, tmp_path):
         bin_dir, _, _ = fake_torchrun(tmp_path)
         raw = demo_raw()
         raw["cluster"].update(nodes=2, partition=partition, account=NASTY, qos=NASTY, job_name=NASTY,
-                              env={"NASTY": NASTY, "SPACES": "a b  c"},
+                              env={"NASTY": NASTY, "SPACES": "a b  c"}, python="python",
                               setup=[f"export PATH={shlex.quote(str(bin_dir))}:$PATH"])
         return recipe_file(raw)
     return write
@@ -172,7 +172,7 @@ def test_nasty_recipe_strings_reach_slurm_and_bash_exactly(kind, nasty_recipe, t
     assert (out / "stages" / first / "DONE").is_file()
     calls = tmp_path / "calls"
     args = (calls / f"{job}.node1.args").read_text().splitlines()
-    assert str(out) in args and args[args.index("--stage") + 1] == first
+    assert f"--run-dir={out}" in args and f"--stage={first}" in args
     assert (calls / f"{job}.node2.args").is_file()
     env = (calls / f"{job}.node2.env").read_text()
     assert f"NASTY={NASTY}\n" in env and "SPACES=a b  c\n" in env
@@ -196,7 +196,7 @@ def test_a_nasty_partition_reaches_sbatch_whole(nasty_recipe, tmp_path):
 def launch(tmp_path: Path, bin_dir: Path, job_ids: list[int]) -> tuple[Path, list[str], list[int]]:
     out = tmp_path / "run"
     code = main(["launch", str(DEMO), "--backend", "slurm", "--out", str(out),
-                 "--set", "cluster.nodes=1", "--set", setup_override(bin_dir)])
+                 "--set", "cluster.nodes=1", "--set", python_override(bin_dir)])
     jobs_file = out / "jobs.json"
     jobs = json.loads(jobs_file.read_text()) if jobs_file.exists() else {}
     job_ids.extend(int(job) for job in jobs.values())  # cancelled at the end of the test

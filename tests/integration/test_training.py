@@ -30,6 +30,7 @@ def test_zero_trains_two_ranks_shards_for_real_and_exports_with_rope(zero, dtype
     ranks = [json.loads((run / "stages/ctx/ranks" / f"rank{r}.json").read_text()) for r in (0, 1)]
     for info in ranks:
         assert info["zero_stage"] == zero and info["world_size"] == 2
+        assert info["collective_timeout_s"] == 60 * 60  # the recipe's default reached the process group
         if zero == 3:  # each rank holds about half of every parameter
             assert info["param_elements_held"] <= info["param_elements_total"] / 2 + 1024
         else:
@@ -65,9 +66,17 @@ def test_crash_after_a_checkpoint_resumes_with_the_same_losses(tmp_path):
     proc = start(broken, "ctx")
     kill_when(proc, lambda: latest_step(broken, "ctx") >= 2)
     assert not (broken / "stages/ctx/DONE").exists()
+    checkpoints = broken / "stages/ctx/checkpoints"
+    good = (checkpoints / "latest").read_text()
+    damaged = checkpoints / "step_00000011"  # the newest tag, its dist_ft.json damaged (a full disk)
+    shutil.copytree(checkpoints / good, damaged)
+    (damaged / "dist_ft.json").write_text('{"step": 11, "dp"')
+    (checkpoints / "latest").write_text(damaged.name)
     result = train(broken, "ctx")
-    assert "resumed from" in result.stdout
+    assert f"resumed from {checkpoints / good} " in result.stdout
     assert losses(broken, "ctx") == pytest.approx(losses(whole, "ctx"), abs=1e-6)
+    tags = sorted(p.name for p in checkpoints.iterdir() if p.is_dir())
+    assert tags == ["step_00000010", "step_00000012"], "partial and damaged tags are pruned"
 
 
 def test_resume_on_another_world_size_through_the_universal_checkpoint(tmp_path):
@@ -76,8 +85,13 @@ def test_resume_on_another_world_size_through_the_universal_checkpoint(tmp_path)
     train(whole, "ctx")
     render(tiny_recipe(steps=10, every=2), moved)
     kill_when(start(moved, "ctx"), lambda: latest_step(moved, "ctx") >= 2)
+    tag = (moved / "stages/ctx/checkpoints/latest").read_text()
+    half_done = moved / "stages/ctx/universal" / tag  # a conversion killed midway, with no marker
+    half_done.mkdir(parents=True)
+    (half_done / "mp_rank_00_model_states.pt").write_bytes(b"cut short")
     result = train(moved, "ctx", nproc=1)
     assert "universal" in result.stdout and "resumed from" in result.stdout
+    assert (moved / "stages/ctx/universal" / f"{tag}.converted").is_file()
     assert losses(moved, "ctx") == pytest.approx(losses(whole, "ctx"), abs=1e-5)
     info = json.loads((moved / "stages/ctx/ranks/rank0.json").read_text())
     assert info["world_size"] == 1
@@ -186,8 +200,14 @@ def test_every_method_trains_and_its_export_reloads_with_the_same_eval_loss(meth
 def test_nonfinite_losses_stop_the_stage_with_the_last_good_checkpoint_intact(tmp_path):
     run = tmp_path / "nan"
     raw = tiny_recipe(steps=12, every=1)
-    raw["long_context"]["stages"][0].update(lr=1e20, warmup_steps=0)  # weights overflow to inf within steps
+    raw["long_context"]["stages"][0].update(warmup_steps=0)
     render(raw, run)
+    # An lr the planner refuses (it bounds lr), put straight into the rendered DeepSpeed config: the
+    # weights overflow to inf within steps.
+    ds_config = run / "ds_config.ctx.json"
+    cfg = json.loads(ds_config.read_text())
+    cfg["optimizer"]["params"]["lr"] = 1e20
+    ds_config.write_text(json.dumps(cfg))
     result = subprocess.run(torchrun_argv(run, "ctx", 2, free_port()), env=rank_env(), capture_output=True,
                             text=True, timeout=240)
     assert result.returncode != 0

@@ -103,6 +103,16 @@ CASES = {
     "liger under zero-3": ([("model.loss_kernel", "liger"), ("parallelism.zero_stage", 3)], "model.loss_kernel",
                            "ZeRO-3 partitions"),
     "eval depth outside [0, 1]": ([("evaluation", {"depths": [0.5, 2.0]})], "evaluation.depths", "outside [0, 1]"),
+    "stage name read as an option": ([("finetune.name", "-x")], "finetune.name", "not a valid name"),
+    "run name read as an option": ([("name", "--help")], "name", "not a valid name"),
+    "stage name in another script": ([("finetune.name", "ſft")], "finetune.name", "not a valid name"),
+    "stage name prefix read as an option": ([("long_context.progressive.name_prefix", "-c")],
+                                            "long_context.progressive.name_prefix", "not a valid name"),
+    "env key the script owns": ([("cluster.env", {"STAGE": "ctx512"})], "cluster.env.STAGE",
+                                "variable of the generated launch script"),
+    "env key bash owns": ([("cluster.env", {"SHELLOPTS": "xtrace"})], "cluster.env.SHELLOPTS", "special meaning"),
+    "time limit not a time": ([("cluster.time_limit", -5)], "cluster.time_limit", "not a SLURM time"),
+    "empty interpreter": ([("cluster.python", " ")], "cluster.python", "is empty"),
 }
 
 

@@ -107,6 +107,18 @@ def test_bad_rows_are_counted_per_reason_not_raised(tmp_path):
     assert "2 undecodable" in str(bad)
 
 
+def test_a_row_nested_deeper_than_the_recursion_limit_is_a_bad_row(tmp_path):
+    deep = "[" * 200_000 + "]" * 200_000
+    parses = "[" * 900 + "]" * 900  # parses, but a repr() of it a few calls deeper would recurse too far
+    (tmp_path / "rows.jsonl").write_text(f'{{"text": "good"}}\n{deep}\n{{"text": "also good"}}\n'
+                                         f'{{"text": {parses}}}\n{{"text": "x", "meta": [[[["fine"]]]]}}\n')
+    (tmp_path / "whole.json").write_text(deep)
+    documents, bad = read_documents([str(tmp_path / "rows.jsonl"), str(tmp_path / "whole.json")], "text")
+    assert documents == ["good", "also good", "x"]
+    assert bad.counts == {"too_deeply_nested": 3}
+    assert any("rows.jsonl:2" in example for example in bad.examples["too_deeply_nested"])
+
+
 def test_missing_path_is_a_data_error_naming_it(tmp_path):
     with pytest.raises(DataError, match="nowhere.jsonl"):
         read_documents([str(tmp_path / "nowhere.jsonl")], "text")

@@ -8,6 +8,7 @@ from dist_ft.checkpoint import commit, complete_tags, latest_tag, tag_for
 from dist_ft.distributed import read_env
 from dist_ft.metrics import wandb_mode
 from dist_ft.schedule import lr_multiplier
+from dist_ft.summary import read_metrics
 
 
 def test_torchrun_variables_win_over_slurm_ones():
@@ -37,7 +38,7 @@ def test_warmup_then_cosine_to_the_floor():
 def test_only_complete_checkpoints_count_and_latest_falls_back(tmp_path):
     for step in (2, 4):
         (tmp_path / tag_for(step)).mkdir()
-        commit(tmp_path, tag_for(step), {"step": step}, keep_last=5)
+        commit(tmp_path, tag_for(step), {"step": step, "dp": 2}, keep_last=5)
     (tmp_path / tag_for(6)).mkdir()  # a crash mid-write: shards but no dist_ft.json
     assert latest_tag(tmp_path) == tag_for(4)
     (tmp_path / "latest").write_text(tag_for(6))  # even a stale pointer cannot name it
@@ -47,7 +48,7 @@ def test_only_complete_checkpoints_count_and_latest_falls_back(tmp_path):
 def test_keep_last_prunes_the_oldest(tmp_path):
     for step in (1, 2, 3):
         (tmp_path / tag_for(step)).mkdir()
-        commit(tmp_path, tag_for(step), {"step": step}, keep_last=2)
+        commit(tmp_path, tag_for(step), {"step": step, "dp": 2}, keep_last=2)
     assert complete_tags(tmp_path) == [tag_for(2), tag_for(3)]
     assert json.loads((tmp_path / tag_for(3) / "dist_ft.json").read_text())["step"] == 3
 
@@ -56,3 +57,9 @@ def test_wandb_mode_auto_is_offline_without_a_key():
     assert wandb_mode("auto", {}) == "offline"
     assert wandb_mode("auto", {"WANDB_API_KEY": "x"}) == "online"
     assert wandb_mode("online", {"WANDB_MODE": "disabled"}) == "disabled"
+
+
+def test_metrics_survive_a_line_cut_short_by_a_killed_rank(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo{"step": 2, "loss": 1.5}\n{"step": 3, "loss": NaN}\n')
+    assert [row["step"] for row in read_metrics(path)] == [1, 3]

@@ -58,6 +58,7 @@ def test_sacct_output_last_record_wins():
 @pytest.mark.parametrize("info, text", [
     (JobInfo("FAILED", "NonZeroExitCode", "1:0"), "FAILED, exit code 1 [NonZeroExitCode]"),
     (JobInfo("FAILED", None, "3:0"), "FAILED, exit code 3 (restarted more than cluster.max_restarts times)"),
+    (JobInfo("FAILED", None, "5:0"), "FAILED, exit code 5 (the training interpreter was not found on the node)"),
     (JobInfo("CANCELLED", None, "0:15"), "CANCELLED, killed by signal 15"),
     (JobInfo("TIMEOUT", "TimeLimit", "0:0"), "TIMEOUT [TimeLimit]"),
 ])
@@ -235,3 +236,41 @@ def test_output_path_is_escaped_the_way_slurm_reads_it():
     assert output_path("/runs/a %j b", "sft") == "/runs/a %%j b/logs/sft.%j.out"
     # ... unless the path holds a backslash: then SLURM expands nothing and drops one escape level.
     assert output_path("/runs/a %j \\b", "sft") == "/runs/a %j \\\\b/logs/sft.out"
+
+
+BAD_JOBS = {
+    "an option for an id": '{"ctx512": "--user=root"}',
+    "a second argument": '{"ctx512": "40 41"}',
+    "a boolean": '{"ctx512": true}',
+    "a nested object": '{"ctx512": {"id": 40}}',
+    "a list": '[40, 41]',
+    "not JSON": '{"ctx512": 40',
+    "not UTF-8": b'{"ctx512": "\xff"}',
+}
+
+
+@pytest.mark.parametrize("command", ["status", "cancel"])
+@pytest.mark.parametrize("case", BAD_JOBS, ids=list(BAD_JOBS))
+def test_a_malformed_jobs_file_is_one_line_and_exit_2_and_slurm_is_not_asked(case, command, run_dir, tmp_path,
+                                                                             capsys, monkeypatch):
+    fake = FakeSlurm({"40": JobInfo("RUNNING")})
+    monkeypatch.setattr(slurm_jobs, "SlurmClient", lambda: fake)
+    run, _ = _submitted(run_dir, tmp_path)
+    text = BAD_JOBS[case]
+    (run / "jobs.json").write_bytes(text if isinstance(text, bytes) else text.encode())
+    assert main([command, str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "jobs.json" in err, err
+    assert fake.asked == [] and fake.cancelled == []
+
+
+def test_array_job_ids_are_valid_and_the_client_refuses_anything_else(run_dir, tmp_path):
+    from dist_ft.slurm_status import SlurmClient, is_job_id
+
+    assert is_job_id("40") and is_job_id("40_3")
+    assert not any(is_job_id(t) for t in ("", "-1", "40_", "_3", "4 0", "--user=root", "40\n", "٤٠"))
+    run, names = _submitted(run_dir, tmp_path)
+    (run / "jobs.json").write_text(json.dumps({names[0]: 40, names[1]: "41_2"}))
+    assert slurm_jobs.load_run(run)[1] == {names[0]: "40", names[1]: "41_2"}
+    with pytest.raises(SlurmError, match="not a SLURM job id"):
+        SlurmClient().cancel(["40", "--user=root"])
