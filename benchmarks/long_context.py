@@ -175,12 +175,11 @@ def measure_ours(run: Path, seq_len: int, args: argparse.Namespace) -> dict:
     steps = [row for row in rows if "step_time_s" in row]
     rank0 = json.loads((stage_dir / "ranks" / "rank0.json").read_text())
     exported = json.loads((stage_dir / "export" / "config.json").read_text())
-    plan = json.loads((run / "plan.json").read_text())
+    model = read_plan(run).model
     result = summarize([row["step_time_s"] for row in steps], max(row["peak_memory_gib"] for row in steps),
                        tokens_per_step(run), loss_step1=steps[0]["loss"], vocab_size=exported["vocab_size"],
                        num_params=rank0["param_elements_total"],
-                       attn_implementation=plan["model"]["attn_implementation"],
-                       loss_chunk_tokens=plan["model"]["loss_chunk_tokens"])
+                       attn_implementation=model.attn_implementation, loss_chunk_tokens=model.loss_chunk_tokens)
     return _report(seq_len, "ours", result)
 
 
@@ -201,9 +200,14 @@ def measure_baseline(run: Path, seq_len: int, args: argparse.Namespace) -> dict:
     return _report(seq_len, "hf", result)
 
 
+def read_plan(run: Path):
+    from dist_ft.plan import Plan
+
+    return Plan.from_json((run / "plan.json").read_text())
+
+
 def tokens_per_step(run: Path) -> int:
-    stage = json.loads((run / "plan.json").read_text())["stages"][0]
-    return stage["global_batch_size"] * stage["seq_len"]
+    return read_plan(run).stages[0].tokens_per_step
 
 
 def summarize(times: list[float], peak_gib: float, tokens: int, **extra) -> dict:
@@ -228,18 +232,18 @@ def baseline_spec(run: Path, args: argparse.Namespace) -> Path:
     config, the DeepSpeed config and the exact rows each rank trains on, in order."""
     from dist_ft.model import load_tokenizer
 
-    plan = json.loads((run / "plan.json").read_text())
-    stage = plan["stages"][0]
-    tokenizer = load_tokenizer(None, None, plan["model"]["tokenizer"])
-    ds_config = json.loads((run / stage["ds_config"]).read_text())
+    plan = read_plan(run)
+    stage = plan.stages[0]
+    tokenizer = load_tokenizer(None, None, plan.model.tokenizer)
+    ds_config = json.loads((run / stage.ds_config).read_text())
     rows = run.parent / "hf_rows.pt"
     save_rows(plan, stage, ds_config, tokenizer, args.steps, rows)
     # dist-ft sizes the embeddings to the tokenizer and stretches the context to the stage's.
-    model_config = {**plan["model"]["config"], "vocab_size": len(tokenizer),
-                    "max_position_embeddings": max(plan["model"]["config"].get("max_position_embeddings", 0),
-                                                   stage["max_position_embeddings"])}
+    model_config = {**plan.model.config, "vocab_size": len(tokenizer),
+                    "max_position_embeddings": max(plan.model.config.get("max_position_embeddings", 0),
+                                                   stage.max_position_embeddings)}
     keys = ["input_ids", "position_ids", "labels"] if args.hf_rows == "packed" else ["input_ids", "labels"]
-    spec = {"model_config": model_config, "seed": plan["seed"], "steps": args.steps, "ds_config": ds_config,
+    spec = {"model_config": model_config, "seed": plan.seed, "steps": args.steps, "ds_config": ds_config,
             "rows": str(rows), "row_keys": keys, "output_dir": str(run.parent / "hf_out"),
             "out": str(run.parent / "hf_result.json")}
     path = run.parent / "hf_spec.json"
@@ -247,7 +251,7 @@ def baseline_spec(run: Path, args: argparse.Namespace) -> Path:
     return path
 
 
-def save_rows(plan: dict, stage: dict, ds_config: dict, tokenizer, steps: int, path: Path) -> None:
+def save_rows(plan, stage, ds_config: dict, tokenizer, steps: int, path: Path) -> None:
     """The rows dist-ft's trainer reads (same packing, seed and per-rank stream), laid out so that
     the HF Trainer's sequential sampler and accelerate's round-robin sharding of batches give rank r
     at micro-step k what dist-ft's rank r gets: batch k·dp + r holds rank r's k-th micro-batch."""
@@ -258,11 +262,11 @@ def save_rows(plan: dict, stage: dict, ds_config: dict, tokenizer, steps: int, p
 
     datasets.disable_progress_bars()  # the trainers' logs have it; the table's output need not
 
-    data = stage["data"]
-    seed = data["seed"] + plan["seed"]  # as dist_ft.stage_data.load_stage_data
-    rows, _ = pretraining_rows(data["paths"], data["text_field"], tokenizer, stage["seq_len"], seed=seed,
-                               long_docs=data["long_documents"])
-    dp, micro = plan["world_size"] // stage["sequence_parallel"], ds_config["train_micro_batch_size_per_gpu"]
+    data = stage.data
+    seed = data.seed + plan.seed  # as dist_ft.stage_data.load_stage_data
+    rows, _ = pretraining_rows(data.paths, data.text_field, tokenizer, stage.seq_len, seed=seed,
+                               long_docs=data.long_documents)
+    dp, micro = plan.dp, ds_config["train_micro_batch_size_per_gpu"]
     streams = [BatchStream(rows, micro, seed=seed, dp_rank=r, dp_size=dp) for r in range(dp)]
     batches = [next(stream) for _ in range(steps * ds_config["gradient_accumulation_steps"]) for stream in streams]
     torch.save({key: torch.cat([batch[key] for batch in batches]) for key in batches[0]}, path)

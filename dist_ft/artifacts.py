@@ -24,7 +24,6 @@ from .slurm import render_sbatch
 PLAN_FILE = "plan.json"
 RECIPE_FILE = "recipe.resolved.yaml"
 LOCAL_SCRIPT = "local.sh"
-DEFAULT_PORT = 29500
 SUBDIRS = ("logs", "control", "stages")
 
 
@@ -35,7 +34,7 @@ class RunDirConflict(Exception):
 def render_files(recipe: Recipe, plan: Plan) -> dict[str, str]:
     files = {RECIPE_FILE: yaml.safe_dump(to_dict(recipe), sort_keys=False),
              PLAN_FILE: plan.to_json() + "\n",
-             LOCAL_SCRIPT: local_script(plan, plan.cluster.get("rdzv_port", DEFAULT_PORT))}
+             LOCAL_SCRIPT: local_script(plan, plan.cluster.rdzv_port)}
     for stage in plan.stages:
         files[stage.ds_config] = json.dumps(render_ds_config(plan, stage), indent=2) + "\n"
         files[stage.sbatch] = render_sbatch(plan, stage)

@@ -26,6 +26,7 @@ EXTEND_POSITIONS_DOC = ("Models with a learned position table (GPT-2 style) shor
 Method = Literal["full", "lora", "qlora", "dora", "prefix", "prompt", "ptuning", "ia3",
                  "bitfit", "freeze", "longlora"]
 PEFT_ADAPTERS = ("lora", "qlora", "dora", "prefix", "prompt", "ptuning", "ia3", "longlora")
+LORA_FAMILY = ("lora", "qlora", "dora", "longlora")
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
 
 # Upper bounds on user numbers: far beyond any real run, yet small enough that every loop and product

@@ -6,15 +6,17 @@ import copy
 import json
 from typing import Any
 
+from . import batching
 from .assets import asset
+from .config import Parallelism
 from .plan import Plan, StagePlan
 
 ADAM_BETAS = (0.9, 0.95)
 
 
-def preset_name(stage: StagePlan) -> str:
-    offload = stage.offload_optimizer != "none" or stage.offload_params != "none"
-    return f"zero{stage.zero_stage}{'_offload' if offload else ''}.json"
+def preset_name(par: Parallelism) -> str:
+    offload = par.offload_optimizer != "none" or par.offload_params != "none"
+    return f"zero{par.zero_stage}{'_offload' if offload else ''}.json"
 
 
 def load_preset(name: str) -> dict[str, Any]:
@@ -22,23 +24,24 @@ def load_preset(name: str) -> dict[str, Any]:
 
 
 def render_ds_config(plan: Plan, stage: StagePlan, preset: dict[str, Any] | None = None) -> dict[str, Any]:
-    cfg = copy.deepcopy(preset if preset is not None else load_preset(preset_name(stage)))
+    par = plan.parallelism
+    cfg = copy.deepcopy(preset if preset is not None else load_preset(preset_name(par)))
     cfg.update(
-        train_batch_size=stage.micro_batch_size * stage.grad_accum * plan.dp,
+        train_batch_size=batching.train_batch_size(stage.micro_batch_size, stage.grad_accum, plan.dp),
         train_micro_batch_size_per_gpu=stage.micro_batch_size,
         gradient_accumulation_steps=stage.grad_accum,
-        optimizer=_optimizer(stage),
+        optimizer=_optimizer(stage, par),
     )
-    cfg.update(_precision(plan.model["dtype"]))
-    _fill_zero(cfg["zero_optimization"], stage, plan)
-    if stage.sequence_parallel > 1:
-        cfg["sequence_parallel_size"] = stage.sequence_parallel
+    cfg.update(_precision(plan.model.dtype))
+    _fill_zero(cfg["zero_optimization"], plan)
+    if par.sequence_parallel > 1:
+        cfg["sequence_parallel_size"] = par.sequence_parallel
     return cfg
 
 
-def _optimizer(stage: StagePlan) -> dict[str, Any]:
+def _optimizer(stage: StagePlan, par: Parallelism) -> dict[str, Any]:
     params: dict[str, Any] = {"lr": stage.lr, "betas": list(ADAM_BETAS), "eps": 1e-8, "weight_decay": 0.0}
-    if stage.offload_optimizer == "none":
+    if par.offload_optimizer == "none":
         params["torch_adam"] = True  # DeepSpeed's FusedAdam would compile for minutes
     return {"type": "AdamW", "params": params}
 
@@ -52,14 +55,15 @@ def _precision(dtype: str) -> dict[str, Any]:
     return {}
 
 
-def _fill_zero(zero: dict[str, Any], stage: StagePlan, plan: Plan) -> None:
-    hidden = (plan.model_shape or {}).get("hidden_size", 1024)
+def _fill_zero(zero: dict[str, Any], plan: Plan) -> None:
+    par = plan.parallelism
+    hidden = plan.model_shape.hidden_size if plan.model_shape else 1024
     zero["reduce_bucket_size"] = hidden * hidden
-    if stage.zero_stage == 3:
+    if par.zero_stage == 3:
         zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden * hidden)
         zero["stage3_param_persistence_threshold"] = 10 * hidden
-    nvme = plan.parallelism.get("nvme_path")
-    for key, device in (("offload_optimizer", stage.offload_optimizer), ("offload_param", stage.offload_params)):
+    nvme = par.nvme_path
+    for key, device in (("offload_optimizer", par.offload_optimizer), ("offload_param", par.offload_params)):
         if device == "none":
             zero.pop(key, None)
             continue

@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .model_shape import ABSOLUTE_POSITION_TYPES, resolve_model_dir
+from .plan import Plan
+from .rope import addressable_length
 
 if TYPE_CHECKING:
     import torch
 
 ROPE_TYPES = ("keep", "none", "linear", "dynamic", "yarn")
 SCALED_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
-# Without scaling, perplexity explodes a little past the trained window; much further is wasted CPU/GPU time.
-UNSCALED_REACH = 4
 
 
 class EvalError(Exception):
@@ -108,16 +108,16 @@ def _from_adapter(path: Path, gguf_file: str | None, virtual_tokens: bool = Fals
 
 
 def _from_run_dir(run: Path, gguf_file: str | None, virtual_tokens: bool = False) -> Target:
-    plan = json.loads((run / "plan.json").read_text())
-    finished = [s["name"] for s in plan["stages"] if (run / "stages" / s["name"] / "DONE").exists()
-                and (run / "stages" / s["name"] / "export").is_dir()]
+    plan = Plan.from_json((run / "plan.json").read_text())
+    finished = [s.name for s in plan.stages if (run / "stages" / s.name / "DONE").exists()
+                and (run / "stages" / s.name / "export").is_dir()]
     if not finished:
         raise EvalError(f"run {run} has no finished stage with an export yet")
     export = run / "stages" / finished[-1] / "export"
     inner = _from_adapter(export / "adapter", gguf_file, virtual_tokens) if (export / "adapter").is_dir() \
         else _plain(export, gguf_file, export.name)
     return Target(inner.model_dir, inner.gguf_file, inner.adapter_dir, inner.tokenizer_dir,
-                  f"{plan['name']}/{finished[-1]}", run_dir=str(run))
+                  f"{plan.name}/{finished[-1]}", run_dir=str(run))
 
 
 # ---- what lengths a model + RoPE can address --------------------------------------------------
@@ -140,12 +140,6 @@ def native_context(config) -> int:
     """The pre-training context: the RoPE's original window where scaling recorded one."""
     rope = config.rope_parameters or {}
     return int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
-
-
-def addressable_length(context: int, absolute_positions: bool) -> int:
-    """Longest length worth evaluating for a model whose (scaled) window is `context` tokens: all of a
-    learned/absolute position table, ×4 for RoPE (extrapolation studies)."""
-    return context if absolute_positions else context * UNSCALED_REACH
 
 
 def reach(config) -> int:

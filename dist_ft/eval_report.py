@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .metrics import wandb_mode
+
+if TYPE_CHECKING:
+    from .config import Tracking
 
 
 def write_results(out: Path, results: dict[str, Any]) -> Path:
@@ -106,15 +109,15 @@ def flat_metrics(results: dict[str, Any]) -> dict[str, float]:
     return flat
 
 
-def log_wandb(results: dict[str, Any], out: Path, tracking: dict[str, Any]) -> str | None:
+def log_wandb(results: dict[str, Any], out: Path, tracking: Tracking) -> str | None:
     """One W&B run with the scalars and both plots; returns the mode used (None when disabled)."""
-    mode = wandb_mode(tracking.get("mode", "auto"))
+    mode = wandb_mode(tracking.mode)
     if mode == "disabled":
         return None
     import wandb
 
     os.environ.setdefault("WANDB_DIR", str(out))
-    run = wandb.init(project=tracking.get("project") or "dist-ft-eval", entity=tracking.get("entity"),
+    run = wandb.init(project=tracking.project, entity=tracking.entity,
                      name=f"eval-{results['model']}".replace("/", "-"), job_type="eval", mode=mode,
                      config={k: v for k, v in results.items() if k != "variants"},
                      settings=wandb.Settings(silent=True, console="off"))

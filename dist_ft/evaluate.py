@@ -7,7 +7,6 @@ RoPE variant, builds the model once and runs both evaluations. See docs/eval.md.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -16,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import Tracking
 from .eval_model import (ROPE_TYPES, EvalError, RopeVariant, Target, check_lengths, effective_config,
                          load_eval_tokenizer, load_variant, native_context, resolve_target)
+from .plan import Plan
 
 EXIT_BAD_INPUT = 2
+EVAL_PROJECT = "dist-ft-eval"  # W&B project of a model evaluated outside any run
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # torch dtype names; torch is imported only to evaluate
 
 
@@ -216,21 +218,18 @@ def evaluate_after_stage(plan, stage_name: str) -> dict[str, Any]:
     finished stage, which is this one.
     """
     ev = plan.evaluation
-    request = EvalRequest(model=plan.run_dir, lengths=list(ev["lengths"]), passkey_lengths=ev["passkey_lengths"],
-                          depths=list(ev["depths"]), trials=ev["trials"], windows=ev["windows"],
-                          text=list(ev["text"]), out=str(Path(plan.run_dir) / "eval" / stage_name),
-                          dtype="bf16" if plan.model["dtype"] == "bf16" else "fp32")
+    request = EvalRequest(model=plan.run_dir, lengths=list(ev.lengths), passkey_lengths=ev.passkey_lengths,
+                          depths=list(ev.depths), trials=ev.trials, windows=ev.windows,
+                          text=list(ev.text), out=str(Path(plan.run_dir) / "eval" / stage_name),
+                          dtype="bf16" if plan.model.dtype == "bf16" else "fp32")
     return run_eval(request, echo=lambda text: print(text, flush=True))
 
 
-def _tracking(request: EvalRequest, target: Target) -> dict[str, Any] | None:
-    """--wandb, or the tracking section of a run dir's plan.json (mode 'disabled' there turns it off)."""
-    tracking = None
+def _tracking(request: EvalRequest, target: Target) -> Tracking | None:
+    """The tracking section of a run dir's plan.json (mode 'disabled' there turns it off), else --wandb's."""
     if target.run_dir:
-        tracking = json.loads((Path(target.run_dir) / "plan.json").read_text()).get("tracking")
-    if request.wandb:
-        tracking = {**(tracking or {}), "mode": "auto" if not tracking else tracking.get("mode", "auto")}
-    return tracking
+        return Plan.from_json((Path(target.run_dir) / "plan.json").read_text()).tracking
+    return Tracking(project=EVAL_PROJECT) if request.wandb else None
 
 
 def _write_outputs(results: dict[str, Any], out: Path, target: Target, request: EvalRequest, echo) -> None:

@@ -6,7 +6,6 @@ Pure, and free of other dist_ft imports: config.py checks `cluster.env` keys aga
 from __future__ import annotations
 
 import sys
-from typing import Any, Mapping
 
 #: Variables slurm/stage.sbatch.tmpl sets and reads itself (tests/unit/test_render.py keeps this list in
 #: step with the template). A recipe value for one of them would be ignored or would redirect the job.
@@ -35,8 +34,8 @@ def env_key_problem(key: str) -> str | None:
     return None
 
 
-def training_python(cluster: Mapping[str, Any]) -> str:
+def training_python(cluster_python: str | None) -> str:
     """The interpreter every node trains with (`PYTHON -m torch.distributed.run`): `cluster.python`
     when the recipe sets it (a path, or a name the `setup` lines put on PATH), else the interpreter
     that rendered the run, so a venv works without being activated on the nodes."""
-    return cluster.get("python") or sys.executable or "python3"
+    return cluster_python or sys.executable or "python3"

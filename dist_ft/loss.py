@@ -34,13 +34,12 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .activation_offload import HostActivations
+from .labels import IGNORE_INDEX, SHIFT_LABELS
 
 if TYPE_CHECKING:
     from .sequence_parallel import SequenceParallel
 
-IGNORE_INDEX = -100
 HEAD_KERNELS = ("chunked", "liger")
-SHIFT_LABELS = "shift_labels"  # targets already shifted (a sequence-parallel slice's labels)
 
 
 @dataclass(frozen=True)

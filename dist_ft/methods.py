@@ -7,6 +7,7 @@ adapter (the LoRA family and the prompt-learning methods).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import re
 from collections.abc import Mapping
@@ -18,31 +19,20 @@ from peft import (IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptEn
                   get_peft_model, prepare_model_for_kbit_training)
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from .config import MethodOptions
 from .model import export_model_dir, keep_4bit_trainable
-
-LORA_FAMILY = ("lora", "qlora", "dora", "longlora")
-PROMPT_LEARNING = ("prefix", "prompt", "ptuning")
-# peft drops position_ids for prompt learning and prefix tuning runs with a KV
-# cache, so packed documents would attend to each other (and only the first
-# would see the soft prompt): these methods need one example per row.
-PACKING_INCOMPATIBLE = PROMPT_LEARNING
-OPTION_DEFAULTS: dict[str, Any] = {
-    "r": 8, "alpha": 16, "dropout": 0.05,
-    "target_modules": None,  # None: "all-linear" for the LoRA family, peft's per-model default for ia3
-    "num_virtual_tokens": 20, "encoder_hidden_size": 128,
-    "trainable_layers": 0, "trainable_patterns": (),
-    "feedforward_modules": None,
-}
+from .strict import RecipeError, build
 
 
 class MethodError(ValueError):
     """A method cannot apply to this model or with these options."""
 
 
-def apply_method(model: PreTrainedModel, method: str, opts: Mapping[str, Any] | None = None, *,
+def apply_method(model: PreTrainedModel, method: str, opts: MethodOptions | Mapping[str, Any] | None = None, *,
                  gradient_checkpointing: bool = False) -> torch.nn.Module:
     """Make `method`'s parameters trainable (and only those); returns the model or its peft wrapper.
 
+    `opts` is the recipe's `finetune.options` (a mapping is read as one, with its defaults).
     The model is put in train mode first: a 4-bit model's first eval-mode forward
     would otherwise take bitsandbytes' inference-only path (see keep_4bit_trainable).
     """
@@ -55,13 +45,17 @@ def apply_method(model: PreTrainedModel, method: str, opts: Mapping[str, Any] | 
     return APPLY[method](model, _options(opts))
 
 
-def _options(opts: Mapping[str, Any] | None) -> dict[str, Any]:
-    unknown = set(opts or {}) - set(OPTION_DEFAULTS)
+def _options(opts: MethodOptions | Mapping[str, Any] | None) -> MethodOptions:
+    if isinstance(opts, MethodOptions):
+        return opts
+    known = [f.name for f in dataclasses.fields(MethodOptions)]
+    unknown = sorted(set(opts or {}) - set(known))
     if unknown:
-        name = sorted(unknown)[0]
-        raise MethodError(f"unknown method option {name!r}{_suggest(name, OPTION_DEFAULTS)}; "
-                          f"known: {', '.join(OPTION_DEFAULTS)}")
-    return {**OPTION_DEFAULTS, **(opts or {})}
+        raise MethodError(f"unknown method option {unknown[0]!r}{_suggest(unknown[0], known)}; known: {', '.join(known)}")
+    try:
+        return build(MethodOptions, dict(opts or {}))
+    except RecipeError as err:
+        raise MethodError(f"method options: {err}") from None
 
 
 def _suggest(name: str, known: Mapping[str, Any] | tuple[str, ...]) -> str:
@@ -69,22 +63,22 @@ def _suggest(name: str, known: Mapping[str, Any] | tuple[str, ...]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _full(model: PreTrainedModel, o: dict[str, Any]) -> PreTrainedModel:
+def _full(model: PreTrainedModel, o: MethodOptions) -> PreTrainedModel:
     model.requires_grad_(True)
     return model
 
 
-def _lora(model: PreTrainedModel, o: dict[str, Any], **extra: Any) -> PeftModel:
-    config = LoraConfig(r=o["r"], lora_alpha=o["alpha"], lora_dropout=o["dropout"],
-                        target_modules=o["target_modules"] or "all-linear", task_type="CAUSAL_LM", **extra)
+def _lora(model: PreTrainedModel, o: MethodOptions, **extra: Any) -> PeftModel:
+    config = LoraConfig(r=o.r, lora_alpha=o.alpha, lora_dropout=o.dropout,
+                        target_modules=o.target_modules or "all-linear", task_type="CAUSAL_LM", **extra)
     return get_peft_model(model, config)
 
 
-def _dora(model: PreTrainedModel, o: dict[str, Any]) -> PeftModel:
+def _dora(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
     return _lora(model, o, use_dora=True)
 
 
-def _qlora(model: PreTrainedModel, o: dict[str, Any]) -> PeftModel:
+def _qlora(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
     if not getattr(model, "is_loaded_in_4bit", False):
         raise MethodError("qlora needs a 4-bit base model: build it with build_model(..., quantize_4bit=True)")
     # Checkpointing is the trainer's decision, not a side effect of preparing the base.
@@ -93,7 +87,7 @@ def _qlora(model: PreTrainedModel, o: dict[str, Any]) -> PeftModel:
     return _lora(model.train(), o)
 
 
-def _longlora(model: PreTrainedModel, o: dict[str, Any]) -> PeftModel:
+def _longlora(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
     """LoRA plus fully trained embeddings and norms (LongLoRA's "LoRA+")."""
     embedding = _module_name(model, model.get_input_embeddings())
     norms = [name for name, module in model.named_modules() if type(module).__name__.endswith("Norm")]
@@ -104,28 +98,28 @@ def _longlora(model: PreTrainedModel, o: dict[str, Any]) -> PeftModel:
                  **({"ensure_weight_tying": True} if tied else {}))
 
 
-def _prefix(model: PreTrainedModel, o: dict[str, Any]) -> PeftModel:
-    return get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=o["num_virtual_tokens"],
+def _prefix(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
+    return get_peft_model(model, PrefixTuningConfig(num_virtual_tokens=o.num_virtual_tokens,
                                                     task_type="CAUSAL_LM"))
 
 
-def _prompt(model: PreTrainedModel, o: dict[str, Any]) -> PeftModel:
-    return get_peft_model(model, PromptTuningConfig(num_virtual_tokens=o["num_virtual_tokens"],
+def _prompt(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
+    return get_peft_model(model, PromptTuningConfig(num_virtual_tokens=o.num_virtual_tokens,
                                                     task_type="CAUSAL_LM"))
 
 
-def _ptuning(model: PreTrainedModel, o: dict[str, Any]) -> PeftModel:
-    return get_peft_model(model, PromptEncoderConfig(num_virtual_tokens=o["num_virtual_tokens"],
-                                                     encoder_hidden_size=o["encoder_hidden_size"],
+def _ptuning(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
+    return get_peft_model(model, PromptEncoderConfig(num_virtual_tokens=o.num_virtual_tokens,
+                                                     encoder_hidden_size=o.encoder_hidden_size,
                                                      task_type="CAUSAL_LM"))
 
 
-def _ia3(model: PreTrainedModel, o: dict[str, Any]) -> PeftModel:
-    return get_peft_model(model, IA3Config(target_modules=o["target_modules"],
-                                           feedforward_modules=o["feedforward_modules"], task_type="CAUSAL_LM"))
+def _ia3(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
+    return get_peft_model(model, IA3Config(target_modules=o.target_modules,
+                                           feedforward_modules=o.feedforward_modules, task_type="CAUSAL_LM"))
 
 
-def _bitfit(model: PreTrainedModel, o: dict[str, Any]) -> PreTrainedModel:
+def _bitfit(model: PreTrainedModel, o: MethodOptions) -> PreTrainedModel:
     biases = [p for name, p in model.named_parameters() if name.rsplit(".", 1)[-1] == "bias"]
     if not biases:
         raise MethodError(f"bitfit trains only biases and this {model.config.model_type} model has none: enable "
@@ -136,10 +130,10 @@ def _bitfit(model: PreTrainedModel, o: dict[str, Any]) -> PreTrainedModel:
     return model
 
 
-def _freeze(model: PreTrainedModel, o: dict[str, Any]) -> PreTrainedModel:
+def _freeze(model: PreTrainedModel, o: MethodOptions) -> PreTrainedModel:
     """Train the last `trainable_layers` decoder layers and parameters matching `trainable_patterns` (regex)."""
-    wanted = [re.compile(pattern) for pattern in o["trainable_patterns"]]
-    prefixes = _last_layer_prefixes(model, o["trainable_layers"])
+    wanted = [re.compile(pattern) for pattern in o.trainable_patterns]
+    prefixes = _last_layer_prefixes(model, o.trainable_layers)
     chosen = [p for name, p in model.named_parameters()
               if name.startswith(prefixes) or any(pattern.search(name) for pattern in wanted)]
     if not chosen:
@@ -168,7 +162,7 @@ def _module_name(model: torch.nn.Module, target: torch.nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is target)
 
 
-APPLY: dict[str, Callable[[PreTrainedModel, dict[str, Any]], torch.nn.Module]] = {
+APPLY: dict[str, Callable[[PreTrainedModel, MethodOptions], torch.nn.Module]] = {
     "full": _full, "lora": _lora, "qlora": _qlora, "dora": _dora, "longlora": _longlora, "prefix": _prefix,
     "prompt": _prompt, "ptuning": _ptuning, "ia3": _ia3, "bitfit": _bitfit, "freeze": _freeze,
 }

@@ -7,7 +7,10 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .config import Tracking
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -42,7 +45,7 @@ def wandb_run_id(run_dir: str, stage: str) -> str:
 
 
 class RankZeroMetrics:
-    def __init__(self, stage_dir: Path, tracking: dict[str, Any], run_name: str, run_dir: str, stage: str,
+    def __init__(self, stage_dir: Path, tracking: Tracking, run_name: str, run_dir: str, stage: str,
                  config: dict[str, Any], total_steps: int, start_step: int):
         self.path = stage_dir / "metrics.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -72,16 +75,16 @@ class RankZeroMetrics:
         plot_loss(self.path, self.path.with_name("loss.png"))
 
 
-def _start_wandb(tracking: dict[str, Any], run_name: str, run_dir: str, stage: str, config: dict[str, Any]):
-    mode = wandb_mode(tracking["mode"])
+def _start_wandb(tracking: Tracking, run_name: str, run_dir: str, stage: str, config: dict[str, Any]):
+    mode = wandb_mode(tracking.mode)
     if mode == "disabled":
         return None
     import wandb
 
     os.environ.setdefault("WANDB_DIR", run_dir)
     return wandb.init(
-        project=tracking["project"], entity=tracking.get("entity"), group=tracking.get("group") or run_name,
-        name=f"{tracking.get('run_name') or run_name}-{stage}", tags=tracking.get("tags") or None,
+        project=tracking.project, entity=tracking.entity, group=tracking.group or run_name,
+        name=f"{tracking.run_name or run_name}-{stage}", tags=tracking.tags or None,
         id=wandb_run_id(run_dir, stage), resume="allow", mode=mode, config=config,
         settings=wandb.Settings(silent=True, console="off"),
     )

@@ -11,12 +11,12 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from . import memory
-from .config import PEFT_ADAPTERS, VIRTUAL_TOKEN_METHODS, Data, MethodOptions, Recipe, Rope, Stage, to_dict
-from .eval_model import addressable_length
+from . import batching, memory
+from .config import (PEFT_ADAPTERS, VIRTUAL_TOKEN_METHODS, Checkpointing, Cluster, Data, Evaluation, MethodOptions,
+                     Model, Parallelism, Recipe, Rope, Stage, Tracking)
 from .model_shape import INLINE_MLP_TYPES, POSITION_TABLES, ModelShape
-from .rope import rope_parameters, scaled_context
-from .strict import Problem, RecipeError
+from .rope import addressable_length, rope_parameters, scaled_context
+from .strict import Problem, RecipeError, build
 from .timelimit import parse_time_limit
 
 PLAN_VERSION = 1
@@ -33,8 +33,8 @@ class StagePlan:
     rope_parameters: dict[str, Any]
     max_position_embeddings: int
     method: str
-    method_options: dict[str, Any]
-    data: dict[str, Any]
+    method_options: MethodOptions | None  # None: a continued-pretraining stage trains every weight
+    data: Data
     data_format: str
     template: str | None
     micro_batch_size: int
@@ -47,10 +47,6 @@ class StagePlan:
     min_lr: float
     warmup_steps: int
     schedule: str
-    zero_stage: int
-    offload_optimizer: str
-    offload_params: str
-    sequence_parallel: int
     init_from: str | None
     eval_every: int | None
     early_stopping_patience: int | None
@@ -63,26 +59,46 @@ class StagePlan:
 
 @dataclass(frozen=True)
 class Plan:
+    """The recipe's sections as the recipe typed them, plus what the planner computed. The same
+    objects reach every rank: `from_json` rebuilds them through the recipe's strict loader."""
     version: int
     name: str
     seed: int
     run_dir: str
-    device: str  # "cuda" | "cpu"
-    nodes: int
-    ranks_per_node: int
-    world_size: int
-    dp: int
-    sp: int
-    model: dict[str, Any]
-    model_shape: dict[str, Any] | None
+    model: Model
+    model_shape: ModelShape | None
     stages: list[StagePlan]
-    cluster: dict[str, Any]
-    parallelism: dict[str, Any]
-    tracking: dict[str, Any]
-    checkpointing: dict[str, Any]
+    cluster: Cluster
+    parallelism: Parallelism
+    tracking: Tracking
+    checkpointing: Checkpointing
     time_limit_s: int | None
     warnings: list[str] = field(default_factory=list)
-    evaluation: dict[str, Any] | None = None  # the recipe's evaluation section
+    evaluation: Evaluation | None = None
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.cluster.gpus_per_node else "cpu"
+
+    @property
+    def nodes(self) -> int:
+        return self.cluster.nodes
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.cluster.ranks_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.cluster.world_size
+
+    @property
+    def sp(self) -> int:
+        return self.parallelism.sequence_parallel
+
+    @property
+    def dp(self) -> int:
+        return batching.data_parallel_size(self.world_size, self.sp)
 
     def stage(self, name: str) -> StagePlan:
         for stage in self.stages:
@@ -95,11 +111,14 @@ class Plan:
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
+        """The plan, every section rebuilt and checked by the loader that read the recipe."""
         raw = json.loads(text)
         if raw.get("version") != PLAN_VERSION:
             raise ValueError(f"plan version {raw.get('version')} is not {PLAN_VERSION}: re-render the run dir")
-        raw["stages"] = [StagePlan(**s) for s in raw["stages"]]
-        return cls(**raw)
+        try:
+            return build(cls, raw)
+        except RecipeError as err:
+            raise ValueError(f"not a valid plan: {err}") from None
 
 
 def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str) -> Plan:
@@ -107,22 +126,18 @@ def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str) -> Plan:
     problems: list[Problem] = []
     warnings: list[str] = []
     c, par = recipe.cluster, recipe.parallelism
-    world, sp = c.world_size, par.sequence_parallel
     _check_cluster(recipe, shape, problems, warnings)
-    dp = world // sp if world % sp == 0 else 1
+    dp = batching.data_parallel_size(c.world_size, par.sequence_parallel)
     stages = _plan_stages(recipe, shape, dp, problems, warnings)
     time_limit = _time_limit(recipe, problems)
     _check_evaluation(recipe, shape, stages, problems)
     if problems:  # progressive stages share one section: report each of its problems once
         raise RecipeError(list(dict.fromkeys(problems)))
     return Plan(
-        version=PLAN_VERSION, name=recipe.name, seed=recipe.seed, run_dir=run_dir,
-        device="cuda" if c.gpus_per_node else "cpu", nodes=c.nodes, ranks_per_node=c.ranks_per_node,
-        world_size=world, dp=dp, sp=sp, model=to_dict(recipe.model),
-        model_shape=asdict(shape) if shape else None, stages=stages, cluster=to_dict(c),
-        parallelism=to_dict(par), tracking=to_dict(recipe.tracking), checkpointing=to_dict(recipe.checkpointing),
-        time_limit_s=time_limit, warnings=warnings,
-        evaluation=to_dict(recipe.evaluation) if recipe.evaluation else None,
+        version=PLAN_VERSION, name=recipe.name, seed=recipe.seed, run_dir=run_dir, model=recipe.model,
+        model_shape=shape, stages=stages, cluster=c, parallelism=par, tracking=recipe.tracking,
+        checkpointing=recipe.checkpointing, time_limit_s=time_limit, warnings=warnings,
+        evaluation=recipe.evaluation,
     )
 
 
@@ -266,7 +281,7 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
     batch = _batch(recipe, shape, "full", lc.data.packing, stage.seq_len, global_seqs, micro, dp,
                    f"{path}.micro_batch_size", problems, warnings)
     micro, accum, global_seqs, mem = batch
-    tokens_per_step = global_seqs * stage.seq_len
+    tokens_per_step = batching.tokens_per_step(global_seqs, stage.seq_len)
     if tokens_per_step != lc.tokens_per_step:
         warnings.append(f"{stage.name}: {tokens_per_step} tokens per step (asked {lc.tokens_per_step}): "
                         f"{global_seqs} sequences of {stage.seq_len} over {dp} data-parallel ranks")
@@ -275,11 +290,10 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
     return StagePlan(
         index=index, name=stage.name, phase="continued_pretraining", seq_len=stage.seq_len,
         rope_parameters=rope, max_position_embeddings=_max_positions(shape, stage.seq_len, rope), method="full",
-        method_options={}, data=to_dict(lc.data), data_format="text", template=None,
+        method_options=None, data=lc.data, data_format="text", template=None,
         micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs, tokens_per_step=tokens_per_step,
         steps=steps, epochs=None, lr=stage.lr, min_lr=stage.lr * stage.min_lr_ratio,
-        warmup_steps=stage.warmup_steps, schedule="warmup_cosine",
-        **_parallel_fields(recipe), init_from=previous.name if previous else None, eval_every=None,
+        warmup_steps=stage.warmup_steps, schedule="warmup_cosine", init_from=previous.name if previous else None, eval_every=None,
         early_stopping_patience=None, merge_adapter=False, memory=mem, ds_config=f"ds_config.{stage.name}.json",
         sbatch=f"{stage.name}.sbatch", extend_positions=stage.extend_positions,
     )
@@ -312,11 +326,10 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
         index=index, name=ft.name, phase="finetune", seq_len=seq_len, rope_parameters=rope,
         max_position_embeddings=max(_max_positions(shape, seq_len, rope),
                                     last.max_position_embeddings if last else 0),
-        method=ft.method, method_options=to_dict(ft.options), data=to_dict(ft.data), data_format=ft.format,
+        method=ft.method, method_options=ft.options, data=ft.data, data_format=ft.format,
         template=ft.template, micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs,
-        tokens_per_step=global_seqs * seq_len, steps=ft.steps, epochs=ft.epochs, lr=ft.lr,
-        min_lr=ft.lr * ft.min_lr_ratio, warmup_steps=ft.warmup_steps, schedule="warmup_cosine",
-        **_parallel_fields(recipe), init_from=last.name if last else None, eval_every=ft.eval_every,
+        tokens_per_step=batching.tokens_per_step(global_seqs, seq_len), steps=ft.steps, epochs=ft.epochs, lr=ft.lr,
+        min_lr=ft.lr * ft.min_lr_ratio, warmup_steps=ft.warmup_steps, schedule="warmup_cosine", init_from=last.name if last else None, eval_every=ft.eval_every,
         early_stopping_patience=ft.early_stopping_patience, merge_adapter=ft.merge_adapter, memory=mem,
         ds_config=f"ds_config.{ft.name}.json", sbatch=f"{ft.name}.sbatch", extend_positions=ft.extend_positions,
     )
@@ -361,7 +374,7 @@ def _batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, 
     if seq_len % sp:
         problems.append(Problem("parallelism.sequence_parallel", f"{sp} does not divide seq_len {seq_len}",
                                 "choose seq_len divisible by the sequence-parallel degree"))
-    per_rank = max(1, math.ceil(global_seqs / dp))
+    per_rank = batching.per_rank_batch(global_seqs, dp)
     if micro_override and per_rank % micro_override:
         problems.append(_micro_changes_batch(micro_override, per_rank, dp, path))
     candidates = [micro_override] if micro_override else \
@@ -370,16 +383,17 @@ def _batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, 
         mem = _memory(recipe, shape, method, packed, seq_len, micro, dp)
         if mem is None or mem.total_gib <= TIGHT_FRACTION * _budget(recipe):
             break
-    accum = max(1, math.ceil(per_rank / micro))
+    accum = batching.grad_accum_for(global_seqs, micro, dp)
     _check_fit(recipe, mem, path, seq_len, problems, warnings)
-    return micro, accum, micro * accum * dp, mem.as_dict() if mem else None
+    return micro, accum, batching.train_batch_size(micro, accum, dp), mem.as_dict() if mem else None
 
 
 def _micro_changes_batch(micro: int, per_rank: int, dp: int, path: str) -> Problem:
     """An explicit micro-batch that does not divide a rank's share would silently change the global batch."""
-    accum = math.ceil(per_rank / micro)
+    accum = batching.grad_accum_for(per_rank * dp, micro, dp)
     return Problem(path, f"{micro} sequences per micro-step do not divide the {per_rank} each of the {dp} "
-                   f"data-parallel ranks takes per step: the step would grow to {micro * accum * dp} sequences "
+                   f"data-parallel ranks takes per step: the step would grow to "
+                   f"{batching.train_batch_size(micro, accum, dp)} sequences "
                    f"(from {per_rank * dp})", f"use a divisor of {per_rank} (gradient accumulation keeps the "
                    "batch), or unset it to let the plan choose, or change the global batch")
 
@@ -424,12 +438,6 @@ def _check_fit(recipe: Recipe, mem: memory.MemoryEstimate | None, path: str, seq
                                 "or raise sequence_parallel"))
     elif mem.total_gib > TIGHT_FRACTION * budget:
         warnings.append(f"{path.rsplit('.', 1)[0]}: ~{mem.total_gib:.1f} of {budget:g} GiB per GPU: tight")
-
-
-def _parallel_fields(recipe: Recipe) -> dict[str, Any]:
-    par = recipe.parallelism
-    return dict(zero_stage=par.zero_stage, offload_optimizer=par.offload_optimizer,
-                offload_params=par.offload_params, sequence_parallel=par.sequence_parallel)
 
 
 def _max_positions(shape: ModelShape | None, seq_len: int, rope: dict[str, Any]) -> int:
@@ -494,12 +502,3 @@ def _may_use_flash_attention(recipe: Recipe) -> bool:
     attn = recipe.model.attn_implementation
     return attn == "flash_attention_2" or (attn == "auto" and recipe.cluster.gpus_per_node > 0)
 
-
-def data_paths(recipe: Recipe) -> list[tuple[str, Data]]:
-    """(dotted path, data section) for each stage's data: what preflight checks exist."""
-    out = []
-    if recipe.long_context:
-        out.append(("long_context.data", recipe.long_context.data))
-    if recipe.finetune:
-        out.append(("finetune.data", recipe.finetune.data))
-    return out

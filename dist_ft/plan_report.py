@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 
+from .config import LORA_FAMILY, VIRTUAL_TOKEN_METHODS, Model
 from .launch_script import training_python
 from .plan import Plan, StagePlan
 
@@ -22,47 +23,44 @@ def format_plan(plan: Plan) -> str:
 
 
 def _python_line(plan: Plan) -> str:
-    python = training_python(plan.cluster)
-    source = "cluster.python" if plan.cluster.get("python") else "the interpreter rendering this plan"
+    python = training_python(plan.cluster.python)
+    source = "cluster.python" if plan.cluster.python else "the interpreter rendering this plan"
     return f"{shlex.quote(python)} -m torch.distributed.run ({source})"
 
 
 def _model_line(plan: Plan) -> str:
     m, shape = plan.model, plan.model_shape
-    source = m.get("name_or_path") or "random init from recipe config"
-    if m.get("gguf_file"):
-        source += f" ({m['gguf_file']})"
+    source = m.name_or_path or "random init from recipe config"
+    if m.gguf_file:
+        source += f" ({m.gguf_file})"
     if not shape:
         return f"{source}; config not readable: memory estimate unavailable"
-    params = _params(plan)
-    return (f"{source}; {shape['model_type']} {params}, {shape['num_layers']} layers, hidden "
-            f"{shape['hidden_size']}, {shape['num_heads']}/{shape['num_kv_heads']} heads, native context "
-            f"{shape['max_position_embeddings']}; {m['dtype']}, attention {m['attn_implementation']}, "
+    return (f"{source}; {shape.model_type} {_params(shape.num_params)}, {shape.num_layers} layers, hidden "
+            f"{shape.hidden_size}, {shape.num_heads}/{shape.num_kv_heads} heads, native context "
+            f"{shape.max_position_embeddings}; {m.dtype}, attention {m.attn_implementation}, "
             f"checkpointing {_checkpointing(m)}{_tiling(m)}")
 
 
-def _checkpointing(m: dict) -> str:
-    if not m["gradient_checkpointing"]:
+def _checkpointing(m: Model) -> str:
+    if not m.gradient_checkpointing:
         return "off"
-    return "on, offloaded to host" if m.get("offload_activations") else "on"
+    return "on, offloaded to host" if m.offload_activations else "on"
 
 
-def _tiling(m: dict) -> str:
-    tile = m.get("tiled_mlp_tokens")
+def _tiling(m: Model) -> str:
+    tile = m.tiled_mlp_tokens
     return f", MLP tiles of {tile} tokens" if tile else ""
 
 
-def _params(plan: Plan) -> str:
-    from .model_shape import ModelShape
-
-    n = ModelShape(**plan.model_shape).num_params
+def _params(n: int) -> str:
     return f"{n / 1e9:.2f}B params" if n >= 1e9 else f"{n / 1e6:.1f}M params"
 
 
 def _stage_block(plan: Plan, s: StagePlan) -> str:
     phase = "continued pretraining" if s.phase == "continued_pretraining" else "fine-tuning"
     steps = f"{s.steps} steps" if s.steps is not None else f"{s.epochs:g} epochs (steps counted from the data)"
-    offload = "/".join(x for x in (s.offload_optimizer, s.offload_params) if x != "none") or "no offload"
+    par = plan.parallelism
+    offload = "/".join(x for x in (par.offload_optimizer, par.offload_params) if x != "none") or "no offload"
     lines = [
         f"[{s.index}] {s.name}  ({phase}{', from ' + s.init_from if s.init_from else ''})",
         f"    seq_len {s.seq_len}   rope {_rope(s.rope_parameters)}{_positions(s)}",
@@ -70,7 +68,7 @@ def _stage_block(plan: Plan, s: StagePlan) -> str:
         f"    micro-batch {s.micro_batch_size} x grad-accum {s.grad_accum} x dp {plan.dp} = {s.global_batch_size}"
         f" sequences = {s.tokens_per_step:,} tokens/step",
         f"    {steps}; lr {s.lr:g} -> {s.min_lr:g} ({s.schedule}, warmup {s.warmup_steps})",
-        f"    ZeRO-{s.zero_stage}, {offload}, sequence-parallel {s.sequence_parallel}",
+        f"    ZeRO-{par.zero_stage}, {offload}, sequence-parallel {par.sequence_parallel}",
         f"    memory/rank: {_memory(s.memory)}",
     ]
     return "\n".join(lines) + "\n"
@@ -90,12 +88,12 @@ def _rope(params: dict) -> str:
 
 def _options(s: StagePlan) -> str:
     o = s.method_options
-    if s.method in ("lora", "qlora", "dora", "longlora"):
-        return f" (r {o['r']}, alpha {o['alpha']:g}, dropout {o['dropout']:g}, targets {o['target_modules'] or 'all-linear'})"
-    if s.method in ("prefix", "prompt", "ptuning"):
-        return f" ({o['num_virtual_tokens']} virtual tokens)"
+    if s.method in LORA_FAMILY:
+        return f" (r {o.r}, alpha {o.alpha:g}, dropout {o.dropout:g}, targets {o.target_modules or 'all-linear'})"
+    if s.method in VIRTUAL_TOKEN_METHODS:
+        return f" ({o.num_virtual_tokens} virtual tokens)"
     if s.method == "freeze":
-        return f" (last {o['trainable_layers']} layers train)"
+        return f" (last {o.trainable_layers} layers train)"
     return ""
 
 

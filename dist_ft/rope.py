@@ -15,6 +15,8 @@ from .strict import Problem
 TRANSFORMERS_TYPE = {"none": "default", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn",
                      "llama3": "llama3", "longrope": "longrope"}
 NEEDS_ORIGINAL = ("yarn", "llama3", "longrope")
+# Without scaling, perplexity explodes a little past the trained window; much further is wasted CPU/GPU time.
+UNSCALED_REACH = 4
 _SCALING = {"factor", "original_max_position_embeddings", "rope_theta"}
 # The recipe fields each kind reads: any other one set is a mistake (say, short_factor under yarn).
 FIELDS_READ = {"none": {"rope_theta"}, "linear": _SCALING, "dynamic": _SCALING,
@@ -86,6 +88,12 @@ def scaled_context(params: dict[str, Any]) -> int | None:
     if params.get("rope_type") in (None, "default", "dynamic") or "original_max_position_embeddings" not in params:
         return None
     return round(params["original_max_position_embeddings"] * params.get("factor", 1.0))
+
+
+def addressable_length(context: int, absolute_positions: bool) -> int:
+    """Longest length worth evaluating for a model whose (scaled) window is `context` tokens: all of a
+    learned/absolute position table, ×4 for RoPE (extrapolation studies)."""
+    return context if absolute_positions else context * UNSCALED_REACH
 
 
 def _check_fields_read(rope: Rope, path: str, problems: list[Problem]) -> None:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from .attention import SDPA_VARLEN
 from .attention import register as register_sdpa_varlen
-from .loss import IGNORE_INDEX, SHIFT_LABELS
+from .labels import IGNORE_INDEX, SHIFT_LABELS
 
 
 @dataclass(frozen=True)

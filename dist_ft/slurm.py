@@ -48,7 +48,7 @@ def output_path(run_dir: str, stage: str) -> str:
 
 
 def job_name(plan: Plan, stage: StagePlan) -> str:
-    return f"{plan.cluster.get('job_name') or plan.name}-{stage.name}"
+    return f"{plan.cluster.job_name or plan.name}-{stage.name}"
 
 
 def sbatch_directives(plan: Plan, stage: StagePlan) -> list[tuple[str, str | None]]:
@@ -58,17 +58,16 @@ def sbatch_directives(plan: Plan, stage: StagePlan) -> list[tuple[str, str | Non
         ("nodes", str(plan.nodes)),
         ("ntasks-per-node", "1"),
     ]
-    if c["gpus_per_node"]:
-        items.append(("gpus-per-node", str(c["gpus_per_node"])))
-    optional = {"cpus-per-task": c.get("cpus_per_task"), "partition": c.get("partition"),
-                "account": c.get("account"), "qos": c.get("qos"), "time": _time(c.get("time_limit")),
-                "constraint": c.get("constraint"), "mem": c.get("mem")}
+    if c.gpus_per_node:
+        items.append(("gpus-per-node", str(c.gpus_per_node)))
+    optional = {"cpus-per-task": c.cpus_per_task, "partition": c.partition, "account": c.account, "qos": c.qos,
+                "time": _time(c.time_limit), "constraint": c.constraint, "mem": c.mem}
     items += [(k, str(v)) for k, v in optional.items() if v is not None]
-    if c.get("exclusive"):
+    if c.exclusive:
         items.append(("exclusive", None))
     items += [
-        ("signal", f"B:USR1@{c['signal_grace_s']}"),
-        ("requeue" if c["requeue"] else "no-requeue", None),
+        ("signal", f"B:USR1@{c.signal_grace_s}"),
+        ("requeue" if c.requeue else "no-requeue", None),
         ("open-mode", "append"),
         ("output", output_path(plan.run_dir, stage.name)),
     ]
@@ -80,19 +79,19 @@ def render_sbatch(plan: Plan, stage: StagePlan, template: str | None = None) -> 
     c = plan.cluster
     lines = [f"#SBATCH --{key}" + (f"={sbatch_value(value)}" if value is not None else "")
              for key, value in sbatch_directives(plan, stage)]
-    env = [f"export {key}={shlex.quote(value)}" for key, value in sorted(c["env"].items())]
+    env = [f"export {key}={shlex.quote(value)}" for key, value in sorted(c.env.items())]
     values = {
         "SBATCH": "\n".join(lines),
         "RUN_NAME": plan.name,
         "STAGE_NAME": stage.name,
         "RUN_DIR": shlex.quote(plan.run_dir),
         "STAGE": shlex.quote(stage.name),
-        "PYTHON": shlex.quote(training_python(c)),
-        "RDZV_PORT": rendezvous_port(c.get("rdzv_port")),
+        "PYTHON": shlex.quote(training_python(c.python)),
+        "RDZV_PORT": rendezvous_port(c.rdzv_port),
         "RANKS_PER_NODE": str(int(plan.ranks_per_node)),
-        "MAX_RESTARTS": str(int(c["max_restarts"])),
-        "REQUEUE": "1" if c["requeue"] else "0",
-        "SETUP": "\n".join(c["setup"]) or ":",
+        "MAX_RESTARTS": str(int(c.max_restarts)),
+        "REQUEUE": "1" if c.requeue else "0",
+        "SETUP": "\n".join(c.setup) or ":",
         "ENV": "\n".join(env) or ":",
         "OMP_THREADS": str(OMP_THREADS_PER_RANK),
     }

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import torch
 
+from . import batching
 from . import engine as ds
 from .data import BadRows, BatchStream, DataError, collate, pretraining_rows, sft_rows
 from .distributed import DistEnv
@@ -36,21 +37,22 @@ class StageData:
 def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_config: dict[str, Any]) -> StageData:
     paths = _local_paths(plan, stage, env)
     data = stage.data
-    seed = data["seed"] + plan.seed
+    seed = data.seed + plan.seed
     try:
         if stage.phase == "continued_pretraining":
-            rows, bad = pretraining_rows(paths, data["text_field"], tokenizer, stage.seq_len, seed=seed,
-                                         long_docs=data["long_documents"])
+            rows, bad = pretraining_rows(paths, data.text_field, tokenizer, stage.seq_len, seed=seed,
+                                         long_docs=data.long_documents)
         else:
             rows, bad = sft_rows(paths, tokenizer, stage.data_format, stage.template, stage.seq_len, seed=seed,
-                                 packing=data["packing"], text_field=data["text_field"])
+                                 packing=data.packing, text_field=data.text_field)
     except DataError as err:
         raise SystemExit(f"error: [{stage.name}] {err}") from None
-    train, validation = _split(rows, data["validation_fraction"], seed)
-    dp_size = env.world_size // stage.sequence_parallel
-    dp_rank = env.rank // stage.sequence_parallel
+    train, validation = _split(rows, data.validation_fraction, seed)
+    sp = plan.sp
+    dp_size = batching.data_parallel_size(env.world_size, sp)
+    dp_rank = batching.data_parallel_rank(env.rank, sp)
     micro = ds_config["train_micro_batch_size_per_gpu"]
-    per_step = micro * ds_config["gradient_accumulation_steps"] * dp_size
+    per_step = batching.train_batch_size(micro, ds_config["gradient_accumulation_steps"], dp_size)
     if len(train) < per_step:
         raise SystemExit(f"error: [{stage.name}] {len(train)} training rows of {stage.seq_len} tokens cannot fill "
                          f"one step of {per_step} sequences: add data or lower the batch size")
@@ -58,7 +60,7 @@ def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_co
     return StageData(train=stream, validation=validation, dp_rank=dp_rank, dp_size=dp_size,
                      steps_per_epoch=max(1, len(train) // per_step),
                      report=_report(stage, len(train), len(validation), bad),
-                     eval_copies=micro if stage.sequence_parallel > 1 else 1)
+                     eval_copies=micro if sp > 1 else 1)
 
 
 def _split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -79,11 +81,11 @@ def _report(stage: StagePlan, train: int, validation: int, bad: BadRows) -> str:
 def _local_paths(plan: Plan, stage: StagePlan, env: DistEnv) -> list[str]:
     """Local paths as given; a hub dataset is exported once to JSONL in the run dir (online only)."""
     data = stage.data
-    if data["paths"]:
-        return list(data["paths"])
+    if data.paths:
+        return list(data.paths)
     target = Path(plan.run_dir) / "data_cache" / f"{stage.name}.jsonl"
     if env.is_main and not target.exists():
-        _export_hub_dataset(data["hub_dataset"], data["hub_split"], target)
+        _export_hub_dataset(data.hub_dataset, data.hub_split, target)
     ds.barrier()
     return [str(target)]
 

@@ -23,13 +23,13 @@ MERGED = "merged"
 
 def stage_tokenizer(plan: Plan):
     m = plan.model
-    return load_tokenizer(m["name_or_path"], m.get("gguf_file"), m.get("tokenizer"))
+    return load_tokenizer(m.name_or_path, m.gguf_file, m.tokenizer)
 
 
 def weights_source(plan: Plan, stage: StagePlan) -> tuple[str | None, str | None]:
     """(name_or_path, gguf_file): the previous stage's export, or the recipe's model."""
     if stage.init_from is None:
-        return plan.model["name_or_path"], plan.model.get("gguf_file")
+        return plan.model.name_or_path, plan.model.gguf_file
     export = Path(plan.run_dir) / "stages" / stage.init_from / EXPORT
     if not (export / "config.json").is_file():
         raise SystemExit(f"error: stage {stage.name} starts from stage {stage.init_from}, whose export "
@@ -41,13 +41,13 @@ def build_stage_model(plan: Plan, stage: StagePlan, ds_config: dict, tokenizer) 
     m = plan.model
     with ds.model_construction(ds_config):
         model = _base_model(plan, stage, tokenizer)
-    if m["gradient_checkpointing"]:
+    if m.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if m.get("tiled_mlp_tokens"):
-        tile_mlps(model, m["tiled_mlp_tokens"])
+    if m.tiled_mlp_tokens:
+        tile_mlps(model, m.tiled_mlp_tokens)
     if stage.phase == "finetune":
         model = apply_method(model, stage.method, stage.method_options,
-                             gradient_checkpointing=m["gradient_checkpointing"])
+                             gradient_checkpointing=m.gradient_checkpointing)
     return model
 
 
@@ -66,12 +66,12 @@ def _base_model(plan: Plan, stage: StagePlan, tokenizer, quantize: bool | None =
         name_or_path=name_or_path, gguf_file=gguf_file,
         # The recipe's model.config applies to the recipe's model, random-init or pretrained (the plan read
         # the same values); a later stage starts from an export whose config.json already carries them.
-        config_overrides=m["config"] if stage.init_from is None else None,
+        config_overrides=m.config if stage.init_from is None else None,
         rope_parameters=stage.rope_parameters, max_position_embeddings=stage.max_position_embeddings,
         extend_positions=stage.extend_positions,
-        attn_implementation=stage_attention(stage.method, m["attn_implementation"]), dtype=DTYPES[m["dtype"]],
+        attn_implementation=stage_attention(stage.method, m.attn_implementation), dtype=DTYPES[m.dtype],
         quantize_4bit=stage.method == "qlora" if quantize is None else quantize,
-        trust_remote_code=m["trust_remote_code"], vocab_size=len(tokenizer), seed=plan.seed)
+        trust_remote_code=m.trust_remote_code, vocab_size=len(tokenizer), seed=plan.seed)
 
 
 def export_stage(plan: Plan, stage: StagePlan, engine, tokenizer, out: Path, env: DistEnv) -> None:

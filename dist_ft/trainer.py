@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import batching
 from . import engine as ds
 from .checkpoint import clear_tag, commit, ensure_universal, resume_choice, tag_for
 from .distributed import DistEnv, read_env
@@ -34,7 +35,7 @@ def stage_dir(plan: Plan, stage: StagePlan) -> Path:
 
 def train_stage(plan: Plan, stage: StagePlan) -> int:
     env = read_env()
-    ds.init_distributed(env, plan.cluster.get("collective_timeout_minutes", 60))
+    ds.init_distributed(env, plan.cluster.collective_timeout_minutes)
     folder = stage_dir(plan, stage)
     if ds.broadcast_from_main((folder / "DONE").exists() if env.is_main else None):  # one answer for all ranks
         _say(env, f"[{stage.name}] already complete ({folder / 'DONE'}); nothing to do")
@@ -49,11 +50,11 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
     resume_from = _find_resume(folder / "checkpoints", data.dp_size, env)
     if resume_from and resume_from[0].name == "universal":
         ds_config["checkpoint"] = {"load_universal": True}
-    mpu, sp = _sequence_parallel(stage, model, ds_config)
-    kernel = choose_head_kernel(plan.model.get("loss_kernel", "chunked"), model, torch.cuda.is_available())
-    token_mean = TokenMean(ds.token_mean_gradient_factor(ds_config, data.dp_size, stage.sequence_parallel))
-    wrapped = LanguageModelLoss(model, plan.model["loss_chunk_tokens"], sequence_parallel=sp,
-                                offload_activations=plan.model.get("offload_activations", False), head_kernel=kernel,
+    mpu, sp = _sequence_parallel(plan.sp, model, ds_config)
+    kernel = choose_head_kernel(plan.model.loss_kernel, model, torch.cuda.is_available())
+    token_mean = TokenMean(ds.token_mean_gradient_factor(ds_config, data.dp_size, plan.sp))
+    wrapped = LanguageModelLoss(model, plan.model.loss_chunk_tokens, sequence_parallel=sp,
+                                offload_activations=plan.model.offload_activations, head_kernel=kernel,
                                 token_mean=token_mean)
     engine = ds.build_engine(wrapped, ds_config, lambda s: lr_multiplier(
         s, stage.warmup_steps, total_steps, stage.min_lr / stage.lr if stage.lr else 1.0), mpu=mpu)
@@ -68,7 +69,7 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
         if env.is_main:
             (folder / "DONE").write_text(json.dumps({"step": state.step, "outcome": outcome}) + "\n")
     ds.barrier()
-    if outcome != "stopped" and env.is_main and (plan.evaluation or {}).get("after_each_stage"):
+    if outcome != "stopped" and env.is_main and plan.evaluation and plan.evaluation.after_each_stage:
         del engine  # the export is reloaded for eval; the engine's optimizer state is no longer needed
         _release_accelerator_memory()
         evaluate_after_stage(plan, stage.name)
@@ -83,11 +84,11 @@ def _release_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _sequence_parallel(stage: StagePlan, model, ds_config: dict[str, Any]):
+def _sequence_parallel(degree: int, model, ds_config: dict[str, Any]):
     """(DeepSpeed's mpu, our slice of each batch) under Ulysses; (None, None) without it."""
-    if stage.sequence_parallel == 1:
+    if degree == 1:
         return None, None
-    mpu = ds.enable_sequence_parallel(model, stage.sequence_parallel, ds_config["train_micro_batch_size_per_gpu"])
+    mpu = ds.enable_sequence_parallel(model, degree, ds_config["train_micro_batch_size_per_gpu"])
     return mpu, ds.sequence_parallel_group(mpu, ds_config)
 
 
@@ -96,7 +97,7 @@ def _train(plan, stage, env, engine, data, state, total_steps, metrics, folder) 
     save = _checkpointer(plan, stage, env, engine, data, folder / "checkpoints", resumed_at=state.step)
     cfg = LoopConfig(total_steps=total_steps, grad_accum=engine.gradient_accumulation_steps(),
                      seq_len=stage.seq_len, data_parallel=data.dp_size,
-                     checkpoint_every=plan.checkpointing["every_steps"],
+                     checkpoint_every=plan.checkpointing.every_steps,
                      eval_every=stage.eval_every, early_stopping_patience=stage.early_stopping_patience)
     hooks = LoopHooks(evaluate=data.evaluator(engine), checkpoint=save, stop_requested=stop.agreed,
                       log=lambda row: metrics.log({"stage": stage.name, "seq_len": stage.seq_len,
@@ -136,7 +137,7 @@ def _checkpointer(plan, stage, env, engine, data, folder: Path, resumed_at: int)
         if env.is_main:
             commit(folder, tag, {"step": state.step, "dp": data.dp_size, "world_size": env.world_size,
                                  "time": time.time(), "restart": env.restart_count},
-                   plan.checkpointing["keep_last"])
+                   plan.checkpointing.keep_last)
         ds.barrier()
 
     return save
@@ -181,15 +182,16 @@ def _ds_config_for_world(plan: Plan, stage: StagePlan, env: DistEnv) -> dict[str
     """The rendered config, re-balanced if this run has another world size than planned (a resume on
     fewer or more ranks keeps the global batch by changing gradient accumulation)."""
     cfg = json.loads((Path(plan.run_dir) / stage.ds_config).read_text())
-    dp = env.world_size // stage.sequence_parallel
+    dp = batching.data_parallel_size(env.world_size, plan.sp)
     if dp == plan.dp:
         return cfg
     per_step = stage.global_batch_size
-    if per_step % (stage.micro_batch_size * dp):
+    accum = batching.exact_grad_accum(per_step, stage.micro_batch_size, dp)
+    if accum is None or env.world_size % plan.sp:
         raise SystemExit(f"error: world size {env.world_size} cannot keep the planned {per_step} sequences per "
                          f"step with micro-batch {stage.micro_batch_size}; re-render the run for this size")
-    cfg["gradient_accumulation_steps"] = per_step // (stage.micro_batch_size * dp)
-    cfg["train_batch_size"] = per_step
+    cfg["gradient_accumulation_steps"] = accum
+    cfg["train_batch_size"] = batching.train_batch_size(stage.micro_batch_size, accum, dp)
     _say(env, f"[{stage.name}] world size {env.world_size} differs from the plan's {plan.world_size}: "
               f"gradient accumulation {cfg['gradient_accumulation_steps']} keeps {per_step} sequences per step")
     return cfg
@@ -210,7 +212,7 @@ def _metrics(plan, stage, env, folder, total_steps, start_step):
     if not env.is_main:
         return NullMetrics()
     config = {"stage": stage.name, "phase": stage.phase, "seq_len": stage.seq_len, "method": stage.method,
-              "rope": stage.rope_parameters, "zero_stage": stage.zero_stage, "world_size": env.world_size,
+              "rope": stage.rope_parameters, "zero_stage": plan.parallelism.zero_stage, "world_size": env.world_size,
               "tokens_per_step": stage.tokens_per_step, "lr": stage.lr, "pipeline": plan.name}
     return RankZeroMetrics(folder, plan.tracking, plan.name, plan.run_dir, stage.name, config, total_steps,
                            start_step)
@@ -218,15 +220,15 @@ def _metrics(plan, stage, env, folder, total_steps, start_step):
 
 def _step_extras(plan, stage, env, engine):
     on_gpu = env.device.startswith("cuda")
-    shape = plan.model_shape or {}
+    layers, hidden = (plan.model_shape.num_layers, plan.model_shape.hidden_size) if plan.model_shape else (0, 0)
 
     def extras(seconds: float) -> dict[str, Any]:
-        tokens = stage.global_batch_size * stage.seq_len
+        tokens = stage.tokens_per_step
         row = {"step_time_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1)}
         if on_gpu:
             row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
-            value = mfu(tokens / seconds, _num_params(engine), shape.get("num_layers", 0),
-                        shape.get("hidden_size", 0), stage.seq_len, env.world_size, torch.cuda.get_device_name())
+            value = mfu(tokens / seconds, _num_params(engine), layers, hidden, stage.seq_len, env.world_size,
+                        torch.cuda.get_device_name())
             if value is not None:
                 row["mfu"] = round(value, 4)
         else:

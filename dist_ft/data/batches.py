@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from .. import batching
+
 BATCH_KEYS = ("input_ids", "position_ids", "labels")
 
 
@@ -30,16 +32,17 @@ class BatchStream:
             raise ValueError(f"dp_rank {dp_rank} is outside 0..{dp_size - 1}")
         if micro_batch_size < 1:
             raise ValueError(f"micro_batch_size must be at least 1, got {micro_batch_size}")
-        if len(rows) < micro_batch_size * dp_size:
-            raise ValueError(f"{len(rows)} rows cannot fill one step of {dp_size} ranks × {micro_batch_size} rows")
         self.rows, self.micro_batch_size, self.seed = rows, micro_batch_size, seed
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        if len(rows) < self.rows_per_step:
+            raise ValueError(f"{len(rows)} rows cannot fill one step of {dp_size} ranks × {micro_batch_size} rows")
         self.epoch, self.position = 0, 0
         self._order: tuple[int, list[int]] | None = None
 
     @property
     def rows_per_step(self) -> int:
-        return self.micro_batch_size * self.dp_size
+        """Rows all data-parallel ranks take per micro-step."""
+        return batching.train_batch_size(self.micro_batch_size, 1, self.dp_size)
 
     @property
     def steps_per_epoch(self) -> int:

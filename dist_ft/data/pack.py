@@ -15,9 +15,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ..labels import IGNORE_INDEX
 from .read import BadRows
-
-IGNORE_INDEX = -100
 LONG_DOC_POLICIES = ("split", "truncate", "skip")
 
 

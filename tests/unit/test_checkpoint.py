@@ -5,6 +5,7 @@ from types import SimpleNamespace
 from dist_ft import trainer
 from dist_ft.checkpoint import (commit, ensure_universal, latest_tag, resume_choice, tag_for, tag_folders,
                                 write_atomic)
+from dist_ft.config import Checkpointing
 from dist_ft.distributed import read_env
 from dist_ft.loop import LoopState
 
@@ -86,7 +87,7 @@ def test_a_save_starts_from_an_empty_tag_and_skips_the_state_it_resumed_from(tmp
     monkeypatch.setattr(trainer.ds, "save_checkpoint", fake_save)
     monkeypatch.setattr(trainer.ds, "barrier", lambda: None)
     data = SimpleNamespace(dp_size=1, train=SimpleNamespace(state_dict=lambda: {}))
-    save = trainer._checkpointer(SimpleNamespace(checkpointing={"keep_last": 2}), SimpleNamespace(method="full"),
+    save = trainer._checkpointer(SimpleNamespace(checkpointing=Checkpointing(keep_last=2)), SimpleNamespace(method="full"),
                                  read_env({}, cuda_available=False), None, data, tmp_path, resumed_at=4)
     save(LoopState(step=4))  # a restart after the last step: its checkpoint is this state already
     (tmp_path / tag_for(6)).mkdir()

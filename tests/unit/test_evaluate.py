@@ -9,11 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from dist_ft.cli import main
+from dist_ft.config import apply_overrides, recipe_from_dict
 from dist_ft.eval_model import resolve_target
 from dist_ft.eval_nll import Band, BandTotal, add_to_bands, band_edges, stdlib_files, token_nll
 from dist_ft.eval_passkey import FILLER, INTRO, NEEDLE, QUESTION, make_haystack
 from dist_ft.model import build_model
+from dist_ft.model_shape import shape_from_config
+from dist_ft.plan import make_plan
 from dist_ft.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
+from tests.conftest import demo_raw
 
 NATIVE = 128
 TINY = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -117,15 +121,24 @@ def test_adapter_dir_evaluates_base_plus_adapter(model_dir, tmp_path):
 
 def test_run_dir_resolves_to_last_finished_stage(model_dir, tmp_path):
     run = tmp_path / "run"
-    stages = [{"name": "ctx256"}, {"name": "ctx512"}, {"name": "sft"}]
     (run).mkdir()
-    (run / "plan.json").write_text(json.dumps({"name": "r", "stages": stages, "tracking": {"mode": "disabled"}}))
+    (run / "plan.json").write_text(plan_with_stages(run, "r", ["ctx256", "ctx512", "sft"]).to_json())
     for name in ("ctx256", "ctx512"):
         (run / "stages" / name / "export").mkdir(parents=True)
         (run / "stages" / name / "export" / "config.json").write_text("{}")
     (run / "stages" / "ctx256" / "DONE").touch()  # ctx512 stopped early, sft never ran
     target = resolve_target(str(run))
     assert target.model_dir == str(run / "stages" / "ctx256" / "export") and target.label == "r/ctx256"
+
+
+def plan_with_stages(run, name, stages):
+    """The demo's plan, named `name`, with the stages `stages` (two long-context ones, then sft)."""
+    raw = apply_overrides(demo_raw(), [f"name={name}", "tracking.mode=disabled", "long_context.progressive.start=256",
+                                       "long_context.progressive.target=512", f"finetune.name={stages[-1]}"])
+    recipe = recipe_from_dict(raw)
+    plan = make_plan(recipe, shape_from_config(recipe.model.config, "test"), str(run))
+    assert [s.name for s in plan.stages] == stages
+    return plan
 
 
 def test_heldout_text_leaves_out_the_demo_training_packages():

@@ -148,7 +148,7 @@ def test_trainable_summary_counts_4bit_weights_at_full_size():
     ("lorra", {}, {}, "did you mean 'lora'"),
     ("lora", {"lora_alpha": 16}, {}, "did you mean 'alpha'"),
     ("bitfit", {}, {"attention_bias": False}, "has none"),
-    ("freeze", {}, {}, "would train nothing"),
+    ("freeze", {"trainable_layers": 0}, {}, "would train nothing"),
     ("freeze", {"trainable_layers": 3}, {}, "has 2 layers"),
     ("qlora", {}, {}, "4-bit base"),
 ])
@@ -163,7 +163,7 @@ def test_prefix_tuning_with_gradient_checkpointing_is_refused():
 
 
 def test_freeze_by_pattern():
-    model = apply_method(tiny_base(), "freeze", {"trainable_patterns": [r"lm_head", r"\.norm\."]})
+    model = apply_method(tiny_base(), "freeze", {"trainable_layers": 0, "trainable_patterns": [r"lm_head", r"\.norm\."]})
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"lm_head.weight", "model.norm.weight"}
 
 

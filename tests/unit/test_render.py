@@ -43,8 +43,8 @@ def test_deepspeed_accepts_every_config(rendered, monkeypatch):
         assert find_auto(cfg) == []
         parsed = ds_config.DeepSpeedConfig(cfg, mpu=_DataParallel(plan.dp))
         assert parsed.train_batch_size == stage.micro_batch_size * stage.grad_accum * plan.dp
-        assert parsed.zero_optimization_stage == stage.zero_stage
-        if stage.zero_stage == 3:
+        assert parsed.zero_optimization_stage == plan.parallelism.zero_stage
+        if plan.parallelism.zero_stage == 3:
             assert parsed.zero_config.gather_16bit_weights_on_model_save
 
 

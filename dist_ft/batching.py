@@ -1,0 +1,45 @@
+"""The batch arithmetic of a run: the one place each derived number is computed.
+
+The plan, the DeepSpeed config, each rank's data stream and the trainer's world-size change on
+resume all call these functions, so no two of them can disagree (tests/unit/test_one_source.py).
+"""
+
+from __future__ import annotations
+
+
+def data_parallel_size(world_size: int, sequence_parallel: int) -> int:
+    """Ranks that read different batches: a sequence-parallel group shares one. A degree that does
+    not divide the world is a plan error; 1 keeps the planner's arithmetic going until it is reported."""
+    return world_size // sequence_parallel if world_size % sequence_parallel == 0 else 1
+
+
+def data_parallel_rank(rank: int, sequence_parallel: int) -> int:
+    """The batch stream a rank reads: contiguous ranks form a sequence-parallel group."""
+    return rank // sequence_parallel
+
+
+def train_batch_size(micro_batch_size: int, grad_accum: int, data_parallel: int) -> int:
+    """Sequences per optimizer step (DeepSpeed's train_batch_size)."""
+    return micro_batch_size * grad_accum * data_parallel
+
+
+def per_rank_batch(global_batch: int, data_parallel: int) -> int:
+    """Sequences each data-parallel rank takes per step (rounded up: never fewer than asked)."""
+    return max(1, -(-global_batch // data_parallel))
+
+
+def grad_accum_for(global_batch: int, micro_batch_size: int, data_parallel: int) -> int:
+    """Micro-steps that reach (at least) `global_batch` sequences per step."""
+    return max(1, -(-per_rank_batch(global_batch, data_parallel) // micro_batch_size))
+
+
+def exact_grad_accum(global_batch: int, micro_batch_size: int, data_parallel: int) -> int | None:
+    """Micro-steps that keep exactly `global_batch` sequences per step at another data-parallel size
+    (a resume on fewer or more ranks), or None when no whole number does."""
+    if global_batch % (micro_batch_size * data_parallel):
+        return None
+    return global_batch // (micro_batch_size * data_parallel)
+
+
+def tokens_per_step(global_batch: int, seq_len: int) -> int:
+    return global_batch * seq_len

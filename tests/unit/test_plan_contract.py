@@ -1,0 +1,162 @@
+"""One typed contract from recipe to rank: plan.json comes back as the recipe's own sections, every
+derived batch number has one source, and the pure plan stays apart from the CLI and eval."""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dist_ft import batching, trainer
+from dist_ft.cli import main
+from dist_ft.config import Checkpointing, Cluster, Data, MethodOptions, Model, Parallelism, Tracking
+from dist_ft.deepspeed_config import render_ds_config
+from dist_ft.distributed import read_env
+from dist_ft.model_shape import ModelShape
+from dist_ft.plan import Plan
+from dist_ft.stage_data import load_stage_data
+from dist_ft.stage_model import stage_tokenizer
+from tests.conftest import LAUNCH, ROOT
+from tests.unit.test_plan import plan_of
+
+PACKAGE = ROOT / "dist_ft"
+
+
+def test_plan_json_round_trips_to_the_recipes_typed_sections():
+    plan = plan_of(["evaluation.after_each_stage=true", "parallelism.sequence_parallel=2",
+                    "cluster.procs_per_node=2"])
+    again = Plan.from_json(plan.to_json())
+    assert again == plan
+    sections = (again.model, again.cluster, again.parallelism, again.tracking, again.checkpointing)
+    assert [type(s) for s in sections] == [Model, Cluster, Parallelism, Tracking, Checkpointing]
+    assert isinstance(again.model_shape, ModelShape)
+    sft = again.stage("sft")
+    assert isinstance(sft.data, Data) and isinstance(sft.method_options, MethodOptions)
+    assert (again.dp, again.sp, again.world_size) == (1, 2, 2)
+
+
+def test_plan_json_is_read_by_the_recipes_strict_loader():
+    raw = json.loads(plan_of().to_json())
+    raw["model"]["dtyp"] = raw["model"].pop("dtype")
+    raw["cluster"]["nodes"] = 0
+    with pytest.raises(ValueError) as err:
+        Plan.from_json(json.dumps(raw))
+    assert "model.dtyp: unknown key" in str(err.value) and "did you mean `dtype`" in str(err.value)
+    assert "cluster.nodes: must be >= 1" in str(err.value)
+
+
+@pytest.fixture
+def spied(monkeypatch):
+    """Which modules call each batching function (they must reach it as `batching.NAME`)."""
+    callers: dict[str, set[str]] = {}
+    for name in ("data_parallel_size", "data_parallel_rank", "train_batch_size", "exact_grad_accum"):
+        real = getattr(batching, name)
+
+        def spy(*args, _real=real, _name=name):
+            callers.setdefault(_name, set()).add(sys._getframe(1).f_globals["__name__"])
+            return _real(*args)
+
+        monkeypatch.setattr(batching, name, spy)
+    return callers
+
+
+def test_plan_deepspeed_config_data_and_world_size_change_share_one_batch_arithmetic(tmp_path, spied, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("data/tiny", f"{LAUNCH}/data/tiny"))
+    assert main(["render", str(recipe), "--out", str(tmp_path / "run"), "--set", "cluster.procs_per_node=2"]) == 0
+    plan = Plan.from_json((tmp_path / "run" / "plan.json").read_text())
+    stage = plan.stage("sft")
+    cfg = render_ds_config(plan, stage)
+    data = load_stage_data(plan, stage, read_env({"RANK": "1", "WORLD_SIZE": "2"}, cuda_available=False),
+                           stage_tokenizer(plan), cfg)
+    resumed = trainer._ds_config_for_world(plan, stage, read_env({}, cuda_available=False))
+    assert (data.dp_rank, data.dp_size, data.train.rows_per_step) == (1, 2, 2 * cfg["train_micro_batch_size_per_gpu"])
+    assert resumed["train_batch_size"] == cfg["train_batch_size"] == stage.global_batch_size
+    assert resumed["gradient_accumulation_steps"] == 2 * cfg["gradient_accumulation_steps"]
+    assert {"dist_ft.plan", "dist_ft.stage_data", "dist_ft.trainer"} <= spied["data_parallel_size"]
+    assert {"dist_ft.plan", "dist_ft.deepspeed_config", "dist_ft.stage_data", "dist_ft.trainer",
+            "dist_ft.data.batches"} <= spied["train_batch_size"]
+    assert spied["data_parallel_rank"] == {"dist_ft.stage_data"}
+    assert spied["exact_grad_accum"] == {"dist_ft.trainer"}
+
+
+BATCH_WORDS = ("world_size", "micro_batch_size", "grad_accum", "gradient_accumulation", "dp_size", "global_batch")
+# Products and quotients of those names that are other numbers: a loss mean, DeepSpeed's gradient factor.
+NOT_BATCH_ARITHMETIC = {("loop.py", "total / grad_accum"), ("engine.py", "torch.distributed.get_world_size()")}
+
+
+def test_no_module_but_batching_computes_batch_numbers():
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.FloorDiv, ast.Mult, ast.Div)):
+                text = ast.get_source_segment(source, node)
+                if any(word in text for word in BATCH_WORDS) and path.name != "batching.py" and \
+                        not any(path.name == name and part in text for name, part in NOT_BATCH_ARITHMETIC):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {text}")
+    assert found == []
+
+
+# ---- imports ------------------------------------------------------------------------------------
+
+CLI_AND_EVAL = ("dist_ft.cli", "dist_ft.evaluate", "dist_ft.eval_model", "dist_ft.eval_nll", "dist_ft.eval_report",
+                "dist_ft.generate", "dist_ft.trainer", "dist_ft.engine")
+
+
+def test_the_pure_plan_imports_no_cli_eval_or_rank_module():
+    code = "import sys, dist_ft.plan; print(' '.join(sorted(sys.modules)))"
+    loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                                cwd=ROOT).stdout.split())
+    assert "dist_ft.plan" in loaded
+    assert loaded.isdisjoint(CLI_AND_EVAL) and loaded.isdisjoint({"torch", "deepspeed", "transformers"})
+
+
+def module_imports() -> dict[str, set[str]]:
+    """{module: package modules it imports at import time (type-checking imports included)}."""
+    modules = {_name(p): p for p in PACKAGE.rglob("*.py") if not {"ds_configs", "slurm_templates"} & set(p.parts)}
+    graph = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        top += [n for block in tree.body if isinstance(block, ast.If) for n in ast.walk(block)
+                if isinstance(n, (ast.Import, ast.ImportFrom))]
+        graph[name] = {t for n in top for t in _targets(name, path, n) if t in modules and t != name}
+    return graph
+
+
+def _name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _targets(module: str, path: Path, node) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+    target = ".".join(base + ([node.module] if node.module else []))
+    return [target, *(f"{target}.{alias.name}" for alias in node.names)]
+
+
+def test_no_import_cycles():
+    graph = module_imports()
+    cycles = []
+
+    def visit(module: str, path: list[str]) -> None:
+        for target in sorted(graph[module]):
+            if target in path:
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in done:
+                visit(target, path + [target])
+        done.add(module)
+
+    done: set[str] = set()
+    for module in sorted(graph):
+        if module not in done:
+            visit(module, [module])
+    assert cycles == []
