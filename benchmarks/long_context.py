@@ -170,11 +170,13 @@ def measure_ours(run: Path, seq_len: int, args: argparse.Namespace) -> dict:
     failure = launch(argv, args.ranks, run.parent / "ours.log", args.timeout)
     if failure:
         return _report(seq_len, "ours", failure)
-    stage_dir = run / "stages" / STAGE
-    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from dist_ft.run_dir import RunDir
+
+    stage_dir = RunDir(run).stage(STAGE)
+    rows = [json.loads(line) for line in stage_dir.metrics.read_text().splitlines() if line.strip()]
     steps = [row for row in rows if "step_time_s" in row]
-    rank0 = json.loads((stage_dir / "ranks" / "rank0.json").read_text())
-    exported = json.loads((stage_dir / "export" / "config.json").read_text())
+    rank0 = json.loads(stage_dir.rank_info(0).read_text())
+    exported = json.loads((stage_dir.export / "config.json").read_text())
     model = read_plan(run).model
     result = summarize([row["step_time_s"] for row in steps], max(row["peak_memory_gib"] for row in steps),
                        tokens_per_step(run), loss_step1=steps[0]["loss"], vocab_size=exported["vocab_size"],

@@ -19,12 +19,8 @@ from .config import Recipe, to_dict
 from .deepspeed_config import render_ds_config
 from .local_launch import local_script
 from .plan import Plan
+from .run_dir import LOCAL_SCRIPT, PLAN_FILE, RECIPE_FILE, SUBDIRS
 from .slurm import render_sbatch
-
-PLAN_FILE = "plan.json"
-RECIPE_FILE = "recipe.resolved.yaml"
-LOCAL_SCRIPT = "local.sh"
-SUBDIRS = ("logs", "control", "stages")
 
 
 class RunDirConflict(Exception):

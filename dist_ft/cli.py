@@ -8,12 +8,13 @@ import sys
 import traceback
 from pathlib import Path
 
-from .artifacts import PLAN_FILE, RunDirConflict, render_files, write_run_dir
+from .artifacts import RunDirConflict, render_files, write_run_dir
 from .config import load_recipe
 from .local_launch import run_stages
 from .plan import Plan, make_plan
 from .plan_report import format_plan
 from .preflight import check_inputs, model_shape, resolve_recipe_paths
+from .run_dir import RunDir
 from .strict import Problem, RecipeError
 
 EXIT_BAD_INPUT = 2
@@ -183,7 +184,7 @@ def _on_run_dir(action, run_dir: str) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    plan = Plan.from_json((Path(args.run) / PLAN_FILE).read_text())
+    plan = Plan.from_json(RunDir(Path(args.run)).plan_file.read_text())
     stage = plan.stage(args.stage)
     _quiet_libraries(plan.device == "cuda")
     from .trainer import train_stage

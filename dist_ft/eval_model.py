@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from .model_shape import ABSOLUTE_POSITION_TYPES, resolve_model_dir
 from .plan import Plan
 from .rope import addressable_length
+from .run_dir import RunDir
 
 if TYPE_CHECKING:
     import torch
@@ -62,7 +63,7 @@ def resolve_target(spec: str, gguf_file: str | None = None, virtual_tokens: bool
     path = resolve_model_dir(spec)
     if path is None or not path.is_dir():
         raise EvalError(f"{spec}: no such model directory, run dir or installed package")
-    if (path / "plan.json").is_file():
+    if RunDir(path).plan_file.is_file():
         return _from_run_dir(path, gguf_file, virtual_tokens)
     if (path / "adapter_config.json").is_file():
         return _from_adapter(path, gguf_file, virtual_tokens)
@@ -108,14 +109,13 @@ def _from_adapter(path: Path, gguf_file: str | None, virtual_tokens: bool = Fals
 
 
 def _from_run_dir(run: Path, gguf_file: str | None, virtual_tokens: bool = False) -> Target:
-    plan = Plan.from_json((run / "plan.json").read_text())
-    finished = [s.name for s in plan.stages if (run / "stages" / s.name / "DONE").exists()
-                and (run / "stages" / s.name / "export").is_dir()]
+    plan = Plan.from_json(RunDir(run).plan_file.read_text())
+    finished = [s.name for s in plan.stages if plan.run.stage(s.name).finished()]
     if not finished:
         raise EvalError(f"run {run} has no finished stage with an export yet")
-    export = run / "stages" / finished[-1] / "export"
-    inner = _from_adapter(export / "adapter", gguf_file, virtual_tokens) if (export / "adapter").is_dir() \
-        else _plain(export, gguf_file, export.name)
+    stage = RunDir(run).stage(finished[-1])
+    inner = _from_adapter(stage.adapter, gguf_file, virtual_tokens) if stage.adapter.is_dir() \
+        else _plain(stage.export, gguf_file, stage.export.name)
     return Target(inner.model_dir, inner.gguf_file, inner.adapter_dir, inner.tokenizer_dir,
                   f"{plan.name}/{finished[-1]}", run_dir=str(run))
 

@@ -19,9 +19,11 @@ from .config import Tracking
 from .eval_model import (ROPE_TYPES, EvalError, RopeVariant, Target, check_lengths, effective_config,
                          load_eval_tokenizer, load_variant, native_context, resolve_target)
 from .plan import Plan
+from .run_dir import RunDir
 
 EXIT_BAD_INPUT = 2
 EVAL_PROJECT = "dist-ft-eval"  # W&B project of a model evaluated outside any run
+STANDALONE_OUT = Path("runs/eval")  # results of a model evaluated outside any run: STANDALONE_OUT/<model>
 DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # torch dtype names; torch is imported only to evaluate
 
 
@@ -140,8 +142,8 @@ def _check(request: EvalRequest) -> tuple[Target, list[RopeVariant], list[int], 
 
 def default_out(target: Target) -> Path:
     if target.run_dir:
-        return Path(target.run_dir) / "eval" / target.label.rsplit("/", 1)[-1]
-    return Path("runs") / "eval" / re.sub(r"[^A-Za-z0-9_.+-]+", "-", target.label)
+        return RunDir(Path(target.run_dir)).eval(target.label.rsplit("/", 1)[-1])
+    return STANDALONE_OUT / re.sub(r"[^A-Za-z0-9_.+-]+", "-", target.label)
 
 
 def run_eval(request: EvalRequest, echo=lambda *_: None) -> dict[str, Any]:
@@ -220,7 +222,7 @@ def evaluate_after_stage(plan, stage_name: str) -> dict[str, Any]:
     ev = plan.evaluation
     request = EvalRequest(model=plan.run_dir, lengths=list(ev.lengths), passkey_lengths=ev.passkey_lengths,
                           depths=list(ev.depths), trials=ev.trials, windows=ev.windows,
-                          text=list(ev.text), out=str(Path(plan.run_dir) / "eval" / stage_name),
+                          text=list(ev.text), out=str(plan.run.eval(stage_name)),
                           dtype="bf16" if plan.model.dtype == "bf16" else "fp32")
     return run_eval(request, echo=lambda text: print(text, flush=True))
 
@@ -228,7 +230,7 @@ def evaluate_after_stage(plan, stage_name: str) -> dict[str, Any]:
 def _tracking(request: EvalRequest, target: Target) -> Tracking | None:
     """The tracking section of a run dir's plan.json (mode 'disabled' there turns it off), else --wandb's."""
     if target.run_dir:
-        return Plan.from_json((Path(target.run_dir) / "plan.json").read_text()).tracking
+        return Plan.from_json(RunDir(Path(target.run_dir)).plan_file.read_text()).tracking
     return Tracking(project=EVAL_PROJECT) if request.wandb else None
 
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from .config import Tracking
+    from .run_dir import StageDir
 
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
@@ -45,9 +46,9 @@ def wandb_run_id(run_dir: str, stage: str) -> str:
 
 
 class RankZeroMetrics:
-    def __init__(self, stage_dir: Path, tracking: Tracking, run_name: str, run_dir: str, stage: str,
+    def __init__(self, stage_dir: StageDir, tracking: Tracking, run_name: str, run_dir: str, stage: str,
                  config: dict[str, Any], total_steps: int, start_step: int):
-        self.path = stage_dir / "metrics.jsonl"
+        self.path, self.plot = stage_dir.metrics, stage_dir.loss_plot
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a")
         self.wandb = _start_wandb(tracking, run_name, run_dir, stage, config)
@@ -72,7 +73,7 @@ class RankZeroMetrics:
 
             self.wandb.finish()
             wandb.teardown()  # flushes the offline .wandb file before anyone reads it
-        plot_loss(self.path, self.path.with_name("loss.png"))
+        plot_loss(self.path, self.plot)
 
 
 def _start_wandb(tracking: Tracking, run_name: str, run_dir: str, stage: str, config: dict[str, Any]):

@@ -11,11 +11,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from pathlib import Path
+
 from . import batching, memory
 from .config import (PEFT_ADAPTERS, VIRTUAL_TOKEN_METHODS, Checkpointing, Cluster, Data, Evaluation, MethodOptions,
                      Model, Parallelism, Recipe, Rope, Stage, Tracking)
 from .model_shape import INLINE_MLP_TYPES, POSITION_TABLES, ModelShape
 from .rope import addressable_length, rope_parameters, scaled_context
+from .run_dir import RunDir, ds_config_name, sbatch_name
 from .strict import Problem, RecipeError, build
 from .timelimit import parse_time_limit
 
@@ -75,6 +78,10 @@ class Plan:
     time_limit_s: int | None
     warnings: list[str] = field(default_factory=list)
     evaluation: Evaluation | None = None
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(Path(self.run_dir))
 
     @property
     def device(self) -> str:
@@ -294,8 +301,8 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
         micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs, tokens_per_step=tokens_per_step,
         steps=steps, epochs=None, lr=stage.lr, min_lr=stage.lr * stage.min_lr_ratio,
         warmup_steps=stage.warmup_steps, schedule="warmup_cosine", init_from=previous.name if previous else None, eval_every=None,
-        early_stopping_patience=None, merge_adapter=False, memory=mem, ds_config=f"ds_config.{stage.name}.json",
-        sbatch=f"{stage.name}.sbatch", extend_positions=stage.extend_positions,
+        early_stopping_patience=None, merge_adapter=False, memory=mem, ds_config=ds_config_name(stage.name),
+        sbatch=sbatch_name(stage.name), extend_positions=stage.extend_positions,
     )
 
 
@@ -331,7 +338,7 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
         tokens_per_step=batching.tokens_per_step(global_seqs, seq_len), steps=ft.steps, epochs=ft.epochs, lr=ft.lr,
         min_lr=ft.lr * ft.min_lr_ratio, warmup_steps=ft.warmup_steps, schedule="warmup_cosine", init_from=last.name if last else None, eval_every=ft.eval_every,
         early_stopping_patience=ft.early_stopping_patience, merge_adapter=ft.merge_adapter, memory=mem,
-        ds_config=f"ds_config.{ft.name}.json", sbatch=f"{ft.name}.sbatch", extend_positions=ft.extend_positions,
+        ds_config=ds_config_name(ft.name), sbatch=sbatch_name(ft.name), extend_positions=ft.extend_positions,
     )
 
 

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import re
 import shlex
+from pathlib import Path
 
 from .assets import asset
 from .distributed import RDZV_PORT_BASE, RDZV_PORT_SPAN
 from .launch_script import training_python
 from .plan import Plan, StagePlan
+from .run_dir import RunDir
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_.,:@%/+=-]+$")
 OMP_THREADS_PER_RANK = 4
@@ -42,9 +44,10 @@ def output_path(run_dir: str, stage: str) -> str:
     path holds a backslash: then it expands nothing and only drops one level of
     backslash escapes. Such a run dir gets one output file for all the stage's jobs.
     """
+    logs = str(RunDir(Path(run_dir)).logs)
     if "\\" in run_dir:
-        return f"{run_dir}/logs/{stage}.out".replace("\\", "\\\\")
-    return f"{run_dir.replace('%', '%%')}/logs/{stage}.%j.out"
+        return f"{logs}/{stage}.out".replace("\\", "\\\\")
+    return f"{logs.replace('%', '%%')}/{stage}.%j.out"
 
 
 def job_name(plan: Plan, stage: StagePlan) -> str:
@@ -80,6 +83,7 @@ def render_sbatch(plan: Plan, stage: StagePlan, template: str | None = None) -> 
     lines = [f"#SBATCH --{key}" + (f"={sbatch_value(value)}" if value is not None else "")
              for key, value in sbatch_directives(plan, stage)]
     env = [f"export {key}={shlex.quote(value)}" for key, value in sorted(c.env.items())]
+    run = plan.run
     values = {
         "SBATCH": "\n".join(lines),
         "RUN_NAME": plan.name,
@@ -94,6 +98,10 @@ def render_sbatch(plan: Plan, stage: StagePlan, template: str | None = None) -> 
         "SETUP": "\n".join(c.setup) or ":",
         "ENV": "\n".join(env) or ":",
         "OMP_THREADS": str(OMP_THREADS_PER_RANK),
+        "CONTROL_DIR": shlex.quote(str(run.control)),
+        "STOP_FILE": shlex.quote(str(run.stop_file(stage.name))),
+        "DONE_FILE": shlex.quote(str(run.stage(stage.name).done)),
+        "LOGS_DIR": shlex.quote(str(run.logs)),
     }
     return re.sub(r"@@([A-Z_]+)@@", lambda m: values[m.group(1)], text)
 

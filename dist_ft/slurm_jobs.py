@@ -9,21 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .artifacts import PLAN_FILE
 from .plan import Plan
+from .run_dir import JOBS_FILE, PLAN_FILE, RunDir
 from .slurm import submit_command
 from .slurm_status import (ACTIVE_STATES, SlurmClient, SlurmError, format_status, is_job_id, read_stage_files,
                            summarize_run)
 
-JOBS_FILE = "jobs.json"
-
 
 def submit_stages(plan: Plan, dry_run: bool) -> int:
-    run_dir = Path(plan.run_dir)
+    run_dir = plan.run
     jobs: dict[str, str] = {}
     previous: str | None = None
     for stage in plan.stages:
-        cmd = submit_command(str(run_dir / stage.sbatch), previous)
+        cmd = submit_command(str(run_dir.sbatch(stage.name)), previous)
         if dry_run:
             print(f"[{stage.name}] {shlex.join(cmd)}")
             previous = f"<job id of {stage.name}>"
@@ -43,12 +41,12 @@ def submit_stages(plan: Plan, dry_run: bool) -> int:
         print(f"[{stage.name}] submitted job {previous}", flush=True)
     if not dry_run:
         _record(run_dir, jobs)
-        print(f"follow it with: dist-ft status {run_dir}")
+        print(f"follow it with: dist-ft status {run_dir.path}")
     return 0
 
 
-def _record(run_dir: Path, jobs: dict[str, str]) -> None:
-    (run_dir / JOBS_FILE).write_text(json.dumps(jobs, indent=2) + "\n")
+def _record(run_dir: RunDir, jobs: dict[str, str]) -> None:
+    run_dir.jobs_file.write_text(json.dumps(jobs, indent=2) + "\n")
 
 
 class NotARunDir(Exception):
@@ -57,14 +55,14 @@ class NotARunDir(Exception):
 
 def load_run(run_dir: Path) -> tuple[Plan, dict[str, str]]:
     """The run's plan and its {stage: job id} (empty before submission)."""
-    plan_file = run_dir / PLAN_FILE
+    plan_file = RunDir(run_dir).plan_file
     if not plan_file.is_file():
         raise NotARunDir(f"{run_dir} has no {PLAN_FILE}: give a run dir written by `dist-ft render` or `launch`")
     try:
         plan = Plan.from_json(plan_file.read_text())
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:  # not JSON, or not a plan
         raise NotARunDir(f"{plan_file}: {err}") from None
-    jobs_file = run_dir / JOBS_FILE
+    jobs_file = RunDir(run_dir).jobs_file
     return plan, read_jobs(jobs_file) if jobs_file.exists() else {}
 
 

@@ -13,6 +13,8 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .run_dir import RunDir
+
 #: States in which a job may still run; `dist-ft cancel` scancels these.
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "SUSPENDED", "STOPPED", "REQUEUED",
                            "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SIGNALING"})
@@ -216,9 +218,10 @@ def format_status(title: str, statuses: list[StageStatus]) -> str:
 
 def read_stage_files(run_dir: Path, stage: str) -> StageFiles:
     """DONE, the last metrics row and the tail of the stage's newest log."""
-    folder = run_dir / "stages" / stage
-    log = _newest_log(run_dir / "logs", stage)
-    return StageFiles(done=(folder / "DONE").exists(), last_metrics=_last_metrics(folder / "metrics.jsonl"),
+    run = RunDir(run_dir)
+    folder = run.stage(stage)
+    log = _newest_log(run.logs, stage)
+    return StageFiles(done=folder.done.exists(), last_metrics=_last_metrics(folder.metrics),
                       log=str(log.relative_to(run_dir)) if log else None,
                       log_tail=_tail(log, LOG_TAIL_LINES) if log else [])
 

@@ -83,7 +83,7 @@ def _local_paths(plan: Plan, stage: StagePlan, env: DistEnv) -> list[str]:
     data = stage.data
     if data.paths:
         return list(data.paths)
-    target = Path(plan.run_dir) / "data_cache" / f"{stage.name}.jsonl"
+    target = plan.run.data_cache(stage.name)
     if env.is_main and not target.exists():
         _export_hub_dataset(data.hub_dataset, data.hub_split, target)
     ds.barrier()

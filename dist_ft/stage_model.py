@@ -16,9 +16,6 @@ from .plan import Plan, StagePlan
 from .tiled_mlp import tile_mlps
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-EXPORT = "export"
-ADAPTER = "adapter"
-MERGED = "merged"
 
 
 def stage_tokenizer(plan: Plan):
@@ -30,7 +27,7 @@ def weights_source(plan: Plan, stage: StagePlan) -> tuple[str | None, str | None
     """(name_or_path, gguf_file): the previous stage's export, or the recipe's model."""
     if stage.init_from is None:
         return plan.model.name_or_path, plan.model.gguf_file
-    export = Path(plan.run_dir) / "stages" / stage.init_from / EXPORT
+    export = plan.run.stage(stage.init_from).export
     if not (export / "config.json").is_file():
         raise SystemExit(f"error: stage {stage.name} starts from stage {stage.init_from}, whose export "
                          f"{export} is missing: run {stage.init_from} first")
@@ -74,29 +71,29 @@ def _base_model(plan: Plan, stage: StagePlan, tokenizer, quantize: bool | None =
         trust_remote_code=m.trust_remote_code, vocab_size=len(tokenizer), seed=plan.seed)
 
 
-def export_stage(plan: Plan, stage: StagePlan, engine, tokenizer, out: Path, env: DistEnv) -> None:
+def export_stage(plan: Plan, stage: StagePlan, engine, tokenizer, env: DistEnv) -> None:
     """An HF directory plain transformers/peft can load, RoPE in config.json. Adapters are gathered
     across ZeRO-3 ranks before saving (a naive save writes empty tensors)."""
     model = engine.module.lm
     zero3 = ds.is_zero3(engine)
+    out = plan.run.stage(stage.name)
     if _is_adapter(model):
         trainable = [p for p in model.parameters() if p.requires_grad]
         with ds.gathered(trainable, enabled=zero3):
             if env.is_main:
-                save_trained(model, out / ADAPTER, tokenizer=tokenizer)
+                save_trained(model, out.adapter, tokenizer=tokenizer)
         ds.barrier()
         if stage.merge_adapter and env.is_main:
-            _export_merged(plan, stage, out / ADAPTER, out / MERGED, tokenizer)
+            _export_merged(plan, stage, out.adapter, out.merged, tokenizer)
         return
     state = ds.full_state_dict(engine, env.is_main)
     if env.is_main:
-        export_model_dir(model, tokenizer, out, state_dict=state)
+        export_model_dir(model, tokenizer, out.export, state_dict=state)
 
 
 def export_path(plan: Plan, stage: StagePlan) -> Path:
     """Where a finished stage's model is: the full directory, or the adapter directory."""
-    out = Path(plan.run_dir) / "stages" / stage.name / EXPORT
-    return out / ADAPTER if (out / ADAPTER).is_dir() else out
+    return plan.run.stage(stage.name).model()
 
 
 def _is_adapter(model: torch.nn.Module) -> bool:

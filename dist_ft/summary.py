@@ -25,22 +25,21 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 def pipeline_summary(plan: Plan) -> str:
-    run = Path(plan.run_dir)
-    lines = [f"summary of run {plan.name} ({run})"]
+    run = plan.run
+    lines = [f"summary of run {plan.name} ({run.path})"]
     for stage in plan.stages:
-        folder = run / "stages" / stage.name
-        rows = read_metrics(folder / "metrics.jsonl")
+        folder = run.stage(stage.name)
+        rows = read_metrics(folder.metrics)
         if not rows:
             lines.append(f"  {stage.name:<12} not trained yet")
             continue
-        status = "done" if (folder / "DONE").exists() else f"stopped at step {rows[-1]['step']}"
+        status = "done" if folder.done.exists() else f"stopped at step {rows[-1]['step']}"
         lines.append(f"  {stage.name:<12} seq_len {stage.seq_len:<6} loss {rows[0]['loss']:.4f} -> "
                      f"{rows[-1]['loss']:.4f} over {rows[-1]['step']} steps ({status})")
-        export = folder / "export"
-        if export.is_dir():
-            lines.append(f"  {'':<12} model:   {export / 'adapter' if (export / 'adapter').is_dir() else export}")
-        lines.append(f"  {'':<12} metrics: {folder / 'metrics.jsonl'}, plot {folder / 'loss.png'}")
-    wandb_dir = run / "wandb"
+        if folder.export.is_dir():
+            lines.append(f"  {'':<12} model:   {folder.model()}")
+        lines.append(f"  {'':<12} metrics: {folder.metrics}, plot {folder.loss_plot}")
+    wandb_dir = run.wandb
     if wandb_dir.is_dir() and any(wandb_dir.glob("offline-run-*")):
         lines.append(f"  W&B runs were logged offline; upload them later with: wandb sync {wandb_dir}/offline-run-*")
     return "\n".join(lines)

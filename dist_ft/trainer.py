@@ -23,22 +23,19 @@ from .loss import LanguageModelLoss, TokenMean, choose_head_kernel
 from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 from .metrics import NullMetrics, RankZeroMetrics, mfu
 from .plan import Plan, StagePlan
+from .run_dir import StageDir
 from .schedule import lr_multiplier
 from .stage_data import StageData, load_stage_data
 from .stage_model import build_stage_model, export_stage, stage_tokenizer
 from .stop import StopRequest
 
 
-def stage_dir(plan: Plan, stage: StagePlan) -> Path:
-    return Path(plan.run_dir) / "stages" / stage.name
-
-
 def train_stage(plan: Plan, stage: StagePlan) -> int:
     env = read_env()
     ds.init_distributed(env, plan.cluster.collective_timeout_minutes)
-    folder = stage_dir(plan, stage)
-    if ds.broadcast_from_main((folder / "DONE").exists() if env.is_main else None):  # one answer for all ranks
-        _say(env, f"[{stage.name}] already complete ({folder / 'DONE'}); nothing to do")
+    folder = plan.run.stage(stage.name)
+    if ds.broadcast_from_main(folder.done.exists() if env.is_main else None):  # one answer for all ranks
+        _say(env, f"[{stage.name}] already complete ({folder.done}); nothing to do")
         return 0
     torch.manual_seed(plan.seed + stage.index)
     ds_config = _ds_config_for_world(plan, stage, env)
@@ -47,8 +44,8 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
     _say(env, data.report)
     model = build_stage_model(plan, stage, ds_config, tokenizer)
     total_steps = stage.steps or max(1, math.ceil(stage.epochs * data.steps_per_epoch))
-    resume_from = _find_resume(folder / "checkpoints", data.dp_size, env)
-    if resume_from and resume_from[0].name == "universal":
+    resume_from = _find_resume(folder, data.dp_size, env)
+    if resume_from and resume_from[0] == folder.universal:
         ds_config["checkpoint"] = {"load_universal": True}
     mpu, sp = _sequence_parallel(plan.sp, model, ds_config)
     kernel = choose_head_kernel(plan.model.loss_kernel, model, torch.cuda.is_available())
@@ -65,9 +62,9 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
     if outcome == "failed":
         return 1
     if outcome != "stopped":
-        export_stage(plan, stage, engine, tokenizer, folder / "export", env)
+        export_stage(plan, stage, engine, tokenizer, env)
         if env.is_main:
-            (folder / "DONE").write_text(json.dumps({"step": state.step, "outcome": outcome}) + "\n")
+            folder.done.write_text(json.dumps({"step": state.step, "outcome": outcome}) + "\n")
     ds.barrier()
     if outcome != "stopped" and env.is_main and plan.evaluation and plan.evaluation.after_each_stage:
         del engine  # the export is reloaded for eval; the engine's optimizer state is no longer needed
@@ -93,8 +90,8 @@ def _sequence_parallel(degree: int, model, ds_config: dict[str, Any]):
 
 
 def _train(plan, stage, env, engine, data, state, total_steps, metrics, folder) -> str:
-    stop = StopRequest(Path(plan.run_dir) / "control" / f"{stage.name}.stop")
-    save = _checkpointer(plan, stage, env, engine, data, folder / "checkpoints", resumed_at=state.step)
+    stop = StopRequest(plan.run.stop_file(stage.name))
+    save = _checkpointer(plan, stage, env, engine, data, folder.checkpoints, resumed_at=state.step)
     cfg = LoopConfig(total_steps=total_steps, grad_accum=engine.gradient_accumulation_steps(),
                      seq_len=stage.seq_len, data_parallel=data.dp_size,
                      checkpoint_every=plan.checkpointing.every_steps,
@@ -149,16 +146,16 @@ def _client_state(state: LoopState, data: StageData) -> dict[str, Any]:
             "data": data.train.state_dict()}
 
 
-def _find_resume(folder: Path, dp: int, env: DistEnv) -> tuple[Path, str] | None:
+def _find_resume(stage_dir: StageDir, dp: int, env: DistEnv) -> tuple[Path, str] | None:
     """The latest complete checkpoint, chosen by rank 0 for every rank; converted to DeepSpeed's universal
     format when it was saved at another data-parallel size (DeepSpeed refuses to load it directly)."""
+    folder, universal = stage_dir.checkpoints, stage_dir.universal
     choice = ds.broadcast_from_main(resume_choice(folder) if env.is_main else None)
     if choice is None:
         return None
     tag, saved_dp = choice
     if saved_dp == dp:
         return folder, tag
-    universal = folder.parent / "universal"
     _say(env, f"{tag} was saved at data-parallel {saved_dp}; this run has {dp}: converting it to DeepSpeed's "
               f"universal checkpoint in {universal}")
     if env.is_main:  # the others wait in the barrier, under the recipe's collective timeout
@@ -181,7 +178,7 @@ def _resume(engine, resume_from: tuple[Path, str] | None, data: StageData, env: 
 def _ds_config_for_world(plan: Plan, stage: StagePlan, env: DistEnv) -> dict[str, Any]:
     """The rendered config, re-balanced if this run has another world size than planned (a resume on
     fewer or more ranks keeps the global batch by changing gradient accumulation)."""
-    cfg = json.loads((Path(plan.run_dir) / stage.ds_config).read_text())
+    cfg = json.loads(plan.run.ds_config(stage.name).read_text())
     dp = batching.data_parallel_size(env.world_size, plan.sp)
     if dp == plan.dp:
         return cfg
@@ -197,15 +194,16 @@ def _ds_config_for_world(plan: Plan, stage: StagePlan, env: DistEnv) -> dict[str
     return cfg
 
 
-def _write_rank_info(folder: Path, env: DistEnv, data: StageData, engine) -> None:
+def _write_rank_info(folder: StageDir, env: DistEnv, data: StageData, engine) -> None:
     """What this rank holds: evidence that ZeRO shards for real (tests and humans read it)."""
     held, total = ds.parameter_residency(engine)
     info = {"rank": env.rank, "world_size": env.world_size, "dp_rank": data.dp_rank, "dp_size": data.dp_size,
             "zero_stage": engine.zero_optimization_stage(), "param_elements_held": held,
             "param_elements_total": total, "device": env.device, "restart": env.restart_count,
             "collective_timeout_s": ds.collective_timeout_s()}
-    (folder / "ranks").mkdir(parents=True, exist_ok=True)
-    (folder / "ranks" / f"rank{env.rank}.json").write_text(json.dumps(info) + "\n")
+    path = folder.rank_info(env.rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info) + "\n")
 
 
 def _metrics(plan, stage, env, folder, total_steps, start_step):

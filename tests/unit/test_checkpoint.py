@@ -8,6 +8,7 @@ from dist_ft.checkpoint import (commit, ensure_universal, latest_tag, resume_cho
 from dist_ft.config import Checkpointing
 from dist_ft.distributed import read_env
 from dist_ft.loop import LoopState
+from dist_ft.run_dir import StageDir
 
 
 def save(folder, step, dp=2):
@@ -37,12 +38,13 @@ def test_a_damaged_newest_dist_ft_json_falls_back_to_the_previous_complete_tag(t
 
 
 def test_every_rank_resumes_from_the_tag_rank_0_chose(tmp_path, monkeypatch):
-    save(tmp_path, 2)
+    stage = StageDir(tmp_path)
+    save(stage.checkpoints, 2)
     chosen = []
     monkeypatch.setattr(trainer.ds, "broadcast_from_main", lambda value: chosen.append(value) or (tag_for(4), 2))
     rank1 = read_env({"RANK": "1", "WORLD_SIZE": "2"}, cuda_available=False)
     # Rank 1 sees only step 2 (a stale view of a shared filesystem); rank 0 saw step 4 complete.
-    assert trainer._find_resume(tmp_path, 2, rank1) == (tmp_path, tag_for(4))
+    assert trainer._find_resume(stage, 2, rank1) == (stage.checkpoints, tag_for(4))
     assert chosen == [None]  # rank 1 decided nothing itself
 
 

@@ -160,3 +160,21 @@ def test_no_import_cycles():
         if module not in done:
             visit(module, [module])
     assert cycles == []
+
+
+LAYOUT_NAMES = {"plan.json", "jobs.json", "stages", "DONE", "export", "adapter", "merged", "checkpoints", "universal",
+                "control", "logs", "eval", "ranks", "metrics.jsonl", "loss.png", "data_cache", "wandb"}
+
+
+def test_only_run_dir_spells_the_run_dir_layout():
+    """Every path of a run dir comes from run_dir.RunDir / StageDir (`folder / "DONE"` nowhere else)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "run_dir.py":
+            continue
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and \
+                    isinstance(node.right, ast.Constant) and node.right.value in LAYOUT_NAMES:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.get_source_segment(source, node)}")
+    assert found == []

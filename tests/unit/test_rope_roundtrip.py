@@ -19,7 +19,7 @@ from dist_ft.config import recipe_from_dict
 from dist_ft.model import build_model, export_model_dir
 from dist_ft.model_shape import shape_from_config
 from dist_ft.plan import make_plan
-from dist_ft.stage_model import EXPORT, build_stage_model
+from dist_ft.stage_model import build_stage_model
 from dist_ft.tokenizer import byte_tokenizer
 
 ORIGINAL, SEQ_LEN, PROBE = 64, 128, 192  # probe at 3× the original window
@@ -60,7 +60,7 @@ def stage_model(plan, name):
 
 
 def export_dir(plan, name):
-    return plan.run_dir + f"/stages/{name}/{EXPORT}"
+    return str(plan.run.stage(name).export)
 
 
 def logits(model, ids=IDS):

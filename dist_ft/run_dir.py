@@ -1,0 +1,125 @@
+"""The layout of a run dir, in one place. Pure: paths only; nothing here reads or writes them.
+
+    RUN/plan.json  recipe.resolved.yaml  local.sh  jobs.json     what the launcher renders and submits
+    RUN/ds_config.<stage>.json  RUN/<stage>.sbatch                  one of each per stage
+    RUN/logs/  RUN/control/<stage>.stop  RUN/data_cache/<stage>.jsonl  RUN/wandb/
+    RUN/eval/<stage>/                                               `dist-ft eval` after a stage
+    RUN/stages/<stage>/DONE  metrics.jsonl  loss.png  ranks/rank<N>.json
+    RUN/stages/<stage>/checkpoints/  universal/                      see checkpoint.py
+    RUN/stages/<stage>/export/  (adapter/, merged/ for adapter methods)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+PLAN_FILE = "plan.json"
+RECIPE_FILE = "recipe.resolved.yaml"
+LOCAL_SCRIPT = "local.sh"
+JOBS_FILE = "jobs.json"
+SUBDIRS = ("logs", "control", "stages")  # created with the run dir
+
+
+def ds_config_name(stage: str) -> str:
+    return f"ds_config.{stage}.json"
+
+
+def sbatch_name(stage: str) -> str:
+    return f"{stage}.sbatch"
+
+
+@dataclass(frozen=True)
+class StageDir:
+    """RUN/stages/<stage>: what one stage's ranks write."""
+    path: Path
+
+    @property
+    def done(self) -> Path:
+        """Written by rank 0 once the stage's export is complete."""
+        return self.path / "DONE"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def universal(self) -> Path:
+        """Checkpoints converted for another data-parallel size."""
+        return self.path / "universal"
+
+    @property
+    def export(self) -> Path:
+        return self.path / "export"
+
+    @property
+    def adapter(self) -> Path:
+        return self.export / "adapter"
+
+    @property
+    def merged(self) -> Path:
+        return self.export / "merged"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.path / "loss.png"
+
+    def rank_info(self, rank: int) -> Path:
+        return self.path / "ranks" / f"rank{rank}.json"
+
+    def model(self) -> Path:
+        """Where the finished stage's model is: the adapter directory, or the full one."""
+        return self.adapter if self.adapter.is_dir() else self.export
+
+    def finished(self) -> bool:
+        return self.done.exists() and self.export.is_dir()
+
+
+@dataclass(frozen=True)
+class RunDir:
+    path: Path
+
+    @property
+    def plan_file(self) -> Path:
+        return self.path / PLAN_FILE
+
+    @property
+    def jobs_file(self) -> Path:
+        return self.path / JOBS_FILE
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def control(self) -> Path:
+        return self.path / "control"
+
+    @property
+    def wandb(self) -> Path:
+        """Where W&B keeps the ranks' runs (WANDB_DIR is the run dir; W&B adds `wandb/`)."""
+        return self.path / "wandb"
+
+    def stage(self, name: str) -> StageDir:
+        return StageDir(self.path / "stages" / name)
+
+    def stop_file(self, stage: str) -> Path:
+        """Touched (by the sbatch script on a signal, or by hand) to make a stage checkpoint and stop."""
+        return self.control / f"{stage}.stop"
+
+    def data_cache(self, stage: str) -> Path:
+        """A hub dataset exported once to JSONL for the stage's ranks."""
+        return self.path / "data_cache" / f"{stage}.jsonl"
+
+    def eval(self, stage: str) -> Path:
+        return self.path / "eval" / stage
+
+    def ds_config(self, stage: str) -> Path:
+        return self.path / ds_config_name(stage)
+
+    def sbatch(self, stage: str) -> Path:
+        return self.path / sbatch_name(stage)
