@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -21,6 +22,11 @@ class DistEnv:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def say(self, text: str, err: bool = False) -> None:
+        """A line for the person running the job, once (rank 0), not once per rank."""
+        if self.is_main and text:
+            print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def read_env(environ: Mapping[str, str] | None = None, cuda_available: bool | None = None) -> DistEnv:
@@ -70,12 +76,3 @@ def job_rendezvous_port(job_id: str | None) -> int:
         return RDZV_PORT_BASE + int(job_id) % RDZV_PORT_SPAN
     return FALLBACK_PORT
 
-
-def export_rendezvous_defaults(env: DistEnv, environ: dict[str, str] | None = None) -> None:
-    """srun-launched ranks (no torchrun) still need MASTER_ADDR/PORT for env:// init."""
-    target = os.environ if environ is None else environ
-    target.setdefault("MASTER_ADDR", "127.0.0.1")
-    target.setdefault("MASTER_PORT", str(job_rendezvous_port(env.slurm_job_id)))
-    target.setdefault("RANK", str(env.rank))
-    target.setdefault("LOCAL_RANK", str(env.local_rank))
-    target.setdefault("WORLD_SIZE", str(env.world_size))

@@ -3,6 +3,7 @@ train (decided before the engine is built), never here."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -18,16 +19,22 @@ class LoopState:
     step: int = 0
     tokens_seen: int = 0
     nonfinite_steps: int = 0
-    consecutive_nonfinite: int = 0
+    consecutive_nonfinite: int = 0  # never saved: no checkpoint is taken inside a run of non-finite steps
     best_eval: float = math.inf
     evals_without_gain: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "consecutive_nonfinite"}
+
+    @classmethod
+    def from_state_dict(cls, saved: dict[str, Any]) -> LoopState:
+        return cls(**{name: saved[name] for name in cls().state_dict()})
 
 
 @dataclass(frozen=True)
 class LoopConfig:
     total_steps: int
     grad_accum: int
-    seq_len: int
     data_parallel: int  # ranks reading different batches (a sequence-parallel group shares one)
     checkpoint_every: int | None
     eval_every: int | None

@@ -2,13 +2,14 @@
 
 from types import SimpleNamespace
 
-from dist_ft import trainer
+from dist_ft import engine as ds
 from dist_ft.checkpoint import (commit, ensure_universal, latest_tag, resume_choice, tag_for, tag_folders,
                                 write_atomic)
 from dist_ft.config import Checkpointing
 from dist_ft.distributed import read_env
 from dist_ft.loop import LoopState
 from dist_ft.run_dir import StageDir
+from dist_ft.stage_checkpoints import ResumePoint, StageCheckpoints
 
 
 def save(folder, step, dp=2):
@@ -41,10 +42,11 @@ def test_every_rank_resumes_from_the_tag_rank_0_chose(tmp_path, monkeypatch):
     stage = StageDir(tmp_path)
     save(stage.checkpoints, 2)
     chosen = []
-    monkeypatch.setattr(trainer.ds, "broadcast_from_main", lambda value: chosen.append(value) or (tag_for(4), 2))
+    monkeypatch.setattr(ds, "broadcast_from_main", lambda value: chosen.append(value) or (tag_for(4), 2))
     rank1 = read_env({"RANK": "1", "WORLD_SIZE": "2"}, cuda_available=False)
     # Rank 1 sees only step 2 (a stale view of a shared filesystem); rank 0 saw step 4 complete.
-    assert trainer._find_resume(stage, 2, rank1) == (stage.checkpoints, tag_for(4))
+    checkpoints = StageCheckpoints(stage, Checkpointing(), rank1, dp_size=2, frozen_excluded=False)
+    assert checkpoints.resume_point() == ResumePoint(stage.checkpoints, tag_for(4), universal=False)
     assert chosen == [None]  # rank 1 decided nothing itself
 
 
@@ -86,13 +88,21 @@ def test_a_save_starts_from_an_empty_tag_and_skips_the_state_it_resumed_from(tmp
         (folder / tag).mkdir(parents=True)
         written.append(tag)
 
-    monkeypatch.setattr(trainer.ds, "save_checkpoint", fake_save)
-    monkeypatch.setattr(trainer.ds, "barrier", lambda: None)
-    data = SimpleNamespace(dp_size=1, train=SimpleNamespace(state_dict=lambda: {}))
-    save = trainer._checkpointer(SimpleNamespace(checkpointing=Checkpointing(keep_last=2)), SimpleNamespace(method="full"),
-                                 read_env({}, cuda_available=False), None, data, tmp_path, resumed_at=4)
-    save(LoopState(step=4))  # a restart after the last step: its checkpoint is this state already
-    (tmp_path / tag_for(6)).mkdir()
-    (tmp_path / tag_for(6) / "zero_pp_rank_3_mp_rank_00_optim_states.pt").write_bytes(b"from 4 ranks")
-    save(LoopState(step=6))
-    assert written == [tag_for(6)] and latest_tag(tmp_path) == tag_for(6)
+    monkeypatch.setattr(ds, "save_checkpoint", fake_save)
+    monkeypatch.setattr(ds, "barrier", lambda: None)
+    stream = SimpleNamespace(state_dict=lambda: {})
+    checkpoints = StageCheckpoints(StageDir(tmp_path), Checkpointing(keep_last=2), read_env({}, cuda_available=False),
+                                   dp_size=1, frozen_excluded=False, resumed_at=4)
+    folder = checkpoints.stage_dir.checkpoints
+    checkpoints.save(None, LoopState(step=4), stream)  # a restart after the last step: its checkpoint is this state
+    (folder / tag_for(6)).mkdir(parents=True)
+    (folder / tag_for(6) / "zero_pp_rank_3_mp_rank_00_optim_states.pt").write_bytes(b"from 4 ranks")
+    checkpoints.save(None, LoopState(step=6), stream)
+    assert written == [tag_for(6)] and latest_tag(folder) == tag_for(6)
+
+
+def test_loop_state_round_trips_through_its_state_dict():
+    state = LoopState(step=7, tokens_seen=70, nonfinite_steps=1, consecutive_nonfinite=0, best_eval=2.5,
+                      evals_without_gain=2)
+    saved = state.state_dict()
+    assert "consecutive_nonfinite" not in saved and LoopState.from_state_dict(saved) == state

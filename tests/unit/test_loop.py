@@ -56,7 +56,7 @@ def train(engine, steps, every=None, stop_at=None):
     state = LoopState()
     hooks = LoopHooks(evaluate=None, checkpoint=lambda s: saved.append(s.step),
                       stop_requested=lambda: state.step == stop_at, log=rows.append, step_extras=lambda s: {})
-    cfg = LoopConfig(total_steps=steps, grad_accum=1, seq_len=4, data_parallel=1, checkpoint_every=every,
+    cfg = LoopConfig(total_steps=steps, grad_accum=1, data_parallel=1, checkpoint_every=every,
                      eval_every=None, early_stopping_patience=None)
     batches = iter(lambda: {"input_ids": torch.zeros(1, 4, dtype=torch.long)}, None)
     try:
