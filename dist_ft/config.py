@@ -28,6 +28,9 @@ Method = Literal["full", "lora", "qlora", "dora", "prefix", "prompt", "ptuning",
 PEFT_ADAPTERS = ("lora", "qlora", "dora", "prefix", "prompt", "ptuning", "ia3", "longlora")
 LORA_FAMILY = ("lora", "qlora", "dora", "longlora")
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
+Precision = Literal["fp32", "bf16", "fp16"]
+# torch's name of each precision (torch is imported only where tensors are made: not by the launcher).
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 # Upper bounds on user numbers: far beyond any real run, yet small enough that every loop and product
 # in the planner stays small, so a planner call on any recipe returns within seconds.
@@ -74,7 +77,7 @@ class Model:
     config: dict[str, Any] | None = spec(None, doc="Random-init model from this transformers config (tiny models) "
                                                    "when name_or_path is unset.")
     tokenizer: str | None = spec(None, doc="`byte` for the built-in byte tokenizer, or a tokenizer path.")
-    dtype: Literal["fp32", "bf16", "fp16"] = spec("bf16", doc="Training precision.")
+    dtype: Precision = spec("bf16", doc="Training precision.")
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa_varlen", "sdpa", "eager"] = spec(
         "auto", doc="auto: flash_attention_2 when flash-attn imports and CUDA is present, else sdpa_varlen "
                     "(SDPA per packed document: memory linear in seq_len; sdpa and eager build an L×L mask).")

@@ -14,14 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from .model_shape import ABSOLUTE_POSITION_TYPES, resolve_model_dir
 from .plan import Plan
-from .rope import addressable_length
+from .rope import apply_context, native_context, reach
 from .run_dir import RunDir
 
 if TYPE_CHECKING:
     import torch
 
 ROPE_TYPES = ("keep", "none", "linear", "dynamic", "yarn")
-SCALED_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
 
 
 class EvalError(Exception):
@@ -126,8 +125,6 @@ def effective_config(target: Target, variant: RopeVariant):
     """The model's config as `build_model` would build it for this variant (no weights read)."""
     from transformers import AutoConfig
 
-    from .model import apply_context
-
     try:
         config = AutoConfig.from_pretrained(target.model_dir, gguf_file=target.gguf_file)
         apply_context(config, variant.rope_parameters(), None)
@@ -136,22 +133,8 @@ def effective_config(target: Target, variant: RopeVariant):
     return config
 
 
-def native_context(config) -> int:
-    """The pre-training context: the RoPE's original window where scaling recorded one."""
-    rope = config.rope_parameters or {}
-    return int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
-
-
-def reach(config) -> int:
-    rope = config.rope_parameters or {}
-    context = config.max_position_embeddings
-    if rope.get("rope_type", "default") in SCALED_TYPES:
-        context = int(native_context(config) * float(rope.get("factor") or 1.0))
-    return addressable_length(context, config.model_type in ABSOLUTE_POSITION_TYPES)
-
-
 def check_lengths(config, lengths: list[int], variant: RopeVariant, allow_beyond: bool) -> None:
-    limit = reach(config)
+    limit = reach(config, config.model_type in ABSOLUTE_POSITION_TYPES)
     if config.model_type in ABSOLUTE_POSITION_TYPES and max(lengths) > limit:
         raise EvalError(f"{config.model_type} has absolute positions: lengths above {limit} cannot be evaluated")
     too_long = [n for n in lengths if n > limit]

@@ -15,16 +15,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import Tracking
+from .config import TORCH_DTYPE_NAMES, Tracking
 from .eval_model import (ROPE_TYPES, EvalError, RopeVariant, Target, check_lengths, effective_config,
-                         load_eval_tokenizer, load_variant, native_context, resolve_target)
+                         load_eval_tokenizer, load_variant, resolve_target)
 from .plan import Plan
+from .rope import native_context
 from .run_dir import RunDir
 
 EXIT_BAD_INPUT = 2
 EVAL_PROJECT = "dist-ft-eval"  # W&B project of a model evaluated outside any run
 STANDALONE_OUT = Path("runs/eval")  # results of a model evaluated outside any run: STANDALONE_OUT/<model>
-DTYPES = {"bf16": "bfloat16", "fp32": "float32"}  # torch dtype names; torch is imported only to evaluate
+DTYPES = ("bf16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -57,23 +58,30 @@ class EvalRequest:
 # ---- command line ------------------------------------------------------------------------------
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command line of EvalRequest, with its defaults (a recipe's `evaluation` has smaller ones: it runs
+    after every stage)."""
+    d = EvalRequest(model="")
     p.add_argument("model", help="HF model dir, adapter dir, run dir (last finished stage) or package:NAME")
-    p.add_argument("--lengths", default="2048,4096,8192,16384", help="perplexity window lengths ('' for none)")
+    p.add_argument("--lengths", default=_csv(d.lengths), help="perplexity window lengths ('' for none)")
     p.add_argument("--passkey-lengths", help="passkey prompt lengths (default: --lengths; '' for none)")
-    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="relative needle depths")
-    p.add_argument("--trials", type=int, default=2, help="passkeys per (length, depth) cell")
-    p.add_argument("--windows", type=int, default=2, help="perplexity windows per length (at most)")
-    p.add_argument("--rope-type", nargs="+", default=["keep"], choices=ROPE_TYPES,
+    p.add_argument("--depths", default=_csv(d.depths), help="relative needle depths")
+    p.add_argument("--trials", type=int, default=d.trials, help="passkeys per (length, depth) cell")
+    p.add_argument("--windows", type=int, default=d.windows, help="perplexity windows per length (at most)")
+    p.add_argument("--rope-type", nargs="+", default=d.rope_types, choices=ROPE_TYPES,
                    help="RoPE variants to compare; keep = the model's own")
     p.add_argument("--rope-factor", type=float, help="scaling factor for linear/dynamic/yarn")
     p.add_argument("--text", nargs="+", default=[], help="held-out text files or folders (default: stdlib source)")
     p.add_argument("--out", help="output dir (default: RUN_DIR/eval/<stage> or runs/eval/<model>)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16")
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
     p.add_argument("--gguf-file", help="GGUF file inside the model dir (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
     p.add_argument("--allow-beyond", action="store_true", help="evaluate lengths beyond the RoPE's reach anyway")
     p.add_argument("--wandb", action="store_true", help="log to W&B (offline without WANDB_API_KEY)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _csv(values: list) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 def main_from_args(args: argparse.Namespace) -> int:
@@ -164,7 +172,7 @@ def run_eval(request: EvalRequest, echo=lambda *_: None) -> dict[str, Any]:
         "passkey_trials": request.trials, "seed": request.seed, "variants": {}}
     for variant in variants:
         echo(f"[eval] {target.label}: loading with RoPE {variant.name}")
-        model = load_variant(target, variant, getattr(torch, DTYPES[request.dtype]))
+        model = load_variant(target, variant, getattr(torch, TORCH_DTYPE_NAMES[request.dtype]))
         results["variants"][variant.name] = _evaluate_variant(model, tokenizer, request, passkey_lengths,
                                                               token_ids, echo)
         del model

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .config import TORCH_DTYPE_NAMES
 from .eval_model import EvalError, RopeVariant, load_eval_tokenizer, load_variant, resolve_target
 from .prompts import instruction_prompt
 from .task_metrics import METRICS, score
@@ -174,7 +175,7 @@ def load_for_generation(spec: str, gguf_file: str | None, dtype: str):
     import torch
 
     target = resolve_target(spec, gguf_file, virtual_tokens=True)
-    model = load_variant(target, RopeVariant("keep"), torch.bfloat16 if dtype == "bf16" else torch.float32,
+    model = load_variant(target, RopeVariant("keep"), getattr(torch, TORCH_DTYPE_NAMES[dtype]),
                          keep_peft_model=True)
     return model, load_eval_tokenizer(target)
 

@@ -22,12 +22,10 @@ from .attention import SDPA_VARLEN
 from .attention import register as register_sdpa_varlen
 from .model_shape import LEARNED_POSITION_TYPES
 from .positions import extend_position_table
+from .rope import apply_context
 from .tokenizer import byte_tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-# RoPE types whose scaling is measured against the pre-training context.
-NEEDS_ORIGINAL_CONTEXT = ("yarn", "llama3", "longrope")
-KEPT_ACROSS_ROPE_TYPES = ("rope_theta", "partial_rotary_factor")
 
 
 def smollm2_gguf() -> Path:
@@ -78,53 +76,6 @@ def resolve_attn_implementation(requested: str) -> str:
     except ImportError:
         return SDPA_VARLEN
     return "flash_attention_2" if torch.cuda.is_available() else SDPA_VARLEN
-
-
-def merged_rope_parameters(current: Mapping[str, Any] | None, requested: Mapping[str, Any],
-                           context: int) -> dict[str, Any]:
-    """`requested` laid over the model's own RoPE dict.
-
-    Same type, or no type requested: merged over all current keys (keeps e.g. Llama
-    3.1's freq factors, or the previous stage's scaling under a theta-only request).
-    Another type: only rope_theta and partial_rotary_factor carry over, since
-    leftover keys of the old type fail transformers' validation. `context` is
-    the model's native context, the default original for yarn/llama3/longrope.
-    """
-    current = dict(current or {})
-    if requested.get("rope_type", current.get("rope_type", "default")) == current.get("rope_type", "default"):
-        merged = {**current, **requested}
-    else:
-        merged = {**{k: current[k] for k in KEPT_ACROSS_ROPE_TYPES if k in current}, **requested}
-    merged.setdefault("rope_type", "default")
-    if merged["rope_type"] in NEEDS_ORIGINAL_CONTEXT:
-        merged.setdefault("original_max_position_embeddings", context)
-    return merged
-
-
-def apply_context(config: PretrainedConfig, rope_parameters: Mapping[str, Any] | None,
-                  max_position_embeddings: int | None) -> None:
-    """Set the stage's RoPE and context length on `config` (in place, before the model is built).
-
-    Dynamic NTK scales relative to `config.max_position_embeddings` itself, so for
-    it that number stays the original context instead of growing to the stage's.
-    Empty or None `rope_parameters` keep the model's RoPE (or its lack of one).
-    """
-    rope = None
-    if rope_parameters:
-        if getattr(config, "rope_parameters", None) is None:
-            raise ValueError(f"{config.model_type} has no RoPE to set {dict(rope_parameters)} on")
-        if config.nested_rope_parameter_keys(config.rope_parameters or {}):
-            raise ValueError(f"{config.model_type} has per-layer-type RoPE; rescaling it is not supported")
-        rope = merged_rope_parameters(config.rope_parameters, rope_parameters, config.max_position_embeddings)
-        if rope["rope_type"] == "dynamic":
-            config.max_position_embeddings = rope.pop("original_max_position_embeddings",
-                                                      config.max_position_embeddings)
-            max_position_embeddings = None
-        config.rope_parameters = rope
-    if max_position_embeddings is not None and max_position_embeddings > config.max_position_embeddings:
-        config.max_position_embeddings = max_position_embeddings
-    if rope is not None:
-        config.validate_rope()  # after the context grows: yarn/llama3 compare their original against it
 
 
 def _load_config(name_or_path: str | None, gguf_file: str | None, overrides: Mapping[str, Any] | None,

@@ -1,4 +1,6 @@
-"""RoPE parameters per stage, as transformers' `config.rope_parameters` wants them. Pure.
+"""All RoPE reasoning: a stage's parameters as transformers' `config.rope_parameters` wants them,
+the context they address, and their merge into a live config before a model is built. Pure: a
+transformers config is only read and set here (duck-typed), never imported.
 
 Every check transformers would only log (a factor below 1, llama3's frequency band, LongRoPE's
 factor lists) is an error here, at plan time, with the recipe field's path.
@@ -6,6 +8,7 @@ factor lists) is an error here, at plan time, with the recipe field's path.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from .config import Rope
@@ -14,7 +17,10 @@ from .strict import Problem
 
 TRANSFORMERS_TYPE = {"none": "default", "linear": "linear", "dynamic": "dynamic", "yarn": "yarn",
                      "llama3": "llama3", "longrope": "longrope"}
+# RoPE types whose scaling is measured against the pre-training context.
 NEEDS_ORIGINAL = ("yarn", "llama3", "longrope")
+SCALED_TYPES = ("linear", "dynamic", "yarn", "llama3", "longrope")
+KEPT_ACROSS_ROPE_TYPES = ("rope_theta", "partial_rotary_factor")
 # Without scaling, perplexity explodes a little past the trained window; much further is wasted CPU/GPU time.
 UNSCALED_REACH = 4
 _SCALING = {"factor", "original_max_position_embeddings", "rope_theta"}
@@ -84,10 +90,27 @@ def _factor(rope: Rope, seq_len: int, original: int | None, path: str, problems:
 
 
 def scaled_context(params: dict[str, Any]) -> int | None:
-    """The context a static scaling addresses: original × factor (None for none and dynamic)."""
+    """The context a stage's model declares for its static scaling: original × factor (None for none and
+    dynamic: dynamic NTK rescales against max_position_embeddings itself, which must stay the original)."""
     if params.get("rope_type") in (None, "default", "dynamic") or "original_max_position_embeddings" not in params:
         return None
     return round(params["original_max_position_embeddings"] * params.get("factor", 1.0))
+
+
+def native_context(config) -> int:
+    """A built config's pre-training context: the RoPE's original window where scaling recorded one."""
+    rope = config.rope_parameters or {}
+    return int(rope.get("original_max_position_embeddings") or config.max_position_embeddings)
+
+
+def reach(config, absolute_positions: bool) -> int:
+    """The longest length worth evaluating on a built config: its native context × the scaling factor
+    (dynamic included: it stretches at run time), then `addressable_length`."""
+    rope = config.rope_parameters or {}
+    context = config.max_position_embeddings
+    if rope.get("rope_type", "default") in SCALED_TYPES:
+        context = int(native_context(config) * float(rope.get("factor") or 1.0))
+    return addressable_length(context, absolute_positions)
 
 
 def addressable_length(context: int, absolute_positions: bool) -> int:
@@ -160,3 +183,52 @@ def _longrope(rope: Rope, shape: ModelShape | None, path: str, problems: list[Pr
     if rope.attention_factor is not None:
         out["attention_factor"] = rope.attention_factor
     return out
+
+
+# ---- merging into a live config (before the model is built) ----------------------------------
+
+def merged_rope_parameters(current: Mapping[str, Any] | None, requested: Mapping[str, Any],
+                           context: int) -> dict[str, Any]:
+    """`requested` laid over the model's own RoPE dict.
+
+    Same type, or no type requested: merged over all current keys (keeps e.g. Llama
+    3.1's freq factors, or the previous stage's scaling under a theta-only request).
+    Another type: only rope_theta and partial_rotary_factor carry over, since
+    leftover keys of the old type fail transformers' validation. `context` is
+    the model's native context, the default original for yarn/llama3/longrope.
+    """
+    current = dict(current or {})
+    if requested.get("rope_type", current.get("rope_type", "default")) == current.get("rope_type", "default"):
+        merged = {**current, **requested}
+    else:
+        merged = {**{k: current[k] for k in KEPT_ACROSS_ROPE_TYPES if k in current}, **requested}
+    merged.setdefault("rope_type", "default")
+    if merged["rope_type"] in NEEDS_ORIGINAL:
+        merged.setdefault("original_max_position_embeddings", context)
+    return merged
+
+
+def apply_context(config, rope_parameters: Mapping[str, Any] | None,
+                  max_position_embeddings: int | None) -> None:
+    """Set the stage's RoPE and context length on `config` (in place, before the model is built).
+
+    Dynamic NTK scales relative to `config.max_position_embeddings` itself, so for
+    it that number stays the original context instead of growing to the stage's.
+    Empty or None `rope_parameters` keep the model's RoPE (or its lack of one).
+    """
+    rope = None
+    if rope_parameters:
+        if getattr(config, "rope_parameters", None) is None:
+            raise ValueError(f"{config.model_type} has no RoPE to set {dict(rope_parameters)} on")
+        if config.nested_rope_parameter_keys(config.rope_parameters or {}):
+            raise ValueError(f"{config.model_type} has per-layer-type RoPE; rescaling it is not supported")
+        rope = merged_rope_parameters(config.rope_parameters, rope_parameters, config.max_position_embeddings)
+        if rope["rope_type"] == "dynamic":
+            config.max_position_embeddings = rope.pop("original_max_position_embeddings",
+                                                      config.max_position_embeddings)
+            max_position_embeddings = None
+        config.rope_parameters = rope
+    if max_position_embeddings is not None and max_position_embeddings > config.max_position_embeddings:
+        config.max_position_embeddings = max_position_embeddings
+    if rope is not None:
+        config.validate_rope()  # after the context grows: yarn/llama3 compare their original against it

@@ -10,12 +10,11 @@ from . import engine as ds
 from .distributed import DistEnv
 from .methods import apply_method, load_trained, save_trained
 from .attention import SDPA_VARLEN
-from .config import VIRTUAL_TOKEN_METHODS
+from .config import TORCH_DTYPE_NAMES, VIRTUAL_TOKEN_METHODS
 from .model import build_model, export_model_dir, load_tokenizer, resolve_attn_implementation
 from .plan import Plan, StagePlan
 from .tiled_mlp import tile_mlps
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def stage_tokenizer(plan: Plan):
@@ -66,7 +65,7 @@ def _base_model(plan: Plan, stage: StagePlan, tokenizer, quantize: bool | None =
         config_overrides=m.config if stage.init_from is None else None,
         rope_parameters=stage.rope_parameters, max_position_embeddings=stage.max_position_embeddings,
         extend_positions=stage.extend_positions,
-        attn_implementation=stage_attention(stage.method, m.attn_implementation), dtype=DTYPES[m.dtype],
+        attn_implementation=stage_attention(stage.method, m.attn_implementation), dtype=getattr(torch, TORCH_DTYPE_NAMES[m.dtype]),
         quantize_4bit=stage.method == "qlora" if quantize is None else quantize,
         trust_remote_code=m.trust_remote_code, vocab_size=len(tokenizer), seed=plan.seed)
 
