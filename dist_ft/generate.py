@@ -171,12 +171,16 @@ def render_prompt(row: dict[str, Any], tokenizer, chat: bool) -> str:
 
 def load_for_generation(spec: str, gguf_file: str | None, dtype: str):
     """(model in eval mode, tokenizer) for any export; a prompt-learning adapter stays a PeftModel,
-    whose generate prepends its virtual tokens."""
+    whose generate prepends its virtual tokens; layer adapters (LoRA, DoRA, IA3) are merged into the
+    weights, which gives the same answers several times faster."""
     import torch
 
     target = resolve_target(spec, gguf_file, virtual_tokens=True)
     model = load_variant(target, RopeVariant("keep"), getattr(torch, TORCH_DTYPE_NAMES[dtype]),
                          keep_peft_model=True)
+    config = getattr(model, "active_peft_config", None)
+    if config is not None and not config.is_prompt_learning:
+        model = model.merge_and_unload()
     return model, load_eval_tokenizer(target)
 
 
