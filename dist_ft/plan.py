@@ -22,7 +22,7 @@ from .run_dir import RunDir, ds_config_name, sbatch_name
 from .strict import Problem, RecipeError, build
 from .timelimit import parse_time_limit
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the recipe's sections typed, derived numbers (dp, sp, world size) no longer stored
 MAX_MICRO_TOKENS = 32768  # beyond this a bigger micro-batch buys no throughput, only memory
 TIGHT_FRACTION = 0.85
 

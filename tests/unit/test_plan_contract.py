@@ -49,6 +49,12 @@ def test_plan_json_is_read_by_the_recipes_strict_loader():
     assert "cluster.nodes: must be >= 1" in str(err.value)
 
 
+def test_a_plan_of_another_version_asks_for_a_re_render():
+    raw = json.loads(plan_of().to_json())
+    with pytest.raises(ValueError, match="re-render the run dir"):
+        Plan.from_json(json.dumps({**raw, "version": 1}))
+
+
 @pytest.fixture
 def spied(monkeypatch):
     """Which modules call each batching function (they must reach it as `batching.NAME`)."""
