@@ -21,8 +21,8 @@ from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 from .metrics import NullMetrics, RankZeroMetrics, mfu
 from .plan import Plan, StagePlan
 from .run_dir import StageDir
-from .stage_checkpoints import StageCheckpoints
 from .schedule import lr_multiplier
+from .stage_checkpoints import StageCheckpoints
 from .stage_data import StageData, load_stage_data
 from .stage_model import build_stage_model, export_stage, stage_tokenizer
 from .stop import StopRequest
@@ -45,16 +45,9 @@ class StageRun:
     def train(self, state: LoopState) -> str:
         """The loop until the stage ends, stops or fails ("failed": a non-finite streak, said on stderr)."""
         metrics = self._metrics(state.step)
-        stop = StopRequest(self.plan.run.stop_file(self.stage.name))
-        cfg = LoopConfig(total_steps=self.total_steps, grad_accum=self.engine.gradient_accumulation_steps(),
-                         data_parallel=self.data.dp_size, checkpoint_every=self.plan.checkpointing.every_steps,
-                         eval_every=self.stage.eval_every, early_stopping_patience=self.stage.early_stopping_patience)
-        hooks = LoopHooks(evaluate=self.data.evaluator(self.engine), checkpoint=self._save, stop_requested=stop.agreed,
-                          log=lambda row: metrics.log({"stage": self.stage.name, "seq_len": self.stage.seq_len,
-                                                       "restart": self.env.restart_count, **row}),
-                          step_extras=_step_extras(self.plan, self.stage, self.env, self.engine))
+        hooks = self._hooks(metrics, StopRequest(self.plan.run.stop_file(self.stage.name)))
         try:
-            outcome = run_loop(self.engine, iter(self.data.train), state, cfg, hooks)
+            outcome = run_loop(self.engine, iter(self.data.train), state, self._loop_config(), hooks)
         except NonFiniteLossError as err:
             self.env.say(f"error: [{self.stage.name}] {err}", err=True)
             metrics.close()
@@ -69,6 +62,17 @@ class StageRun:
         export_stage(self.plan, self.stage, self.engine, self.tokenizer, self.env)
         if self.env.is_main:
             self.folder.done.write_text(json.dumps({"step": state.step, "outcome": outcome}) + "\n")
+
+    def _loop_config(self) -> LoopConfig:
+        return LoopConfig(total_steps=self.total_steps, grad_accum=self.engine.gradient_accumulation_steps(),
+                          data_parallel=self.data.dp_size, checkpoint_every=self.plan.checkpointing.every_steps,
+                          eval_every=self.stage.eval_every, early_stopping_patience=self.stage.early_stopping_patience)
+
+    def _hooks(self, metrics, stop: StopRequest) -> LoopHooks:
+        return LoopHooks(evaluate=self.data.evaluator(self.engine), checkpoint=self._save, stop_requested=stop.agreed,
+                         log=lambda row: metrics.log({"stage": self.stage.name, "seq_len": self.stage.seq_len,
+                                                      "restart": self.env.restart_count, **row}),
+                         step_extras=_step_extras(self.plan, self.stage, self.env, self.engine))
 
     def _save(self, state: LoopState) -> None:
         self.checkpoints.save(self.engine, state, self.data.train)
