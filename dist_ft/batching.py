@@ -6,6 +6,8 @@ resume all call these functions, so no two of them can disagree (tests/unit/test
 
 from __future__ import annotations
 
+import math
+
 
 def data_parallel_size(world_size: int, sequence_parallel: int) -> int:
     """Ranks that read different batches: a sequence-parallel group shares one. A degree that does
@@ -43,3 +45,18 @@ def exact_grad_accum(global_batch: int, micro_batch_size: int, data_parallel: in
 
 def tokens_per_step(global_batch: int, seq_len: int) -> int:
     return global_batch * seq_len
+
+
+def steps_for_tokens(tokens: int, tokens_per_step: int) -> int:
+    """Optimizer steps of a stage given in tokens (the last step may overshoot a little)."""
+    return math.ceil(tokens / tokens_per_step)
+
+
+def steps_per_epoch(rows: int, global_batch: int) -> int:
+    """Optimizer steps in one pass over `rows` training rows (a partial last batch waits for the next epoch)."""
+    return max(1, rows // global_batch)
+
+
+def steps_for_epochs(epochs: float, steps_in_epoch: int) -> int:
+    """Optimizer steps of a stage given in epochs: known only once the data is read, on the ranks."""
+    return max(1, math.ceil(epochs * steps_in_epoch))

@@ -292,7 +292,7 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
     if tokens_per_step != lc.tokens_per_step:
         warnings.append(f"{stage.name}: {tokens_per_step} tokens per step (asked {lc.tokens_per_step}): "
                         f"{global_seqs} sequences of {stage.seq_len} over {dp} data-parallel ranks")
-    steps = stage.steps or math.ceil(stage.tokens / tokens_per_step)
+    steps = stage.steps or batching.steps_for_tokens(stage.tokens, tokens_per_step)
     _check_warmup(stage.warmup_steps, steps, f"{path}.warmup_steps", problems)
     return StagePlan(
         index=index, name=stage.name, phase="continued_pretraining", seq_len=stage.seq_len,

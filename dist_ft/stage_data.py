@@ -58,7 +58,7 @@ def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_co
                          f"one step of {per_step} sequences: add data or lower the batch size")
     stream = BatchStream(train, micro, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
     return StageData(train=stream, validation=validation, dp_rank=dp_rank, dp_size=dp_size,
-                     steps_per_epoch=max(1, len(train) // per_step),
+                     steps_per_epoch=batching.steps_per_epoch(len(train), per_step),
                      report=_report(stage, len(train), len(validation), bad),
                      eval_copies=micro if sp > 1 else 1)
 

@@ -6,7 +6,6 @@ Data flows one way: plan.json → model + data → DeepSpeed engine → loop →
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,7 +117,7 @@ def _build(plan: Plan, stage: StagePlan, env: DistEnv, folder: StageDir) -> tupl
     data = load_stage_data(plan, stage, env, tokenizer, ds_config)
     env.say(data.report)
     model = build_stage_model(plan, stage, ds_config, tokenizer)
-    total_steps = stage.steps or max(1, math.ceil(stage.epochs * data.steps_per_epoch))
+    total_steps = stage.steps or batching.steps_for_epochs(stage.epochs, data.steps_per_epoch)
     checkpoints = StageCheckpoints(folder, plan.checkpointing, env, data.dp_size,
                                    frozen_excluded=stage.method != "full")
     resume = checkpoints.resume_point()

@@ -59,7 +59,7 @@ def test_a_plan_of_another_version_asks_for_a_re_render():
 def spied(monkeypatch):
     """Which modules call each batching function (they must reach it as `batching.NAME`)."""
     callers: dict[str, set[str]] = {}
-    for name in ("data_parallel_size", "data_parallel_rank", "train_batch_size", "exact_grad_accum"):
+    for name in ("data_parallel_size", "data_parallel_rank", "train_batch_size", "exact_grad_accum", "steps_per_epoch"):
         real = getattr(batching, name)
 
         def spy(*args, _real=real, _name=name):
@@ -88,6 +88,7 @@ def test_plan_deepspeed_config_data_and_world_size_change_share_one_batch_arithm
             "dist_ft.data.batches"} <= spied["train_batch_size"]
     assert spied["data_parallel_rank"] == {"dist_ft.stage_data"}
     assert spied["exact_grad_accum"] == {"dist_ft.trainer"}
+    assert spied["steps_per_epoch"] == {"dist_ft.stage_data"}
 
 
 BATCH_WORDS = ("world_size", "micro_batch_size", "grad_accum", "gradient_accumulation", "dp_size", "global_batch")
