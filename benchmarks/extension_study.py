@@ -83,6 +83,8 @@ PROFILES = {
                   warmup_steps=5),
 }
 ZERO_SHOT = ("none", "linear", "dynamic", "yarn", "theta")
+COLOURS = {"none": "C0", "linear": "C1", "dynamic": "C2", "yarn": "C3", "theta": "C4", "yarn-progressive": "C5",
+           "yarn-progressive@2x": "C6"}
 
 
 def ntk_theta(base: float, factor: float, head_dim: int) -> float:
@@ -362,13 +364,20 @@ def table(study: Study) -> str:
         bands = [cell(band(result, long, s)) for s in (0, n, 2 * n)]
         passkey = f"{mean_passkey(result):.2f}" if "passkey" in result else "–"
         tokens = f"{sum(s['tokens'] for s in run['stages'].values()):,}" if run else "0"
-        wall = f"{run['wall_s']:.0f} s" if run else f"{result['eval_s']:.0f} s eval"
+        wall = (f"{run['wall_s']:.0f} s" if run["wall_s"] == run["wall_s"] else "(in the row above)") if run \
+            else f"{result['eval_s']:.0f} s eval"
         lines.append(f"| {name} | {kind} | {pooled:.2f} | {' | '.join(bands)} | {passkey} | {tokens} | {wall} |")
 
     for name, result in study.zero_shot.items():
         row(name, "zero-shot", result, None)
     for name, result in study.trained.items():
-        row(name, "after stage", result, study.runs.get(name))
+        run = study.runs.get(name)
+        if name.endswith("@2x"):  # the progressive branch's first stage, evaluated on its own
+            whole = study.runs[name.split("@")[0]]
+            first = next(iter(whole["stages"]))
+            run = {"stages": {first: whole["stages"][first]}, "wall_s": float("nan")}
+        row(name, "after stage" if run is None or run["wall_s"] == run["wall_s"] else "after its 2x stage",
+            result, run)
     return "\n".join(lines)
 
 
@@ -439,7 +448,7 @@ def plots(study: Study, out: Path) -> list[Path]:
             y = [b["ppl"] for b in bands]
             err = [[b["ppl"] * (1 - math.exp(-b["se_log"])) for b in bands],
                    [b["ppl"] * (math.exp(b["se_log"]) - 1) for b in bands]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=name, color=COLOURS.get(name))
         ax.axvline(profile.native, color="grey", linestyle="--", linewidth=1)
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(ScalarFormatter())

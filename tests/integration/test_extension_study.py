@@ -18,8 +18,9 @@ import pytest
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 STUDY = Path(__file__).resolve().parents[2] / "benchmarks" / "extension_study.py"
-# beyond-native / in-window band perplexity after the YaRN stage: measured 0.988-0.99x over the runs
-# recorded in docs/extension-study.md; 1.15 leaves room for another machine's arithmetic.
+# beyond-native / in-window band perplexity after the YaRN stage: 0.988 in each of three runs on this machine
+# (the run is deterministic here: 13.54 -> 12.53 in the beyond band every time); 1.15 leaves room for
+# another machine's arithmetic and thread count. Runtime: 71 s idle, 2.4-2.6 min with the 2 cores shared.
 MARGIN = 1.15
 
 
