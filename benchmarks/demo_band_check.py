@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from dist_ft.eval_model import RopeVariant, load_eval_tokenizer, load_variant, resolve_target
-from dist_ft.eval_nll import heldout_tokens, token_nll
-from dist_ft.evaluate import perplexity_at
+from dist_ft.evaluation.eval_model import RopeVariant, load_eval_tokenizer, load_variant, resolve_target
+from dist_ft.evaluation.eval_nll import heldout_tokens, token_nll
+from dist_ft.evaluation.evaluate import perplexity_at
 
 
 def span_ppl(model, ids: list[int], window_start: int, length: int, lo: int, hi: int) -> float:

@@ -11,9 +11,10 @@
    branch: none (no scaling), linear (PI), YaRN, YaRN progressive (2x then 4x, half the tokens each),
    rope_theta raise. Dynamic NTK is evaluated zero-shot only (it is an inference-time rule).
 3. Every model is evaluated zero-shot (the base with each RoPE variant) and after its stage with
-   dist-ft's own evaluation functions (`dist_ft.evaluate.perplexity_at`, `dist_ft.eval_passkey.passkey_grid`,
-   models loaded by `dist_ft.eval_model.load_variant`): perplexity per position band at 1x, 2x, 4x the
-   native context on held-out stdlib modules that no stage trains on, one window per held-out excerpt
+   dist-ft's own evaluation functions (`dist_ft.evaluation.evaluate.perplexity_at`,
+   `dist_ft.evaluation.eval_passkey.passkey_grid`, models loaded by `dist_ft.evaluation.eval_model.load_variant`):
+   perplexity per position band at 1x, 2x, 4x the native context on held-out stdlib modules that no stage
+   trains on, one window per held-out excerpt
    (spread across windows reported), and passkey retrieval on a length x depth grid.
 
 Writes OUT/study.json (every number), OUT/table.md, OUT/*.png; with --docs also docs/img/extension-study-*.
@@ -192,7 +193,7 @@ def lengths(profile: Profile) -> list[int]:
 
 def perplexity_windows(model, ids: list[int], length: int, all_lengths: list[int], native: int) -> dict:
     """Band perplexity pooled over every window of `length` in the held-out ids, plus each window's own."""
-    from dist_ft.evaluate import perplexity_at
+    from dist_ft.evaluation.evaluate import perplexity_at
 
     per_window = [perplexity_at(model, ids[i * length:(i + 1) * length], length, 1, all_lengths, native)
                   for i in range(len(ids) // length)]
@@ -213,8 +214,8 @@ def evaluate_model(model_dir: str, rope: str, factor: float | None, profile: Pro
                    tokenizer, echo, label: str) -> dict:
     import torch
 
-    from dist_ft.eval_model import RopeVariant, load_variant, resolve_target
-    from dist_ft.eval_passkey import passkey_grid
+    from dist_ft.evaluation.eval_model import RopeVariant, load_variant, resolve_target
+    from dist_ft.evaluation.eval_passkey import passkey_grid
 
     started = time.monotonic()
     model = load_variant(resolve_target(model_dir, None), RopeVariant(rope, factor), torch.float32)
@@ -256,7 +257,7 @@ def plateau_curve(run: dict, stage: str, profile: Profile, ids: list[int], echo)
     """Held-out perplexity at the native context of every pretraining checkpoint (ZeRO-2 keeps whole weights)."""
     import torch
 
-    from dist_ft.eval_model import RopeVariant, load_variant, resolve_target
+    from dist_ft.evaluation.eval_model import RopeVariant, load_variant, resolve_target
 
     model = load_variant(resolve_target(run["export"], None), RopeVariant("keep", None), torch.float32)
     points = []
@@ -290,7 +291,7 @@ class Study:
 def run_study(profile_name: str, out: Path, echo=print) -> Study:
     import torch
 
-    from dist_ft.model import load_tokenizer
+    from dist_ft.rank.model import load_tokenizer
 
     profile = PROFILES[profile_name]
     started = time.monotonic()

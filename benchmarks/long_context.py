@@ -170,7 +170,7 @@ def measure_ours(run: Path, seq_len: int, args: argparse.Namespace) -> dict:
     failure = launch(argv, args.ranks, run.parent / "ours.log", args.timeout)
     if failure:
         return _report(seq_len, "ours", failure)
-    from dist_ft.run_dir import RunDir
+    from dist_ft.plan.run_dir import RunDir
 
     stage_dir = RunDir(run).stage(STAGE)
     rows = [json.loads(line) for line in stage_dir.metrics.read_text().splitlines() if line.strip()]
@@ -203,7 +203,7 @@ def measure_baseline(run: Path, seq_len: int, args: argparse.Namespace) -> dict:
 
 
 def read_plan(run: Path):
-    from dist_ft.plan import Plan
+    from dist_ft.plan.plan import Plan
 
     return Plan.from_json((run / "plan.json").read_text())
 
@@ -232,7 +232,7 @@ def ratios(ours: dict, hf: dict) -> dict:
 def baseline_spec(run: Path, args: argparse.Namespace) -> Path:
     """Everything the baseline needs, taken from what dist-ft rendered for this stage: the model
     config, the DeepSpeed config and the exact rows each rank trains on, in order."""
-    from dist_ft.model import load_tokenizer
+    from dist_ft.rank.model import load_tokenizer
 
     plan = read_plan(run)
     stage = plan.stages[0]
@@ -260,12 +260,12 @@ def save_rows(plan, stage, ds_config: dict, tokenizer, steps: int, path: Path) -
     import datasets
     import torch
 
-    from dist_ft.data import BatchStream, pretraining_rows
+    from dist_ft.rank.data import BatchStream, pretraining_rows
 
     datasets.disable_progress_bars()  # the trainers' logs have it; the table's output need not
 
     data = stage.data
-    seed = data.seed + plan.seed  # as dist_ft.stage_data.load_stage_data
+    seed = data.seed + plan.seed  # as dist_ft.rank.stage_data.load_stage_data
     rows, _ = pretraining_rows(data.paths, data.text_field, tokenizer, stage.seq_len, seed=seed,
                                long_docs=data.long_documents)
     dp, micro = plan.dp, ds_config["train_micro_batch_size_per_gpu"]
@@ -385,7 +385,7 @@ def build_tokenizer(folder: Path) -> Path:
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    from dist_ft.tokenizer import BOS, EOS, PAD, byte_tokenizer
+    from dist_ft.rank.tokenizer import BOS, EOS, PAD, byte_tokenizer
 
     byte = byte_tokenizer().backend_tokenizer
     vocab = byte.get_vocab(with_added_tokens=False)

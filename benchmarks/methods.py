@@ -101,8 +101,8 @@ def train(method: str, steps: int, out: Path) -> dict[str, float]:
 
 def trainable(method: str) -> dict[str, float]:
     """Trainable parameters the method leaves on the real model (counted on the built, wrapped model)."""
-    from dist_ft.methods import apply_method, trainable_summary
-    from dist_ft.model import build_model, smollm2_gguf
+    from dist_ft.rank.methods import apply_method, trainable_summary
+    from dist_ft.rank.model import build_model, smollm2_gguf
 
     gguf = smollm2_gguf()
     model = build_model(name_or_path=str(gguf.parent), gguf_file=gguf.name)

@@ -8,14 +8,14 @@ import sys
 import traceback
 from pathlib import Path
 
-from .artifacts import RunDirConflict, render_files, write_run_dir
-from .config import load_recipe
-from .local_launch import run_stages
-from .plan import Plan, make_plan
-from .plan_report import format_plan
-from .preflight import check_inputs, model_shape, resolve_recipe_paths
-from .run_dir import RunDir
-from .strict import Problem, RecipeError
+from dist_ft.launcher.artifacts import RunDirConflict, render_files, write_run_dir
+from dist_ft.launcher.local_launch import run_stages
+from dist_ft.plan.plan import Plan, make_plan
+from dist_ft.plan.plan_report import format_plan
+from dist_ft.plan.preflight import check_inputs, model_shape, resolve_recipe_paths
+from dist_ft.plan.run_dir import RunDir
+from dist_ft.recipe.config import load_recipe
+from dist_ft.recipe.strict import Problem, RecipeError
 
 EXIT_BAD_INPUT = 2
 NAME_MAX, PATH_MAX = 255, 4096  # bytes per path component and per path on Linux file systems
@@ -86,12 +86,12 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="sample an export (model, adapter, run dir) with transformers' generate")
-    from .generate import add_arguments as add_generate_arguments
+    from dist_ft.evaluation.generate import add_arguments as add_generate_arguments
     add_generate_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("eval", help="perplexity by position at long context lengths, and passkey retrieval")
-    from .evaluate import add_arguments as add_eval_arguments
+    from dist_ft.evaluation.evaluate import add_arguments as add_eval_arguments
     add_eval_arguments(p)
     p.set_defaults(func=cmd_eval)
     return parser
@@ -146,7 +146,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     write_run_dir(Path(plan.run_dir), files, force=args.force)
     print(f"run dir: {plan.run_dir}")
     if args.backend == "slurm":
-        from .slurm_jobs import submit_stages
+        from dist_ft.launcher.slurm_jobs import submit_stages
 
         return submit_stages(plan, dry_run=args.dry_run)
     return _run_local(plan, dry_run=args.dry_run)
@@ -155,26 +155,26 @@ def cmd_launch(args: argparse.Namespace) -> int:
 def _run_local(plan: Plan, dry_run: bool) -> int:
     status = run_stages(plan, dry_run)
     if status == 0 and not dry_run:
-        from .summary import pipeline_summary
+        from dist_ft.launcher.summary import pipeline_summary
 
         print(pipeline_summary(plan))
     return status
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .slurm_jobs import run_status
+    from dist_ft.launcher.slurm_jobs import run_status
 
     return _on_run_dir(run_status, args.run_dir)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from .slurm_jobs import run_cancel
+    from dist_ft.launcher.slurm_jobs import run_cancel
 
     return _on_run_dir(run_cancel, args.run_dir)
 
 
 def _on_run_dir(action, run_dir: str) -> int:
-    from .slurm_jobs import NotARunDir
+    from dist_ft.launcher.slurm_jobs import NotARunDir
 
     try:
         return action(Path(run_dir))
@@ -187,19 +187,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     plan = Plan.from_json(RunDir(Path(args.run)).plan_file.read_text())
     stage = plan.stage(args.stage)
     _quiet_libraries(plan.device == "cuda")
-    from .trainer import train_stage
+    from dist_ft.rank.trainer import train_stage
 
     return train_stage(plan, stage)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import main_from_args
+    from dist_ft.evaluation.generate import main_from_args
 
     return main_from_args(args)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate import main_from_args
+    from dist_ft.evaluation.evaluate import main_from_args
 
     return main_from_args(args)
 
@@ -209,7 +209,7 @@ def _quiet_libraries(cuda: bool) -> None:
     import logging
     import warnings
 
-    from .distributed import quiet_process_env
+    from dist_ft.rank.distributed import quiet_process_env
 
     quiet_process_env(cuda)
     warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.*is deprecated")

@@ -30,7 +30,7 @@ def tiny_model(attn: str = "sdpa") -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if attn == "sdpa_varlen":
-        from dist_ft.attention import register
+        from dist_ft.rank.attention import register
 
         register()
     torch.manual_seed(0)
@@ -41,7 +41,7 @@ def tiny_model(attn: str = "sdpa") -> torch.nn.Module:
 def fixed_batch(packed: bool = True) -> dict[str, torch.Tensor]:
     """Two rows of 64 tokens. Packed: documents of 20, 30 and 14 tokens (row 0) and 40, 24 (row 1),
     positions restarting at each, the first token of each not scored across the boundary, as
-    dist_ft.data packs them; a few prompt tokens unscored as in SFT."""
+    dist_ft.rank.data packs them; a few prompt tokens unscored as in SFT."""
     generator = torch.Generator().manual_seed(1)
     input_ids = torch.randint(0, TINY["vocab_size"], (MICRO_BATCH, SEQ_LEN), generator=generator)
     labels = input_ids.clone()
@@ -58,7 +58,7 @@ def fixed_batch(packed: bool = True) -> dict[str, torch.Tensor]:
 
 
 def ds_config(zero: int, data_parallel: int) -> dict:
-    from dist_ft.deepspeed_config import load_preset
+    from dist_ft.launcher.deepspeed_config import load_preset
 
     cfg = load_preset(f"zero{zero}.json")
     cfg.update(train_batch_size=MICRO_BATCH * data_parallel, train_micro_batch_size_per_gpu=MICRO_BATCH,
@@ -70,10 +70,10 @@ def ds_config(zero: int, data_parallel: int) -> dict:
 def run(out: Path, variant: str, zeros: list[int], packed: bool = True) -> None:
     from deepspeed.utils import safe_get_full_grad
 
-    from dist_ft import engine as ds
-    from dist_ft.distributed import read_env
-    from dist_ft.loss import LanguageModelLoss, TokenMean
-    from dist_ft.tiled_mlp import tile_mlps
+    from dist_ft.rank import engine as ds
+    from dist_ft.rank.distributed import read_env
+    from dist_ft.rank.loss import LanguageModelLoss, TokenMean
+    from dist_ft.rank.tiled_mlp import tile_mlps
 
     env = read_env()
     ds.init_distributed(env)

@@ -34,7 +34,7 @@ dist.init_process_group("gloo")
 if dist.get_rank() == 0:
     print("rank 0 waits outside any collective", flush=True)
     time.sleep(300)
-from dist_ft.stop import StopRequest
+from dist_ft.rank.stop import StopRequest
 StopRequest(pids.parent / "no.stop", grace_s=1.0)
 print("rank 1 enters the all-reduce", flush=True)
 dist.all_reduce(torch.ones(1))  # rank 0 never joins: blocked in C++ until the gloo timeout (30 min)
@@ -93,7 +93,7 @@ def test_stopping_the_launcher_takes_torchrun_and_its_ranks_down(tmp_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes=1", "--nproc_per_node=2",
                 str(worker), "deaf", str(pids)]
     launcher = subprocess.Popen(
-        [sys.executable, "-c", "import sys; from dist_ft.local_launch import run_supervised; "
+        [sys.executable, "-c", "import sys; from dist_ft.launcher.local_launch import run_supervised; "
                                f"sys.exit(run_supervised({torchrun!r}, kill_after_s=3))"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ranks = wait_for_lines(pids, 2)

@@ -86,10 +86,10 @@ def reloaded_eval_loss(plan, run: Path) -> float:
 
     from transformers import AutoModelForCausalLM
 
-    from dist_ft.data import collate
-    from dist_ft.distributed import read_env
-    from dist_ft.stage_data import load_stage_data
-    from dist_ft.stage_model import export_path, stage_tokenizer
+    from dist_ft.rank.data import collate
+    from dist_ft.rank.distributed import read_env
+    from dist_ft.rank.stage_data import load_stage_data
+    from dist_ft.rank.stage_model import export_path, stage_tokenizer
 
     stage = plan.stage("ctx")
     env = read_env({"RANK": "0", "WORLD_SIZE": "2"}, cuda_available=False)

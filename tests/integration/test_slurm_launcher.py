@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from dist_ft.cli import main
-from dist_ft.plan import Plan
+from dist_ft.plan.plan import Plan
 from tests.conftest import LAUNCH, demo_raw
 
 try:

@@ -16,8 +16,8 @@ from pathlib import Path
 import yaml
 
 from dist_ft.cli import main
-from dist_ft.plan import Plan
-from dist_ft.summary import read_metrics
+from dist_ft.plan.plan import Plan
+from dist_ft.launcher.summary import read_metrics
 from tests.conftest import LAUNCH, demo_raw
 
 TINY_CONFIG = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,

@@ -70,8 +70,8 @@ def build_model(variant: str) -> torch.nn.Module:
 def run_variant(variant: str, env, out: Path) -> None:
     from deepspeed.utils import safe_get_full_grad
 
-    from dist_ft import engine as ds
-    from dist_ft.loss import LanguageModelLoss, TokenMean
+    from dist_ft.rank import engine as ds
+    from dist_ft.rank.loss import LanguageModelLoss, TokenMean
 
     family, kind = variant.split(".")[0].split("-")
     zero = int(variant.split("zero")[1])
@@ -102,8 +102,8 @@ def run_variant(variant: str, env, out: Path) -> None:
 
 
 def main(out: Path, variants: list[str]) -> None:
-    from dist_ft import engine as ds
-    from dist_ft.distributed import read_env
+    from dist_ft.rank import engine as ds
+    from dist_ft.rank.distributed import read_env
 
     env = read_env()
     ds.init_distributed(env)

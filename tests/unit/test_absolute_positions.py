@@ -8,15 +8,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dist_ft.config import recipe_from_dict
-from dist_ft.data import pack_documents
-from dist_ft.model import build_model, export_model_dir
-from dist_ft.model_shape import shape_from_config
-from dist_ft.plan import make_plan
-from dist_ft.positions import grown_rows, position_table
-from dist_ft.stage_model import build_stage_model
-from dist_ft.strict import RecipeError
-from dist_ft.tokenizer import byte_tokenizer
+from dist_ft.recipe.config import recipe_from_dict
+from dist_ft.rank.data import pack_documents
+from dist_ft.rank.model import build_model, export_model_dir
+from dist_ft.recipe.model_shape import shape_from_config
+from dist_ft.plan.plan import make_plan
+from dist_ft.rank.positions import grown_rows, position_table
+from dist_ft.rank.stage_model import build_stage_model
+from dist_ft.recipe.strict import RecipeError
+from dist_ft.rank.tokenizer import byte_tokenizer
 
 OLD, NEW = 64, 128
 GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": OLD, "vocab_size": 259,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_ft.loss import LanguageModelLoss
+from dist_ft.rank.loss import LanguageModelLoss
 from test_loss import TINY, loss_and_grads, packed_batch, tiny
 
 ROWS, SEQ_LEN = packed_batch()["input_ids"].shape

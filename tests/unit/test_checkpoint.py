@@ -2,14 +2,14 @@
 
 from types import SimpleNamespace
 
-from dist_ft import engine as ds
-from dist_ft.checkpoint import (commit, ensure_universal, latest_tag, resume_choice, tag_for, tag_folders,
+from dist_ft.rank import engine as ds
+from dist_ft.rank.checkpoint import (commit, ensure_universal, latest_tag, resume_choice, tag_for, tag_folders,
                                 write_atomic)
-from dist_ft.config import Checkpointing
-from dist_ft.distributed import read_env
-from dist_ft.loop import LoopState
-from dist_ft.run_dir import StageDir
-from dist_ft.stage_checkpoints import ResumePoint, StageCheckpoints
+from dist_ft.recipe.config import Checkpointing
+from dist_ft.rank.distributed import read_env
+from dist_ft.rank.loop import LoopState
+from dist_ft.plan.run_dir import StageDir
+from dist_ft.rank.stage_checkpoints import ResumePoint, StageCheckpoints
 
 
 def save(folder, step, dp=2):

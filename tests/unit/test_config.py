@@ -2,8 +2,8 @@
 
 import pytest
 
-from dist_ft.config import Progressive, apply_overrides, recipe_from_dict
-from dist_ft.strict import RecipeError
+from dist_ft.recipe.config import Progressive, apply_overrides, recipe_from_dict
+from dist_ft.recipe.strict import RecipeError
 from tests.conftest import demo_raw
 
 

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from dist_ft.data import (IGNORE_INDEX, BadRows, BatchStream, DataError, pack_documents, pack_examples,
+from dist_ft.rank.data import (IGNORE_INDEX, BadRows, BatchStream, DataError, pack_documents, pack_examples,
                           pretraining_rows, read_documents, sft_example, sft_rows)
-from dist_ft.tokenizer import byte_tokenizer
+from dist_ft.rank.tokenizer import byte_tokenizer
 
 EOS = 0
 
@@ -167,7 +167,7 @@ def test_chat_loss_only_on_assistant_turns(tokenizer):
 
 
 def test_chat_with_smollm2_template(tokenizer):
-    from dist_ft.model import load_tokenizer, smollm2_gguf
+    from dist_ft.rank.model import load_tokenizer, smollm2_gguf
 
     gguf = smollm2_gguf()
     smol = load_tokenizer(str(gguf.parent), gguf.name)

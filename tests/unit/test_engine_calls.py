@@ -1,4 +1,4 @@
-"""What dist_ft.engine asks of DeepSpeed and torch.distributed, with stand-ins for the engine."""
+"""What dist_ft.rank.engine asks of DeepSpeed and torch.distributed, with stand-ins for the engine."""
 
 import datetime
 import os
@@ -6,9 +6,9 @@ from types import SimpleNamespace
 
 import torch
 
-from dist_ft import engine as ds
+from dist_ft.rank import engine as ds
 from dist_ft.cli import main
-from dist_ft.distributed import read_env
+from dist_ft.rank.distributed import read_env
 from tests.conftest import LAUNCH
 
 

@@ -9,14 +9,14 @@ import torch
 import torch.nn.functional as F
 
 from dist_ft.cli import main
-from dist_ft.config import apply_overrides, recipe_from_dict
-from dist_ft.eval_model import resolve_target
-from dist_ft.eval_nll import Band, BandTotal, add_to_bands, band_edges, stdlib_files, token_nll
-from dist_ft.eval_passkey import FILLER, INTRO, NEEDLE, QUESTION, make_haystack
-from dist_ft.model import build_model
-from dist_ft.model_shape import shape_from_config
-from dist_ft.plan import make_plan
-from dist_ft.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
+from dist_ft.recipe.config import apply_overrides, recipe_from_dict
+from dist_ft.evaluation.eval_model import resolve_target
+from dist_ft.evaluation.eval_nll import Band, BandTotal, add_to_bands, band_edges, stdlib_files, token_nll
+from dist_ft.evaluation.eval_passkey import FILLER, INTRO, NEEDLE, QUESTION, make_haystack
+from dist_ft.rank.model import build_model
+from dist_ft.recipe.model_shape import shape_from_config
+from dist_ft.plan.plan import make_plan
+from dist_ft.rank.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 from tests.conftest import demo_raw
 
 NATIVE = 128

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from dist_ft.cli import main
-from dist_ft.config import MAX_STAGES
+from dist_ft.recipe.config import MAX_STAGES
 from tests.conftest import RECIPES, demo_raw
 
 PLAN_SECONDS = 5  # a planner call on any recipe returns well within this (they take ~0.1 s)
@@ -283,9 +283,9 @@ def test_shape_keys_over_a_pretrained_model_are_refused(recipe_file, tmp_path, c
 def test_model_config_overrides_reach_a_pretrained_model(recipe_file, tmp_path, capsys):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dist_ft.plan import Plan
-    from dist_ft.stage_model import _base_model
-    from dist_ft.tokenizer import byte_tokenizer
+    from dist_ft.plan.plan import Plan
+    from dist_ft.rank.stage_model import _base_model
+    from dist_ft.rank.tokenizer import byte_tokenizer
 
     raw = demo_raw()
     pretrained = tmp_path / "pretrained"

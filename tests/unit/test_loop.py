@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from dist_ft import loop
-from dist_ft.loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
+from dist_ft.rank import loop
+from dist_ft.rank.loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 
 NAN = math.nan
 

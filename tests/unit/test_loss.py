@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_ft.data import pack_documents
-from dist_ft.loss import causal_lm_loss
-from dist_ft.methods import apply_method
-from dist_ft.model import build_model
+from dist_ft.rank.data import pack_documents
+from dist_ft.rank.loss import causal_lm_loss
+from dist_ft.rank.methods import apply_method
+from dist_ft.rank.model import build_model
 
 TINY = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 259, "max_position_embeddings": 256}
@@ -93,7 +93,7 @@ def test_rejects_a_non_positive_chunk():
 
 
 def test_auto_head_kernel_is_chunked_without_cuda_or_where_liger_cannot_read_the_head():
-    from dist_ft.loss import choose_head_kernel, fused_head_problem
+    from dist_ft.rank.loss import choose_head_kernel, fused_head_problem
 
     model = tiny()
     assert choose_head_kernel("auto", model, on_cuda=False) == "chunked"

@@ -9,8 +9,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from dist_ft.methods import MethodError, apply_method, load_trained, save_trained, trainable_summary
-from dist_ft.model import build_model
+from dist_ft.rank.methods import MethodError, apply_method, load_trained, save_trained, trainable_summary
+from dist_ft.rank.model import build_model
 
 TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 259, "max_position_embeddings": 256,

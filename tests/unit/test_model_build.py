@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from dist_ft.model import build_model, export_model_dir, load_tokenizer, resolve_attn_implementation, smollm2_gguf
-from dist_ft.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
+from dist_ft.rank.model import build_model, export_model_dir, load_tokenizer, resolve_attn_implementation, smollm2_gguf
+from dist_ft.rank.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 
 TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 259, "max_position_embeddings": 256}
@@ -170,7 +170,7 @@ def test_smollm2_gguf_with_yarn_builds_exports_and_reloads(tmp_path):
 
 
 def test_virtual_token_methods_run_plain_sdpa_where_sdpa_varlen_would():
-    from dist_ft.stage_model import stage_attention
+    from dist_ft.rank.stage_model import stage_attention
 
     assert stage_attention("prefix", "auto") == "sdpa" and stage_attention("prompt", "sdpa_varlen") == "sdpa"
     assert stage_attention("lora", "auto") == "sdpa_varlen" and stage_attention("ptuning", "eager") == "eager"

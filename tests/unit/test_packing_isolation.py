@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_ft.data import BatchStream, pack_documents
-from dist_ft.model import build_model
+from dist_ft.rank.data import BatchStream, pack_documents
+from dist_ft.rank.model import build_model
 
 TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 259, "max_position_embeddings": 256}
@@ -124,7 +124,7 @@ def test_flash_attention_isolates_packed_documents_only_in_a_one_row_batch(flash
 
 
 def test_sdpa_varlen_takes_one_row_of_positions_for_a_batch_and_refuses_cached_keys():
-    from dist_ft.attention import sdpa_varlen_attention
+    from dist_ft.rank.attention import sdpa_varlen_attention
 
     module = torch.nn.Module()
     query = torch.randn(2, 4, 6, 8)

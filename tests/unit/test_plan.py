@@ -2,10 +2,10 @@
 
 import pytest
 
-from dist_ft.config import apply_overrides, recipe_from_dict
-from dist_ft.model_shape import CATALOGUE, shape_from_config
-from dist_ft.plan import Plan, make_plan
-from dist_ft.strict import RecipeError
+from dist_ft.recipe.config import apply_overrides, recipe_from_dict
+from dist_ft.recipe.model_shape import CATALOGUE, shape_from_config
+from dist_ft.plan.plan import Plan, make_plan
+from dist_ft.recipe.strict import RecipeError
 from tests.conftest import demo_raw
 
 LLAMA8B = shape_from_config(CATALOGUE["meta-llama/Meta-Llama-3-8B"], "test")

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from dist_ft import batching, trainer
+from dist_ft.plan import batching
+from dist_ft.rank import trainer
 from dist_ft.cli import main
-from dist_ft.config import Checkpointing, Cluster, Data, MethodOptions, Model, Parallelism, Tracking
-from dist_ft.deepspeed_config import render_ds_config
-from dist_ft.distributed import read_env
-from dist_ft.model_shape import ModelShape
-from dist_ft.plan import Plan
-from dist_ft.stage_data import load_stage_data
-from dist_ft.stage_model import stage_tokenizer
+from dist_ft.recipe.config import Checkpointing, Cluster, Data, MethodOptions, Model, Parallelism, Tracking
+from dist_ft.launcher.deepspeed_config import render_ds_config
+from dist_ft.rank.distributed import read_env
+from dist_ft.recipe.model_shape import ModelShape
+from dist_ft.plan.plan import Plan
+from dist_ft.rank.stage_data import load_stage_data
+from dist_ft.rank.stage_model import stage_tokenizer
 from tests.conftest import LAUNCH, ROOT
 from tests.unit.test_plan import plan_of
 
@@ -83,12 +84,12 @@ def test_plan_deepspeed_config_data_and_world_size_change_share_one_batch_arithm
     assert (data.dp_rank, data.dp_size, data.train.rows_per_step) == (1, 2, 2 * cfg["train_micro_batch_size_per_gpu"])
     assert resumed["train_batch_size"] == cfg["train_batch_size"] == stage.global_batch_size
     assert resumed["gradient_accumulation_steps"] == 2 * cfg["gradient_accumulation_steps"]
-    assert {"dist_ft.plan", "dist_ft.stage_data", "dist_ft.trainer"} <= spied["data_parallel_size"]
-    assert {"dist_ft.plan", "dist_ft.deepspeed_config", "dist_ft.stage_data", "dist_ft.trainer",
-            "dist_ft.data.batches"} <= spied["train_batch_size"]
-    assert spied["data_parallel_rank"] == {"dist_ft.stage_data"}
-    assert spied["exact_grad_accum"] == {"dist_ft.trainer"}
-    assert spied["steps_per_epoch"] == {"dist_ft.stage_data"}
+    assert {"dist_ft.plan.plan", "dist_ft.rank.stage_data", "dist_ft.rank.trainer"} <= spied["data_parallel_size"]
+    assert {"dist_ft.plan.plan", "dist_ft.launcher.deepspeed_config", "dist_ft.rank.stage_data",
+            "dist_ft.rank.trainer", "dist_ft.rank.data.batches"} <= spied["train_batch_size"]
+    assert spied["data_parallel_rank"] == {"dist_ft.rank.stage_data"}
+    assert spied["exact_grad_accum"] == {"dist_ft.rank.trainer"}
+    assert spied["steps_per_epoch"] == {"dist_ft.rank.stage_data"}
 
 
 BATCH_WORDS = ("world_size", "micro_batch_size", "grad_accum", "gradient_accumulation", "dp_size", "global_batch")
@@ -111,15 +112,16 @@ def test_no_module_but_batching_computes_batch_numbers():
 
 # ---- imports ------------------------------------------------------------------------------------
 
-CLI_AND_EVAL = ("dist_ft.cli", "dist_ft.evaluate", "dist_ft.eval_model", "dist_ft.eval_nll", "dist_ft.eval_report",
-                "dist_ft.generate", "dist_ft.trainer", "dist_ft.engine")
+CLI_AND_EVAL = ("dist_ft.cli", "dist_ft.evaluation.evaluate", "dist_ft.evaluation.eval_model",
+                "dist_ft.evaluation.eval_nll", "dist_ft.evaluation.eval_report", "dist_ft.evaluation.generate",
+                "dist_ft.rank.trainer", "dist_ft.rank.engine")
 
 
 def test_the_pure_plan_imports_no_cli_eval_or_rank_module():
-    code = "import sys, dist_ft.plan; print(' '.join(sorted(sys.modules)))"
+    code = "import sys, dist_ft.plan.plan; print(' '.join(sorted(sys.modules)))"
     loaded = set(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                                 cwd=ROOT).stdout.split())
-    assert "dist_ft.plan" in loaded
+    assert "dist_ft.plan.plan" in loaded
     assert loaded.isdisjoint(CLI_AND_EVAL) and loaded.isdisjoint({"torch", "deepspeed", "transformers"})
 
 
@@ -168,6 +170,16 @@ def test_no_import_cycles():
             visit(module, [module])
     assert cycles == []
 
+
+
+def test_the_recipe_and_the_plan_import_only_down_the_flow():
+    """recipe/ imports nothing else from dist_ft; plan/ imports only recipe/ (launcher, ranks and evaluation
+    build on both, never the other way)."""
+    allowed = {"dist_ft.recipe": ("dist_ft.recipe",), "dist_ft.plan": ("dist_ft.recipe", "dist_ft.plan")}
+    found = [f"{module} imports {target}" for module, targets in sorted(module_imports().items())
+             for side, ok in allowed.items() if module.startswith(side + ".") or module == side
+             for target in sorted(targets) if target != "dist_ft" and not target.startswith(ok)]
+    assert found == []
 
 LAYOUT_NAMES = {"plan.json", "jobs.json", "stages", "DONE", "export", "adapter", "merged", "checkpoints", "universal",
                 "control", "logs", "eval", "ranks", "metrics.jsonl", "loss.png", "data_cache", "wandb"}

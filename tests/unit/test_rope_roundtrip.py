@@ -15,12 +15,12 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from dist_ft.config import recipe_from_dict
-from dist_ft.model import build_model, export_model_dir
-from dist_ft.model_shape import shape_from_config
-from dist_ft.plan import make_plan
-from dist_ft.stage_model import build_stage_model
-from dist_ft.tokenizer import byte_tokenizer
+from dist_ft.recipe.config import recipe_from_dict
+from dist_ft.rank.model import build_model, export_model_dir
+from dist_ft.recipe.model_shape import shape_from_config
+from dist_ft.plan.plan import make_plan
+from dist_ft.rank.stage_model import build_stage_model
+from dist_ft.rank.tokenizer import byte_tokenizer
 
 ORIGINAL, SEQ_LEN, PROBE = 64, 128, 192  # probe at 3× the original window
 TINY = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,

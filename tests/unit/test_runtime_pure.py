@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from dist_ft.checkpoint import commit, complete_tags, latest_tag, tag_for
-from dist_ft.distributed import read_env
-from dist_ft.metrics import wandb_mode
-from dist_ft.schedule import lr_multiplier
-from dist_ft.summary import read_metrics
+from dist_ft.rank.checkpoint import commit, complete_tags, latest_tag, tag_for
+from dist_ft.rank.distributed import read_env
+from dist_ft.rank.metrics import wandb_mode
+from dist_ft.rank.schedule import lr_multiplier
+from dist_ft.launcher.summary import read_metrics
 
 
 def test_torchrun_variables_win_over_slurm_ones():

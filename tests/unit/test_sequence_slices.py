@@ -2,8 +2,8 @@
 
 import torch
 
-from dist_ft.loss import IGNORE_INDEX
-from dist_ft.sequence_parallel import shard_batch
+from dist_ft.rank.loss import IGNORE_INDEX
+from dist_ft.rank.sequence_parallel import shard_batch
 
 
 def batch(length: int) -> dict[str, torch.Tensor]:
@@ -40,8 +40,8 @@ def test_document_attention_without_a_mask_keeps_packed_documents_apart_as_trans
     documents in the positions."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dist_ft.attention import SDPA_VARLEN
-    from dist_ft.sequence_parallel import use_document_attention
+    from dist_ft.rank.attention import SDPA_VARLEN
+    from dist_ft.rank.sequence_parallel import use_document_attention
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,

@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 
 from dist_ft.cli import main
-from dist_ft.data import IGNORE_INDEX, BadRows, sft_example
-from dist_ft.tokenizer import byte_tokenizer
+from dist_ft.rank.data import IGNORE_INDEX, BadRows, sft_example
+from dist_ft.rank.tokenizer import byte_tokenizer
 from tests.conftest import demo_raw
 
 ROW = {"instruction": "Reverse the word.", "input": "rocket", "output": "tekcor"}

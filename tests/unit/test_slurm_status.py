@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from dist_ft import slurm_jobs
+from dist_ft.launcher import slurm_jobs
 from dist_ft.cli import main
-from dist_ft.plan import Plan
-from dist_ft.slurm_status import (JobInfo, SlurmError, StageFiles, exit_description, job_info_from_scontrol,
+from dist_ft.plan.plan import Plan
+from dist_ft.launcher.slurm_status import (JobInfo, SlurmError, StageFiles, exit_description, job_info_from_scontrol,
                                   parse_sacct, parse_scontrol_line, read_stage_files, summarize_run)
 from tests.conftest import LAUNCH
 
@@ -230,7 +230,7 @@ def test_status_from_the_command_line(run_dir, capsys, monkeypatch):
 
 
 def test_output_path_is_escaped_the_way_slurm_reads_it():
-    from dist_ft.slurm import output_path
+    from dist_ft.launcher.slurm import output_path
 
     # %j expands and %% is a literal % ...
     assert output_path("/runs/a %j b", "sft") == "/runs/a %%j b/logs/sft.%j.out"
@@ -265,7 +265,7 @@ def test_a_malformed_jobs_file_is_one_line_and_exit_2_and_slurm_is_not_asked(cas
 
 
 def test_array_job_ids_are_valid_and_the_client_refuses_anything_else(run_dir, tmp_path):
-    from dist_ft.slurm_status import SlurmClient, is_job_id
+    from dist_ft.launcher.slurm_status import SlurmClient, is_job_id
 
     assert is_job_id("40") and is_job_id("40_3")
     assert not any(is_job_id(t) for t in ("", "-1", "40_", "_3", "4 0", "--user=root", "40\n", "٤٠"))

@@ -13,7 +13,7 @@ import pytest
 BLOCKED_RANK = """
 import sys, threading
 from pathlib import Path
-from dist_ft.stop import StopRequest
+from dist_ft.rank.stop import StopRequest
 
 request = StopRequest(Path(sys.argv[1]) / "no.stop", grace_s=float(sys.argv[2]))
 if sys.argv[3] == "honour":  # what agreed() does once every rank reached the boundary
@@ -51,7 +51,7 @@ def test_a_honoured_stop_is_left_to_finish(tmp_path):
 @pytest.mark.parametrize("value, expected", [("", 60.0), ("5", 5.0), ("0", 0.0), ("abc", 60.0), ("-1", 60.0),
                                              ("nan", 60.0), ("inf", 60.0)])
 def test_grace_comes_from_the_environment(value, expected, capsys):
-    from dist_ft.stop import stop_grace_s
+    from dist_ft.rank.stop import stop_grace_s
 
     assert stop_grace_s({"DIST_FT_STOP_GRACE_S": value}) == expected
     assert ("is not a number of seconds" in capsys.readouterr().err) == (value in ("abc", "-1", "nan", "inf"))

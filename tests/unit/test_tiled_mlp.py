@@ -1,6 +1,6 @@
 """Tiled MLPs (DeepSpeed's TiledMLP on each decoder layer) compute what the model computes.
 
-This is also the canary for the instance-level forward swap in dist_ft/tiled_mlp.py: if a
+This is also the canary for the instance-level forward swap in dist_ft/rank/tiled_mlp.py: if a
 transformers release changes what a decoder MLP's forward takes or returns, these fail.
 """
 
@@ -11,9 +11,9 @@ import math
 import pytest
 import torch
 
-from dist_ft.loss import LanguageModelLoss
-from dist_ft.methods import apply_method
-from dist_ft.tiled_mlp import decoder_mlps, tile_count, tile_mlps
+from dist_ft.rank.loss import LanguageModelLoss
+from dist_ft.rank.methods import apply_method
+from dist_ft.rank.tiled_mlp import decoder_mlps, tile_count, tile_mlps
 from test_loss import loss_and_grads, packed_batch, tiny
 
 GPT2 = {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "vocab_size": 259, "n_positions": 64,
@@ -51,7 +51,7 @@ def test_tiled_under_checkpointing_and_lora():
 
 
 def test_gpt2_mlp_tiles_too():
-    from dist_ft.model import build_model
+    from dist_ft.rank.model import build_model
 
     assert_same_training_signal(lambda: build_model(name_or_path=None, config_overrides=GPT2,
                                                     attn_implementation="sdpa"), 9)
@@ -67,7 +67,7 @@ def test_state_dict_keys_unchanged():
 
 def test_mlp_dropout_is_refused():
     """TiledMLP recomputes each tile in backward without replaying the dropout masks."""
-    from dist_ft.model import build_model
+    from dist_ft.rank.model import build_model
 
     model = build_model(name_or_path=None, config_overrides={**GPT2, "resid_pdrop": 0.1}, attn_implementation="sdpa")
     with pytest.raises(ValueError, match="dropout"):
@@ -75,7 +75,7 @@ def test_mlp_dropout_is_refused():
 
 
 def test_model_without_mlp_module_is_refused():
-    from dist_ft.model import build_model
+    from dist_ft.rank.model import build_model
 
     opt = build_model(name_or_path=None, attn_implementation="sdpa", config_overrides={
         "model_type": "opt", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "ffn_dim": 64,

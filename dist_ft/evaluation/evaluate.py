@@ -1,0 +1,257 @@
+"""`dist-ft eval`: perplexity by token position at several context lengths, and passkey retrieval.
+
+Checks every input (model path, lengths against the RoPE) before loading weights, then, per
+RoPE variant, builds the model once and runs both evaluations. See docs/eval.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dist_ft.recipe.config import TORCH_DTYPE_NAMES, Tracking
+from .eval_model import (ROPE_TYPES, EvalError, RopeVariant, Target, check_lengths, effective_config,
+                         load_eval_tokenizer, load_variant, resolve_target)
+from dist_ft.plan.plan import Plan
+from dist_ft.plan.rope import native_context
+from dist_ft.plan.run_dir import RunDir
+
+EXIT_BAD_INPUT = 2
+EVAL_PROJECT = "dist-ft-eval"  # W&B project of a model evaluated outside any run
+STANDALONE_OUT = Path("runs/eval")  # results of a model evaluated outside any run: STANDALONE_OUT/<model>
+DTYPES = ("bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class EvalRequest:
+    model: str
+    lengths: list[int] = field(default_factory=lambda: [2048, 4096, 8192, 16384])
+    passkey_lengths: list[int] | None = None  # None: the perplexity lengths
+    depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    trials: int = 2
+    windows: int = 2
+    rope_types: list[str] = field(default_factory=lambda: ["keep"])
+    rope_factor: float | None = None
+    text: list[str] = field(default_factory=list)
+    out: str | None = None
+    dtype: str = "bf16"
+    gguf_file: str | None = None
+    allow_beyond: bool = False
+    wandb: bool = False
+    seed: int = 0
+
+    def variants(self) -> list[RopeVariant]:
+        scaled = [t for t in self.rope_types if t not in ("keep", "none")]
+        if scaled and not self.rope_factor:
+            raise EvalError(f"--rope-type {' '.join(scaled)} needs --rope-factor F (e.g. 2 for twice the context)")
+        if self.rope_factor is not None and self.rope_factor < 1:
+            raise EvalError(f"--rope-factor {self.rope_factor} must be at least 1")
+        return [RopeVariant(t, self.rope_factor if t in scaled else None) for t in self.rope_types]
+
+
+# ---- command line ------------------------------------------------------------------------------
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The command line of EvalRequest, with its defaults (a recipe's `evaluation` has smaller ones: it runs
+    after every stage)."""
+    d = EvalRequest(model="")
+    p.add_argument("model", help="HF model dir, adapter dir, run dir (last finished stage) or package:NAME")
+    p.add_argument("--lengths", default=_csv(d.lengths), help="perplexity window lengths ('' for none)")
+    p.add_argument("--passkey-lengths", help="passkey prompt lengths (default: --lengths; '' for none)")
+    p.add_argument("--depths", default=_csv(d.depths), help="relative needle depths")
+    p.add_argument("--trials", type=int, default=d.trials, help="passkeys per (length, depth) cell")
+    p.add_argument("--windows", type=int, default=d.windows, help="perplexity windows per length (at most)")
+    p.add_argument("--rope-type", nargs="+", default=d.rope_types, choices=ROPE_TYPES,
+                   help="RoPE variants to compare; keep = the model's own")
+    p.add_argument("--rope-factor", type=float, help="scaling factor for linear/dynamic/yarn")
+    p.add_argument("--text", nargs="+", default=[], help="held-out text files or folders (default: stdlib source)")
+    p.add_argument("--out", help="output dir (default: RUN_DIR/eval/<stage> or runs/eval/<model>)")
+    p.add_argument("--dtype", choices=DTYPES, default=d.dtype)
+    p.add_argument("--gguf-file", help="GGUF file inside the model dir (e.g. SmolLM2-135M-Instruct.Q4_1.gguf)")
+    p.add_argument("--allow-beyond", action="store_true", help="evaluate lengths beyond the RoPE's reach anyway")
+    p.add_argument("--wandb", action="store_true", help="log to W&B (offline without WANDB_API_KEY)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _csv(values: list) -> str:
+    return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
+
+
+def main_from_args(args: argparse.Namespace) -> int:
+    try:
+        request = request_from_args(args)
+        run_eval(request, echo=print)
+        return 0
+    except EvalError as err:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def _int_list(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EvalError(f"{flag} {text!r}: expected comma-separated integers, e.g. 2048,4096") from None
+    if any(v < 16 for v in values):
+        raise EvalError(f"{flag} {text!r}: every length must be at least 16 tokens")
+    return values
+
+
+def _depths(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise EvalError(f"--depths {text!r}: expected comma-separated numbers in [0, 1]") from None
+    if not values or any(not 0 <= v <= 1 for v in values):
+        raise EvalError(f"--depths {text!r}: every depth must be in [0, 1]")
+    return values
+
+
+def request_from_args(args: argparse.Namespace) -> EvalRequest:
+    if args.trials < 1 or args.windows < 1:
+        raise EvalError("--trials and --windows must be at least 1")
+    return EvalRequest(
+        model=args.model, lengths=_int_list(args.lengths, "--lengths"),
+        passkey_lengths=_int_list(args.passkey_lengths, "--passkey-lengths"), depths=_depths(args.depths),
+        trials=args.trials, windows=args.windows, rope_types=list(dict.fromkeys(args.rope_type)),
+        rope_factor=args.rope_factor, text=args.text, out=args.out, dtype=args.dtype, gguf_file=args.gguf_file,
+        allow_beyond=args.allow_beyond, wandb=args.wandb, seed=args.seed)
+
+
+# ---- the evaluation ----------------------------------------------------------------------------
+
+def _check(request: EvalRequest) -> tuple[Target, list[RopeVariant], list[int], list[Path]]:
+    """Every plan-time check; reads configs only."""
+    target = resolve_target(request.model, request.gguf_file)
+    variants = request.variants()
+    passkey_lengths = request.lengths if request.passkey_lengths is None else request.passkey_lengths
+    if not request.lengths and not passkey_lengths:
+        raise EvalError("nothing to do: --lengths and --passkey-lengths are both empty")
+    texts = [Path(t) for t in request.text]
+    missing = [str(t) for t in texts if not t.exists()]
+    if missing:
+        raise EvalError(f"--text: no such file or folder: {', '.join(missing)}")
+    for variant in variants:
+        check_lengths(effective_config(target, variant), [*request.lengths, *passkey_lengths], variant,
+                      request.allow_beyond)
+    return target, variants, passkey_lengths, texts
+
+
+def default_out(target: Target) -> Path:
+    if target.run_dir:
+        return RunDir(Path(target.run_dir)).eval(target.label.rsplit("/", 1)[-1])
+    return STANDALONE_OUT / re.sub(r"[^A-Za-z0-9_.+-]+", "-", target.label)
+
+
+def run_eval(request: EvalRequest, echo=lambda *_: None) -> dict[str, Any]:
+    """Evaluate, write results.json and the plots under the output dir, return the results."""
+    import torch
+
+    from .eval_nll import heldout_tokens
+
+    target, variants, passkey_lengths, texts = _check(request)
+    out = Path(request.out) if request.out else default_out(target)
+    tokenizer = load_eval_tokenizer(target)
+    token_ids = heldout_tokens(tokenizer, max(request.lengths, default=0) * request.windows, texts) \
+        if request.lengths else []
+    results: dict[str, Any] = {
+        "model": target.label, "model_dir": target.model_dir, "gguf_file": target.gguf_file,
+        "adapter_dir": target.adapter_dir, "dtype": request.dtype,
+        "text": [str(t) for t in texts] or "python stdlib source", "text_tokens": len(token_ids),
+        "passkey_trials": request.trials, "seed": request.seed, "variants": {}}
+    for variant in variants:
+        echo(f"[eval] {target.label}: loading with RoPE {variant.name}")
+        model = load_variant(target, variant, getattr(torch, TORCH_DTYPE_NAMES[request.dtype]))
+        results["variants"][variant.name] = _evaluate_variant(model, tokenizer, request, passkey_lengths,
+                                                              token_ids, echo)
+        del model
+    _write_outputs(results, out, target, request, echo)
+    return results
+
+
+def _evaluate_variant(model, tokenizer, request: EvalRequest, passkey_lengths: list[int], token_ids: list[int],
+                      echo) -> dict[str, Any]:
+    from .eval_passkey import passkey_grid
+
+    native = native_context(model.config)
+    perplexity = {}
+    for length in request.lengths:
+        started = time.monotonic()
+        perplexity[str(length)] = perplexity_at(model, token_ids, length, request.windows, request.lengths,
+                                                native)
+        echo(f"[eval]   ppl @ {length}: {perplexity[str(length)]['ppl']:.3f} "
+             f"({time.monotonic() - started:.1f} s)")
+    grid = passkey_grid(model, tokenizer, passkey_lengths, request.depths, request.trials, request.seed,
+                        on_cell=lambda n, d, acc: echo(f"[eval]   passkey @ {n}, depth {d}: {acc:.2f}"))
+    return {"rope_parameters": model.config.rope_parameters, "native_context": native,
+            "perplexity": perplexity, "passkey": grid}
+
+
+def perplexity_at(model, token_ids: list[int], length: int, count: int, lengths: list[int],
+                  native: int | None) -> dict[str, Any]:
+    """Per-band perplexity over up to `count` windows of `length` tokens."""
+    from .eval_nll import BandTotal, add_to_bands, band_edges, token_nll, windows
+
+    chosen = windows(token_ids, length, count)
+    if not chosen:
+        raise EvalError(f"the held-out text has {len(token_ids)} tokens, fewer than one window of {length}: "
+                        "pass longer --text")
+    bands = band_edges(length, lengths, native)
+    totals: dict = {}
+    overall = BandTotal()
+    for window in chosen:
+        nll = token_nll(model, window)
+        add_to_bands(totals, nll, bands)
+        overall.nll_sum += float(nll.double().sum())
+        overall.tokens += nll.numel()
+    return {"windows": len(chosen), "tokens": overall.tokens, "ppl": overall.ppl,
+            "bands": [{"band": b.label, "start": b.start, "end": b.end, "tokens": totals[b].tokens,
+                       "ppl": totals[b].ppl, "beyond_native": bool(native and b.start >= native)}
+                      for b in bands]}
+
+
+def evaluate_after_stage(plan, stage_name: str) -> dict[str, Any]:
+    """The recipe's `evaluation` section on the stage just finished (its export), into RUN/eval/<stage>.
+
+    Runs on rank 0 after the other ranks are done with the stage; the run dir resolves to its last
+    finished stage, which is this one.
+    """
+    ev = plan.evaluation
+    request = EvalRequest(model=plan.run_dir, lengths=list(ev.lengths), passkey_lengths=ev.passkey_lengths,
+                          depths=list(ev.depths), trials=ev.trials, windows=ev.windows,
+                          text=list(ev.text), out=str(plan.run.eval(stage_name)),
+                          dtype="bf16" if plan.model.dtype == "bf16" else "fp32")
+    return run_eval(request, echo=lambda text: print(text, flush=True))
+
+
+def _tracking(request: EvalRequest, target: Target) -> Tracking | None:
+    """The tracking section of a run dir's plan.json (mode 'disabled' there turns it off), else --wandb's."""
+    if target.run_dir:
+        return Plan.from_json(RunDir(Path(target.run_dir)).plan_file.read_text()).tracking
+    return Tracking(project=EVAL_PROJECT) if request.wandb else None
+
+
+def _write_outputs(results: dict[str, Any], out: Path, target: Target, request: EvalRequest, echo) -> None:
+    from .eval_report import format_table, log_wandb, plot_passkey, plot_ppl, write_results
+
+    write_results(out, results)
+    plot_ppl(results, out / "ppl_vs_length.png")
+    plot_passkey(results, out / "passkey.png")
+    echo(format_table(results))
+    tracking = _tracking(request, target)
+    if tracking:
+        mode = log_wandb(results, out, tracking)
+        if mode:
+            echo(f"[eval] logged to W&B ({mode}) under {out}")
+    echo(f"[eval] wrote {out / 'results.json'}, {out / 'ppl_vs_length.png'}, {out / 'passkey.png'}")

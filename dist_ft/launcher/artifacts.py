@@ -1,0 +1,131 @@
+"""Render a plan into files, then write the run dir in one step.
+
+Rendering is pure (name → text). Writing builds every file in a private temporary
+folder first, then renames the folder into place (a new run dir) or the files into
+it (a re-render), so a failure never leaves a half-written or mixed run dir.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from dist_ft.plan.plan import Plan
+from dist_ft.plan.run_dir import LOCAL_SCRIPT, PLAN_FILE, RECIPE_FILE, SUBDIRS
+from dist_ft.recipe.config import Recipe, to_dict
+from .deepspeed_config import render_ds_config
+from .local_launch import local_script
+from .slurm import render_sbatch
+
+
+class RunDirConflict(Exception):
+    """The run dir cannot take the rendered files (a foreign folder, another plan, something in the way)."""
+
+
+def render_files(recipe: Recipe, plan: Plan) -> dict[str, str]:
+    files = {RECIPE_FILE: yaml.safe_dump(to_dict(recipe), sort_keys=False),
+             PLAN_FILE: plan.to_json() + "\n",
+             LOCAL_SCRIPT: local_script(plan, plan.cluster.rdzv_port)}
+    for stage in plan.stages:
+        files[stage.ds_config] = json.dumps(render_ds_config(plan, stage), indent=2) + "\n"
+        files[stage.sbatch] = render_sbatch(plan, stage)
+    return files
+
+
+def write_run_dir(run_dir: Path, files: dict[str, str], force: bool = False) -> None:
+    """Create run_dir with `files`, or re-render a run dir that holds the same plan (its checkpoints
+    stay, so a resume may re-render). Every file is written and synced in a fresh private folder
+    first, so a full disk or a crash while writing leaves the run dir as it was."""
+    fresh = not os.path.lexists(run_dir)
+    if not fresh:
+        _check_rerender(run_dir, files, force)
+    staging = _staging_dir(run_dir, fresh)
+    try:
+        _write_all(staging, files, run_dir)
+        if fresh:
+            os.rename(staging, run_dir)  # the whole run dir appears at once
+            _fsync_dir(run_dir.parent)
+        else:
+            _move_in(staging, run_dir, files)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_rerender(run_dir: Path, files: dict[str, str], force: bool) -> None:
+    if run_dir.is_symlink() or not run_dir.is_dir():
+        raise RunDirConflict(f"{run_dir} exists and is not a directory: choose another --out")
+    plan_file = run_dir / PLAN_FILE
+    if not os.path.lexists(plan_file):
+        if any(run_dir.iterdir()):
+            raise RunDirConflict(f"{run_dir} is not empty and holds no {PLAN_FILE}: it is not a dist-ft run dir, and "
+                                 "rendering would overwrite files in it. Choose a new or empty --out.")
+        return
+    if not force and _text_or_none(plan_file) != files[PLAN_FILE]:
+        raise RunDirConflict(f"{run_dir} already holds a different plan; its checkpoints belong to that plan. "
+                             "Use another `name`, delete the run dir, or pass --force to overwrite its files.")
+    for name in files:
+        if (run_dir / name).is_dir() and not (run_dir / name).is_symlink():
+            raise RunDirConflict(f"{run_dir / name} is a directory where a rendered file goes: move it away")
+
+
+def _text_or_none(path: Path) -> str | None:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _staging_dir(run_dir: Path, fresh: bool) -> Path:
+    """A new 0700 folder with an unguessable name (mkdtemp), so nothing can be planted in it: beside
+    a new run dir (renamed into its place), inside an existing one (same filesystem for the renames)."""
+    try:
+        if fresh:
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{run_dir.name[:40]}.render.",
+                                     dir=run_dir.parent if fresh else run_dir))
+    except OSError as err:
+        raise RunDirConflict(f"cannot write the run dir {run_dir}: {err}") from err
+
+
+def _write_all(folder: Path, files: dict[str, str], run_dir: Path) -> None:
+    try:
+        for name, text in files.items():
+            _write_new(folder / name, text, executable=name.endswith((".sbatch", ".sh")))
+        for sub in SUBDIRS:
+            (folder / sub).mkdir()
+    except OSError as err:  # e.g. a full disk: say so, as a bad --out would be
+        raise RunDirConflict(f"cannot write the run dir {run_dir}: {err}; nothing in it was changed") from err
+
+
+def _write_new(path: Path, text: str, executable: bool) -> None:
+    """A new file, never through a link or over an existing file, on disk before it is renamed in."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        if executable:
+            os.fchmod(handle.fileno(), 0o755)
+        os.fsync(handle.fileno())
+
+
+def _move_in(staging: Path, run_dir: Path, files: dict[str, str]) -> None:
+    """One rename per file (a rename replaces a planted link, never follows it). plan.json goes last:
+    until it moves, the old plan stays in charge, and rendering again completes the set."""
+    for sub in SUBDIRS:
+        (run_dir / sub).mkdir(exist_ok=True)
+    for name in sorted(files, key=lambda n: n == PLAN_FILE):
+        os.replace(staging / name, run_dir / name)
+    _fsync_dir(run_dir)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

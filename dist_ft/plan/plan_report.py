@@ -1,0 +1,106 @@
+"""The plan as a person reads it: one block per stage, memory with its parts."""
+
+from __future__ import annotations
+
+import shlex
+
+from dist_ft.recipe.config import LORA_FAMILY, VIRTUAL_TOKEN_METHODS, Model
+from dist_ft.recipe.launch_script import training_python
+from .plan import Plan, StagePlan
+
+
+def format_plan(plan: Plan) -> str:
+    head = [
+        f"run {plan.name}  ->  {plan.run_dir}",
+        f"cluster: {plan.nodes} node(s) x {plan.ranks_per_node} {'GPU' if plan.device == 'cuda' else 'CPU rank'}(s)"
+        f" = world {plan.world_size}; data-parallel {plan.dp} x sequence-parallel {plan.sp}",
+        f"model: {_model_line(plan)}",
+        f"ranks run: {_python_line(plan)}",
+    ]
+    blocks = [_stage_block(plan, s) for s in plan.stages]
+    tail = [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(head + [""] + blocks + tail)
+
+
+def _python_line(plan: Plan) -> str:
+    python = training_python(plan.cluster.python)
+    source = "cluster.python" if plan.cluster.python else "the interpreter rendering this plan"
+    return f"{shlex.quote(python)} -m torch.distributed.run ({source})"
+
+
+def _model_line(plan: Plan) -> str:
+    m, shape = plan.model, plan.model_shape
+    source = m.name_or_path or "random init from recipe config"
+    if m.gguf_file:
+        source += f" ({m.gguf_file})"
+    if not shape:
+        return f"{source}; config not readable: memory estimate unavailable"
+    return (f"{source}; {shape.model_type} {_params(shape.num_params)}, {shape.num_layers} layers, hidden "
+            f"{shape.hidden_size}, {shape.num_heads}/{shape.num_kv_heads} heads, native context "
+            f"{shape.max_position_embeddings}; {m.dtype}, attention {m.attn_implementation}, "
+            f"checkpointing {_checkpointing(m)}{_tiling(m)}")
+
+
+def _checkpointing(m: Model) -> str:
+    if not m.gradient_checkpointing:
+        return "off"
+    return "on, offloaded to host" if m.offload_activations else "on"
+
+
+def _tiling(m: Model) -> str:
+    tile = m.tiled_mlp_tokens
+    return f", MLP tiles of {tile} tokens" if tile else ""
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B params" if n >= 1e9 else f"{n / 1e6:.1f}M params"
+
+
+def _stage_block(plan: Plan, s: StagePlan) -> str:
+    phase = "continued pretraining" if s.phase == "continued_pretraining" else "fine-tuning"
+    steps = f"{s.steps} steps" if s.steps is not None else f"{s.epochs:g} epochs (steps counted from the data)"
+    par = plan.parallelism
+    offload = "/".join(x for x in (par.offload_optimizer, par.offload_params) if x != "none") or "no offload"
+    lines = [
+        f"[{s.index}] {s.name}  ({phase}{', from ' + s.init_from if s.init_from else ''})",
+        f"    seq_len {s.seq_len}   rope {_rope(s.rope_parameters)}{_positions(s)}",
+        f"    method {s.method}{_options(s)}",
+        f"    micro-batch {s.micro_batch_size} x grad-accum {s.grad_accum} x dp {plan.dp} = {s.global_batch_size}"
+        f" sequences = {s.tokens_per_step:,} tokens/step",
+        f"    {steps}; lr {s.lr:g} -> {s.min_lr:g} ({s.schedule}, warmup {s.warmup_steps})",
+        f"    ZeRO-{par.zero_stage}, {offload}, sequence-parallel {par.sequence_parallel}",
+        f"    memory/rank: {_memory(s.memory)}",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _positions(s: StagePlan) -> str:
+    return "" if s.extend_positions == "none" else \
+        f"   position table {s.max_position_embeddings} rows (grown by {s.extend_positions} where needed)"
+
+
+def _rope(params: dict) -> str:
+    if not params:
+        return "the model's own"
+    return ", ".join(f"{k}={v}" for k, v in params.items() if k not in ("short_factor", "long_factor")) + \
+        (" (+ LongRoPE factor lists)" if "short_factor" in params else "")
+
+
+def _options(s: StagePlan) -> str:
+    o = s.method_options
+    if s.method in LORA_FAMILY:
+        return f" (r {o.r}, alpha {o.alpha:g}, dropout {o.dropout:g}, targets {o.target_modules or 'all-linear'})"
+    if s.method in VIRTUAL_TOKEN_METHODS:
+        return f" ({o.num_virtual_tokens} virtual tokens)"
+    if s.method == "freeze":
+        return f" (last {o.trainable_layers} layers train)"
+    return ""
+
+
+def _memory(mem: dict | None) -> str:
+    if not mem:
+        return "unknown (model config not readable)"
+    parts = ("weights", "gradients", "optimizer", "activations", "logits", "overhead")
+    line = f"~{mem['total_gib']:.2f} GiB = " + " + ".join(f"{p} {mem[p + '_gib']:.2f}" for p in parts)
+    host = mem.get("host_gib", 0.0)
+    return f"{line}; activation checkpoints in host memory {host:.2f} GiB" if host else line

@@ -1,0 +1,84 @@
+"""The launcher's I/O before planning: resolve recipe-relative paths, check they exist,
+read the model's shape. Everything after this is pure."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from dist_ft.recipe.config import Data, Recipe
+from dist_ft.recipe.data_files import data_path_problem
+from dist_ft.recipe.model_shape import ModelShape, ShapeError, is_file, read_model_shape, resolve_model_dir
+from dist_ft.recipe.strict import Problem, RecipeError
+
+
+def resolve_data_path(entry: str, base: Path) -> str:
+    """`package:NAME` → that package's folder (e.g. stdlib sources); relative → against the recipe's folder."""
+    if entry.startswith("package:"):
+        folder = resolve_model_dir(entry)
+        return str(folder) if folder else entry
+    path = Path(entry).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def resolve_recipe_paths(recipe: Recipe, base: Path) -> Recipe:
+    """Make data paths and a local (or `package:NAME`) model path absolute: ranks may start in any directory,
+    and only the launcher resolves `package:` names."""
+    def fix(data: Data) -> Data:
+        return dataclasses.replace(data, paths=[resolve_data_path(p, base) for p in data.paths])
+
+    changes = {}
+    if recipe.long_context:
+        changes["long_context"] = dataclasses.replace(recipe.long_context, data=fix(recipe.long_context.data))
+    if recipe.finetune:
+        changes["finetune"] = dataclasses.replace(recipe.finetune, data=fix(recipe.finetune.data))
+    model_path = recipe.model.name_or_path
+    if model_path and (model_path.startswith("package:") or _looks_local(model_path, base)):
+        changes["model"] = dataclasses.replace(recipe.model, name_or_path=resolve_data_path(model_path, base))
+    return dataclasses.replace(recipe, **changes)
+
+
+def check_inputs(recipe: Recipe) -> None:
+    """Missing local inputs are recipe errors, found before anything is written."""
+    problems: list[Problem] = []
+    sections = [("long_context.data", recipe.long_context.data if recipe.long_context else None),
+                ("finetune.data", recipe.finetune.data if recipe.finetune else None)]
+    for path, data in sections:
+        for i, entry in enumerate(data.paths if data else []):
+            if entry.startswith("package:"):
+                problems.append(Problem(f"{path}.paths[{i}]", f"no installed package {entry[8:]!r}",
+                                        "install it or give a file path"))
+            elif (unusable := data_path_problem(entry)) is not None:
+                problems.append(Problem(f"{path}.paths[{i}]", *unusable))
+    model = recipe.model
+    if model.name_or_path:
+        folder = resolve_model_dir(model.name_or_path)
+        if model.name_or_path.startswith("package:") and folder is None:
+            problems.append(Problem("model.name_or_path", f"no installed package {model.name_or_path[8:]!r}",
+                                    f"pip install {model.name_or_path[8:].replace('_', '-')}"))
+        elif Path(model.name_or_path).is_absolute() and folder is None:
+            problems.append(Problem("model.name_or_path", f"{model.name_or_path} is not a directory",
+                                    "give a local model directory, `package:NAME`, or a hub name"))
+        elif folder and model.gguf_file and not is_file(folder / model.gguf_file):
+            problems.append(Problem("model.gguf_file", f"{model.gguf_file} is not in {folder}",
+                                    "check the file name"))
+    if problems:
+        raise RecipeError(problems)
+
+
+def model_shape(recipe: Recipe) -> ModelShape | None:
+    m = recipe.model
+    try:
+        return read_model_shape(m.name_or_path, m.gguf_file, m.config)
+    except ShapeError as err:
+        if m.name_or_path is None:  # the recipe's own model.config
+            raise RecipeError([Problem(f"model.config.{err.key}", err.what, "fix the value in model.config")]) \
+                from None
+        field = "model.gguf_file" if err.key == "gguf_file" else "model.name_or_path"
+        raise RecipeError([Problem(field, f"the model's config is unusable: {err}",
+                                   "point at a valid model directory")]) from None
+
+
+def _looks_local(path: str, base: Path) -> bool:
+    """Hub names look like `org/name`; anything that exists, or starts like a path, is local."""
+    return path.startswith((".", "/", "~")) or (base / path).exists()

@@ -1,0 +1,140 @@
+"""Supervised fine-tuning examples: token ids with loss only on what the model should say.
+
+A row becomes text pieces, each marked trained or not (the prompt is not, the
+response is); pieces are tokenized separately so the label mask follows the
+text exactly, whatever the tokenizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+from dist_ft.rank.tokenizer import chat_template
+from dist_ft.recipe.prompts import CHAT_TEMPLATE, drops_input, instruction_prompt, uses_chat_template
+from .pack import IGNORE_INDEX
+from .read import BadRows
+
+FORMATS = ("instruction", "chat", "text")
+
+Piece = tuple[str, bool]  # (text, trained)
+
+
+def sft_example(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, fmt: str, template: str | None,
+                seq_len: int, *, text_field: str = "text", bad: BadRows | None = None) -> dict[str, list[int]] | None:
+    """{"input_ids", "labels"} of at most `seq_len` tokens, or None (counted in `bad`).
+
+    fmt "instruction": rows with instruction / input (optional) / output; `template`
+    as prompts.py says (a name, or a str.format prompt with {instruction} and {input}).
+    fmt "chat": rows with `messages` [{role, content}]; loss on assistant turns.
+    `template` is a Jinja chat template overriding the tokenizer's (or `chat_template`).
+    fmt "text": loss on all of row[text_field].
+    A prompt that alone fills `seq_len` drops the row; a long response is cut.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
+    bad = bad if bad is not None else BadRows()
+    pieces = _pieces(row, tokenizer, fmt, template, text_field, bad)
+    if pieces is None:
+        return None
+    input_ids, labels = _tokenize(pieces, tokenizer)
+    if all(label == IGNORE_INDEX for label in labels):
+        bad.add("no_response", _show(row))
+        return None
+    prompt_len = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    if prompt_len >= seq_len:
+        bad.add("prompt_too_long", f"{prompt_len} prompt tokens: {_show(row)}")
+        return None
+    if len(input_ids) > seq_len:
+        bad.add("truncated", f"{len(input_ids)} tokens: {_show(row)}")
+    return {"input_ids": input_ids[:seq_len], "labels": labels[:seq_len]}
+
+
+def _pieces(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, fmt: str, template: str | None,
+            text_field: str, bad: BadRows) -> list[Piece] | None:
+    if fmt == "chat":
+        messages = row.get("messages")
+        if not _valid_messages(messages):
+            bad.add("bad_messages", _show(row))
+            return None
+        return _chat_pieces(messages, tokenizer, template, row, bad)
+    if fmt == "text":
+        text = row.get(text_field)
+        if not isinstance(text, str) or not text.strip():
+            bad.add("missing_field", _show(row))
+            return None
+        return [(text, True), (tokenizer.eos_token, True)]
+    return _instruction_pieces(row, tokenizer, template, bad)
+
+
+def _instruction_pieces(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, template: str | None,
+                        bad: BadRows) -> list[Piece] | None:
+    instruction, output, extra = row.get("instruction"), row.get("output"), row.get("input") or ""
+    if not (_nonempty(instruction) and _nonempty(output) and isinstance(extra, str)):
+        bad.add("missing_field", _show(row))
+        return None
+    if uses_chat_template(template, bool(tokenizer.chat_template)):
+        user = f"{instruction}\n\n{extra}" if extra else instruction
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        return _chat_pieces(messages, tokenizer, None, row, bad)
+    if extra and drops_input(template):
+        bad.add("input_not_in_template", _show(row))  # kept, but the user should know
+    return [(instruction_prompt(template, instruction, extra), False), (output, True), (tokenizer.eos_token, True)]
+
+
+def _chat_pieces(messages: list[dict[str, str]], tokenizer: PreTrainedTokenizerBase, template: str | None,
+                 row: Mapping[str, Any], bad: BadRows) -> list[Piece] | None:
+    """Split the rendered conversation at each assistant turn's start and end.
+
+    A turn starts where the template's generation prompt for it ends, and ends
+    where the conversation rendered up to it ends. That only holds for templates
+    whose rendering of a conversation starts with its rendering of each prefix.
+    """
+    if template == CHAT_TEMPLATE:
+        template = None
+    template = template or tokenizer.chat_template or chat_template(tokenizer.eos_token)
+
+    def render(turns: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(turns, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    full = render(messages)
+    pieces, done = [], 0
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start, end = render(messages[:index], True), render(messages[:index + 1])
+        if not (full.startswith(start) and full.startswith(end) and done <= len(start) <= len(end)):
+            bad.add("chat_template_not_prefix_stable", _show(row))
+            return None
+        pieces += [(full[done:len(start)], False), (full[len(start):len(end)], True)]
+        done = len(end)
+    return [*pieces, (full[done:], False)]
+
+
+def _tokenize(pieces: list[Piece], tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, trained in pieces:
+        if not text:
+            continue
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if trained else [IGNORE_INDEX] * len(ids)
+    return input_ids, labels
+
+
+def _valid_messages(messages: Any) -> bool:
+    return (isinstance(messages, list) and bool(messages)
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                    for m in messages))
+
+
+def _nonempty(value: Any) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _show(row: Mapping[str, Any]) -> str:
+    return repr(dict(row))[:120]

@@ -1,0 +1,121 @@
+"""A stage's data on one rank: rows from the plan's data section, a validation split, the rank's
+resumable batch stream, the bad-data report and an evaluator."""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dist_ft.plan import batching
+from dist_ft.plan.plan import Plan, StagePlan
+from . import engine as ds
+from .data import BadRows, BatchStream, DataError, collate, pretraining_rows, sft_rows
+from .distributed import DistEnv
+
+
+@dataclass
+class StageData:
+    train: BatchStream
+    validation: list[dict[str, list[int]]]
+    dp_rank: int
+    dp_size: int
+    steps_per_epoch: int
+    report: str
+    eval_copies: int = 1  # forward batch size for one validation row (see evaluate_loss)
+
+    def evaluator(self, engine) -> Callable[[], float] | None:
+        if not self.validation:
+            return None
+        return lambda: evaluate_loss(engine, self.validation, self.eval_copies)
+
+
+def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_config: dict[str, Any]) -> StageData:
+    paths = _local_paths(plan, stage, env)
+    data = stage.data
+    seed = data.seed + plan.seed
+    try:
+        if stage.phase == "continued_pretraining":
+            rows, bad = pretraining_rows(paths, data.text_field, tokenizer, stage.seq_len, seed=seed,
+                                         long_docs=data.long_documents)
+        else:
+            rows, bad = sft_rows(paths, tokenizer, stage.data_format, stage.template, stage.seq_len, seed=seed,
+                                 packing=data.packing, text_field=data.text_field)
+    except DataError as err:
+        raise SystemExit(f"error: [{stage.name}] {err}") from None
+    train, validation = _split(rows, data.validation_fraction, seed)
+    sp = plan.sp
+    dp_size = batching.data_parallel_size(env.world_size, sp)
+    dp_rank = batching.data_parallel_rank(env.rank, sp)
+    micro = ds_config["train_micro_batch_size_per_gpu"]
+    per_step = batching.train_batch_size(micro, ds_config["gradient_accumulation_steps"], dp_size)
+    if len(train) < per_step:
+        raise SystemExit(f"error: [{stage.name}] {len(train)} training rows of {stage.seq_len} tokens cannot fill "
+                         f"one step of {per_step} sequences: add data or lower the batch size")
+    stream = BatchStream(train, micro, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
+    return StageData(train=stream, validation=validation, dp_rank=dp_rank, dp_size=dp_size,
+                     steps_per_epoch=batching.steps_per_epoch(len(train), per_step),
+                     report=_report(stage, len(train), len(validation), bad),
+                     eval_copies=micro if sp > 1 else 1)
+
+
+def _split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    if not fraction:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed + 1).shuffle(order)
+    count = max(1, int(len(rows) * fraction))
+    return [rows[i] for i in order[count:]], [rows[i] for i in order[:count]]
+
+
+def _report(stage: StagePlan, train: int, validation: int, bad: BadRows) -> str:
+    head = (f"[{stage.name}] data: {train} training rows"
+            f"{f' + {validation} validation rows' if validation else ''} of {stage.seq_len} tokens")
+    return head + (f"; skipped or changed: {bad}" if bad.total else "; no bad rows")
+
+
+def _local_paths(plan: Plan, stage: StagePlan, env: DistEnv) -> list[str]:
+    """Local paths as given; a hub dataset is exported once to JSONL in the run dir (online only)."""
+    data = stage.data
+    if data.paths:
+        return list(data.paths)
+    target = plan.run.data_cache(stage.name)
+    if env.is_main and not target.exists():
+        _export_hub_dataset(data.hub_dataset, data.hub_split, target)
+    ds.barrier()
+    return [str(target)]
+
+
+def _export_hub_dataset(name: str, split: str, target: Path) -> None:
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(name, split=split)
+    except Exception as err:  # offline compute nodes: say what to do instead
+        raise SystemExit(f"error: could not load hub dataset {name!r} ({err}); download it where there is "
+                         "network and give `data.paths` instead") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    with open(tmp, "w") as handle:
+        for row in dataset:
+            handle.write(json.dumps(row) + "\n")
+    tmp.rename(target)
+
+
+@torch.no_grad()
+def evaluate_loss(engine, rows: list, copies: int = 1) -> float:
+    """Mean per-row loss over the whole validation split, one row at a time, on every rank: the
+    split is small, ZeRO-3 needs every rank to run the same forwards anyway, and the number is
+    then exactly what a plain reload of the exported model computes.
+
+    DeepSpeed's Ulysses attention only takes batches of the training micro-batch size: there each
+    row goes in as `copies` identical rows, whose mean loss is the row's own."""
+    engine.eval()
+    losses = [engine(**{k: v.to(engine.device) for k, v in collate([row] * copies).items()}).item()
+              for row in rows]
+    engine.train()
+    return sum(losses) / len(losses)

@@ -1,0 +1,227 @@
+"""One stage on one rank: model, method, data, engine, resume, loop, export.
+
+Data flows one way: plan.json → model + data → DeepSpeed engine → loop → checkpoint/export/metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from dist_ft.evaluation.evaluate import evaluate_after_stage
+from dist_ft.plan import batching
+from dist_ft.plan.plan import Plan, StagePlan
+from dist_ft.plan.run_dir import StageDir
+from . import engine as ds
+from .distributed import DistEnv, read_env
+from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
+from .loss import LanguageModelLoss, TokenMean, choose_head_kernel
+from .metrics import NullMetrics, RankZeroMetrics, mfu
+from .schedule import lr_multiplier
+from .stage_checkpoints import StageCheckpoints
+from .stage_data import StageData, load_stage_data
+from .stage_model import build_stage_model, export_stage, stage_tokenizer
+from .stop import StopRequest
+
+
+@dataclass
+class StageRun:
+    """One stage's wiring on one rank, built once by `_build`: what training, checkpointing and the
+    export of the stage share."""
+    plan: Plan
+    stage: StagePlan
+    env: DistEnv
+    folder: StageDir
+    data: StageData
+    engine: Any
+    tokenizer: Any
+    checkpoints: StageCheckpoints
+    total_steps: int
+
+    def train(self, state: LoopState) -> str:
+        """The loop until the stage ends, stops or fails ("failed": a non-finite streak, said on stderr)."""
+        metrics = self._metrics(state.step)
+        hooks = self._hooks(metrics, StopRequest(self.plan.run.stop_file(self.stage.name)))
+        try:
+            outcome = run_loop(self.engine, iter(self.data.train), state, self._loop_config(), hooks)
+        except NonFiniteLossError as err:
+            self.env.say(f"error: [{self.stage.name}] {err}", err=True)
+            metrics.close()
+            return "failed"
+        metrics.close()
+        self.env.say(f"[{self.stage.name}] {outcome} at step {state.step}/{self.total_steps}"
+                     f"{_resume_note(outcome, state)}")
+        return outcome
+
+    def finish(self, state: LoopState, outcome: str) -> None:
+        """The export, then DONE: a stage counts as finished only once its model is on disk."""
+        export_stage(self.plan, self.stage, self.engine, self.tokenizer, self.env)
+        if self.env.is_main:
+            self.folder.done.write_text(json.dumps({"step": state.step, "outcome": outcome}) + "\n")
+
+    def _loop_config(self) -> LoopConfig:
+        return LoopConfig(total_steps=self.total_steps, grad_accum=self.engine.gradient_accumulation_steps(),
+                          data_parallel=self.data.dp_size, checkpoint_every=self.plan.checkpointing.every_steps,
+                          eval_every=self.stage.eval_every, early_stopping_patience=self.stage.early_stopping_patience)
+
+    def _hooks(self, metrics, stop: StopRequest) -> LoopHooks:
+        return LoopHooks(evaluate=self.data.evaluator(self.engine), checkpoint=self._save, stop_requested=stop.agreed,
+                         log=lambda row: metrics.log({"stage": self.stage.name, "seq_len": self.stage.seq_len,
+                                                      "restart": self.env.restart_count, **row}),
+                         step_extras=_step_extras(self.plan, self.stage, self.env, self.engine))
+
+    def _save(self, state: LoopState) -> None:
+        self.checkpoints.save(self.engine, state, self.data.train)
+
+    def _metrics(self, start_step: int):
+        if not self.env.is_main:
+            return NullMetrics()
+        plan, stage = self.plan, self.stage
+        config = {"stage": stage.name, "phase": stage.phase, "seq_len": stage.seq_len, "method": stage.method,
+                  "rope": stage.rope_parameters, "zero_stage": plan.parallelism.zero_stage,
+                  "world_size": self.env.world_size, "tokens_per_step": stage.tokens_per_step, "lr": stage.lr,
+                  "pipeline": plan.name}
+        return RankZeroMetrics(self.folder, plan.tracking, plan.name, plan.run_dir, stage.name, config,
+                               self.total_steps, start_step)
+
+
+def train_stage(plan: Plan, stage: StagePlan) -> int:
+    env = read_env()
+    ds.init_distributed(env, plan.cluster.collective_timeout_minutes)
+    folder = plan.run.stage(stage.name)
+    if ds.broadcast_from_main(folder.done.exists() if env.is_main else None):  # one answer for all ranks
+        env.say(f"[{stage.name}] already complete ({folder.done}); nothing to do")
+        return 0
+    run, state = _build(plan, stage, env, folder)
+    outcome = run.train(state)
+    if outcome == "failed":
+        return 1
+    if outcome != "stopped":
+        run.finish(state, outcome)
+    ds.barrier()
+    if outcome != "stopped" and env.is_main and plan.evaluation and plan.evaluation.after_each_stage:
+        del run  # the export is reloaded for eval; the engine's optimizer state is no longer needed
+        _release_accelerator_memory()
+        evaluate_after_stage(plan, stage.name)
+    return 0
+
+
+def _build(plan: Plan, stage: StagePlan, env: DistEnv, folder: StageDir) -> tuple[StageRun, LoopState]:
+    """Data, model, engine and the state to start from (a checkpoint's, when there is one)."""
+    torch.manual_seed(plan.seed + stage.index)
+    ds_config = _ds_config_for_world(plan, stage, env)
+    tokenizer = stage_tokenizer(plan)
+    data = load_stage_data(plan, stage, env, tokenizer, ds_config)
+    env.say(data.report)
+    model = build_stage_model(plan, stage, ds_config, tokenizer)
+    total_steps = stage.steps or batching.steps_for_epochs(stage.epochs, data.steps_per_epoch)
+    checkpoints = StageCheckpoints(folder, plan.checkpointing, env, data.dp_size,
+                                   frozen_excluded=stage.method != "full")
+    resume = checkpoints.resume_point()
+    if resume and resume.universal:
+        ds_config["checkpoint"] = {"load_universal": True}
+    engine = _engine(plan, stage, model, ds_config, data.dp_size, total_steps)
+    state = checkpoints.restore(engine, resume, data.train)
+    _write_rank_info(folder, env, data, engine)
+    return StageRun(plan, stage, env, folder, data, engine, tokenizer, checkpoints, total_steps), state
+
+
+def _engine(plan: Plan, stage: StagePlan, model, ds_config: dict[str, Any], dp_size: int, total_steps: int):
+    """DeepSpeed's engine around the model's loss (chunked or fused head, sequence-parallel slice)."""
+    mpu, sp = _sequence_parallel(plan.sp, model, ds_config)
+    kernel = choose_head_kernel(plan.model.loss_kernel, model, torch.cuda.is_available())
+    token_mean = TokenMean(ds.token_mean_gradient_factor(ds_config, dp_size, plan.sp))
+    wrapped = LanguageModelLoss(model, plan.model.loss_chunk_tokens, sequence_parallel=sp,
+                                offload_activations=plan.model.offload_activations, head_kernel=kernel,
+                                token_mean=token_mean)
+    return ds.build_engine(wrapped, ds_config, lambda s: lr_multiplier(
+        s, stage.warmup_steps, total_steps, stage.min_lr / stage.lr if stage.lr else 1.0), mpu=mpu)
+
+
+def _release_accelerator_memory() -> None:
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _sequence_parallel(degree: int, model, ds_config: dict[str, Any]):
+    """(DeepSpeed's mpu, our slice of each batch) under Ulysses; (None, None) without it."""
+    if degree == 1:
+        return None, None
+    mpu = ds.enable_sequence_parallel(model, degree, ds_config["train_micro_batch_size_per_gpu"])
+    return mpu, ds.sequence_parallel_group(mpu, ds_config)
+
+
+def _resume_note(outcome: str, state: LoopState) -> str:
+    if outcome != "stopped":
+        return ""
+    if state.consecutive_nonfinite:
+        return " without a checkpoint (its last steps were NaN/inf); resume continues from the last good one"
+    return " (checkpointed; resume continues here)"
+
+
+def _ds_config_for_world(plan: Plan, stage: StagePlan, env: DistEnv) -> dict[str, Any]:
+    """The rendered config, re-balanced if this run has another world size than planned (a resume on
+    fewer or more ranks keeps the global batch by changing gradient accumulation)."""
+    cfg = json.loads(plan.run.ds_config(stage.name).read_text())
+    dp = batching.data_parallel_size(env.world_size, plan.sp)
+    if dp == plan.dp:
+        return cfg
+    per_step = stage.global_batch_size
+    accum = batching.exact_grad_accum(per_step, stage.micro_batch_size, dp)
+    if accum is None or env.world_size % plan.sp:
+        raise SystemExit(f"error: world size {env.world_size} cannot keep the planned {per_step} sequences per "
+                         f"step with micro-batch {stage.micro_batch_size}; re-render the run for this size")
+    cfg["gradient_accumulation_steps"] = accum
+    cfg["train_batch_size"] = batching.train_batch_size(stage.micro_batch_size, accum, dp)
+    env.say(f"[{stage.name}] world size {env.world_size} differs from the plan's {plan.world_size}: "
+              f"gradient accumulation {cfg['gradient_accumulation_steps']} keeps {per_step} sequences per step")
+    return cfg
+
+
+def _write_rank_info(folder: StageDir, env: DistEnv, data: StageData, engine) -> None:
+    """What this rank holds: evidence that ZeRO shards for real (tests and humans read it)."""
+    held, total = ds.parameter_residency(engine)
+    info = {"rank": env.rank, "world_size": env.world_size, "dp_rank": data.dp_rank, "dp_size": data.dp_size,
+            "zero_stage": engine.zero_optimization_stage(), "param_elements_held": held,
+            "param_elements_total": total, "device": env.device, "restart": env.restart_count,
+            "collective_timeout_s": ds.collective_timeout_s()}
+    path = folder.rank_info(env.rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info) + "\n")
+
+
+def _step_extras(plan, stage, env, engine):
+    on_gpu = env.device.startswith("cuda")
+    layers, hidden = (plan.model_shape.num_layers, plan.model_shape.hidden_size) if plan.model_shape else (0, 0)
+
+    def extras(seconds: float) -> dict[str, Any]:
+        tokens = stage.tokens_per_step
+        row = {"step_time_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1)}
+        if on_gpu:
+            row["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 1024**3, 3)
+            value = mfu(tokens / seconds, _num_params(engine), layers, hidden, stage.seq_len, env.world_size,
+                        torch.cuda.get_device_name())
+            if value is not None:
+                row["mfu"] = round(value, 4)
+        else:
+            row["peak_memory_gib"] = round(_max_rss_gib(), 3)
+        return row
+
+    return extras
+
+
+def _num_params(engine) -> int:
+    return sum(getattr(p, "ds_numel", p.numel()) for p in engine.module.parameters())
+
+
+def _max_rss_gib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
