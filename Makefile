@@ -26,7 +26,7 @@ demo: setup
 
 test: setup
 	bash slurm/local_cluster/up.sh || echo "local SLURM cluster unavailable: the slurm tests will say why they skip"
-	$(PY) -m pytest -q; status=$$?; bash slurm/local_cluster/down.sh; exit $$status
+	$(PY) -m pytest -q --durations=25; status=$$?; bash slurm/local_cluster/down.sh; exit $$status
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm"
