@@ -109,14 +109,33 @@ def _from_adapter(path: Path, gguf_file: str | None, virtual_tokens: bool = Fals
 
 def _from_run_dir(run: Path, gguf_file: str | None, virtual_tokens: bool = False) -> Target:
     plan = Plan.from_json(RunDir(run).plan_file.read_text())
-    finished = [s.name for s in plan.stages if plan.run.stage(s.name).finished()]
+    finished = finished_stages(plan)
     if not finished:
         raise EvalError(f"run {run} has no finished stage with an export yet")
-    stage = RunDir(run).stage(finished[-1])
+    return stage_target(plan, finished[-1], gguf_file, virtual_tokens)
+
+
+def finished_stages(plan: Plan) -> list[str]:
+    return [s.name for s in plan.stages if plan.run.stage(s.name).finished()]
+
+
+def stage_target(plan: Plan, name: str, gguf_file: str | None = None, virtual_tokens: bool = False) -> Target:
+    """A finished stage's export: the model dir, or the adapter over its base."""
+    stage = plan.run.stage(name)
     inner = _from_adapter(stage.adapter, gguf_file, virtual_tokens) if stage.adapter.is_dir() \
         else _plain(stage.export, gguf_file, stage.export.name)
     return Target(inner.model_dir, inner.gguf_file, inner.adapter_dir, inner.tokenizer_dir,
-                  f"{plan.name}/{finished[-1]}", run_dir=str(run))
+                  f"{plan.name}/{name}", run_dir=str(plan.run.path))
+
+
+def base_target(plan: Plan) -> Target | None:
+    """The run's starting model, or None when the recipe initialises it at random (nothing to load)."""
+    model = plan.model
+    if model.name_or_path is None:
+        return None
+    base = resolve_target(model.name_or_path, model.gguf_file)
+    return Target(base.model_dir, base.gguf_file, None, base.tokenizer_dir, f"{plan.name}/base",
+                  run_dir=str(plan.run.path))
 
 
 # ---- what lengths a model + RoPE can address --------------------------------------------------

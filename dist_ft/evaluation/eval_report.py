@@ -20,7 +20,7 @@ def write_results(out: Path, results: dict[str, Any]) -> Path:
     return path
 
 
-def _pyplot():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # no display on compute nodes
@@ -31,7 +31,7 @@ def _pyplot():
 
 def plot_ppl(results: dict[str, Any], png: Path) -> None:
     """Band perplexity against token position: one line per (RoPE variant, window length)."""
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -60,7 +60,7 @@ def plot_ppl(results: dict[str, Any], png: Path) -> None:
 
 def plot_passkey(results: dict[str, Any], png: Path) -> None:
     """Retrieval accuracy heatmap, length × depth, one panel per RoPE variant."""
-    plt = _pyplot()
+    plt = pyplot()
     variants = list(results["variants"].items())
     fig, axes = plt.subplots(1, len(variants), figsize=(4 * len(variants) + 1, 3.5), squeeze=False)
     for ax, (name, variant) in zip(axes[0], variants):
@@ -125,4 +125,25 @@ def log_wandb(results: dict[str, Any], out: Path, tracking: Tracking) -> str | N
              **{f"eval/{png.stem}": wandb.Image(str(png)) for png in sorted(out.glob("*.png"))}})
     run.finish()
     wandb.teardown()  # flushes an offline run's file before anyone reads it
+    return mode
+
+
+def log_comparison_wandb(comparison: dict[str, Any], png: Path, run_name: str, tracking: Tracking) -> str | None:
+    """The stage comparison as one W&B run: a table (stage, metric, value) and the plot."""
+    mode = wandb_mode(tracking.mode)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_DIR", str(png.parent))
+    rows = [[row["stage"], f"ppl@{length}", cell["all"]] for row in comparison["rows"]
+            for length, cell in row["ppl"].items()]
+    rows += [[row["stage"], f"passkey@{length}", acc] for row in comparison["rows"]
+             for length, acc in row["passkey"].items()]
+    run = wandb.init(project=tracking.project, entity=tracking.entity, name=f"stages-{run_name}",
+                     job_type="eval-stages", mode=mode, settings=wandb.Settings(silent=True, console="off"))
+    run.log({"eval/stages": wandb.Table(columns=["stage", "metric", "value"], data=rows),
+             "eval/stages_plot": wandb.Image(str(png))})
+    run.finish()
+    wandb.teardown()
     return mode

@@ -11,13 +11,14 @@ import re
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from dist_ft.recipe.config import TORCH_DTYPE_NAMES, Tracking
-from .eval_model import (ROPE_TYPES, EvalError, RopeVariant, Target, check_lengths, effective_config,
-                         load_eval_tokenizer, load_variant, resolve_target)
+from .eval_model import (ROPE_TYPES, EvalError, RopeVariant, Target, base_target, check_lengths, effective_config,
+                         finished_stages, load_eval_tokenizer, load_variant, resolve_target, stage_target)
+from .stage_comparison import BASE, write_comparison
 from dist_ft.plan.plan import Plan
 from dist_ft.plan.rope import native_context
 from dist_ft.plan.run_dir import RunDir
@@ -77,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-beyond", action="store_true", help="evaluate lengths beyond the RoPE's reach anyway")
     p.add_argument("--wandb", action="store_true", help="log to W&B (offline without WANDB_API_KEY)")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--stages", help="a run dir's stages to evaluate and compare (`all`, or names a,b), the "
+                                    "starting model as stage 0: RUN/eval/<stage>/ and RUN/eval/stages.{json,png}")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -87,7 +90,10 @@ def _csv(values: list) -> str:
 def main_from_args(args: argparse.Namespace) -> int:
     try:
         request = request_from_args(args)
-        run_eval(request, echo=print)
+        if args.stages:
+            evaluate_stages(request, args.stages, echo=print)
+        else:
+            run_eval(request, echo=print)
         return 0
     except EvalError as err:
         if args.debug:
@@ -131,9 +137,9 @@ def request_from_args(args: argparse.Namespace) -> EvalRequest:
 
 # ---- the evaluation ----------------------------------------------------------------------------
 
-def _check(request: EvalRequest) -> tuple[Target, list[RopeVariant], list[int], list[Path]]:
+def _check(request: EvalRequest, target: Target | None = None) -> tuple[Target, list[RopeVariant], list[int], list[Path]]:
     """Every plan-time check; reads configs only."""
-    target = resolve_target(request.model, request.gguf_file)
+    target = target or resolve_target(request.model, request.gguf_file)
     variants = request.variants()
     passkey_lengths = request.lengths if request.passkey_lengths is None else request.passkey_lengths
     if not request.lengths and not passkey_lengths:
@@ -154,13 +160,14 @@ def default_out(target: Target) -> Path:
     return STANDALONE_OUT / re.sub(r"[^A-Za-z0-9_.+-]+", "-", target.label)
 
 
-def run_eval(request: EvalRequest, echo=lambda *_: None) -> dict[str, Any]:
-    """Evaluate, write results.json and the plots under the output dir, return the results."""
+def run_eval(request: EvalRequest, echo=lambda *_: None, target: Target | None = None) -> dict[str, Any]:
+    """Evaluate (`target`, else the request's model), write results.json and the plots under the output
+    dir, return the results."""
     import torch
 
     from .eval_nll import heldout_tokens
 
-    target, variants, passkey_lengths, texts = _check(request)
+    target, variants, passkey_lengths, texts = _check(request, target)
     out = Path(request.out) if request.out else default_out(target)
     tokenizer = load_eval_tokenizer(target)
     token_ids = heldout_tokens(tokenizer, max(request.lengths, default=0) * request.windows, texts) \
@@ -222,7 +229,8 @@ def perplexity_at(model, token_ids: list[int], length: int, count: int, lengths:
 
 
 def evaluate_after_stage(plan, stage_name: str) -> dict[str, Any]:
-    """The recipe's `evaluation` section on the stage just finished (its export), into RUN/eval/<stage>.
+    """The recipe's `evaluation` section on the stage just finished (its export), into RUN/eval/<stage>,
+    and the comparison over the stages evaluated so far (the starting model once, first).
 
     Runs on rank 0 after the other ranks are done with the stage; the run dir resolves to its last
     finished stage, which is this one.
@@ -232,7 +240,48 @@ def evaluate_after_stage(plan, stage_name: str) -> dict[str, Any]:
                           depths=list(ev.depths), trials=ev.trials, windows=ev.windows,
                           text=list(ev.text), out=str(plan.run.eval(stage_name)),
                           dtype="bf16" if plan.model.dtype == "bf16" else "fp32")
-    return run_eval(request, echo=lambda text: print(text, flush=True))
+    echo = lambda text: print(text, flush=True)  # noqa: E731
+    if not (plan.run.eval(BASE) / "results.json").is_file():
+        _evaluate_base(plan, request, echo)
+    results = run_eval(request, echo=echo)
+    write_comparison(plan, echo)
+    return results
+
+
+def evaluate_stages(request: EvalRequest, stages: str, echo=lambda *_: None) -> dict[str, Any]:
+    """`dist-ft eval RUN_DIR --stages all|a,b`: the starting model and each chosen finished stage, each into
+    RUN/eval/<stage>, then the comparison (RUN/eval/stages.{json,png})."""
+    path = Path(request.model)
+    if not RunDir(path).plan_file.is_file():
+        raise EvalError(f"--stages needs a run dir (with plan.json); {request.model} is not one")
+    plan = Plan.from_json(RunDir(path).plan_file.read_text())
+    finished = finished_stages(plan)
+    chosen = finished if stages.strip() == "all" else [s.strip() for s in stages.split(",") if s.strip()]
+    unknown = [s for s in chosen if s not in finished]
+    if unknown or not chosen:
+        raise EvalError(f"--stages {stages!r}: {unknown or 'none'} not among the run's finished stages "
+                        f"({', '.join(finished) or 'none yet'})")
+    targets = [stage_target(plan, name) for name in chosen]  # every export checked before any weights load
+    _evaluate_base(plan, replace(request, out=str(plan.run.eval(BASE))), echo)
+    for name, target in zip(chosen, targets):
+        run_eval(replace(request, out=str(plan.run.eval(name))), echo, target)
+    comparison = write_comparison(plan, echo)
+    if comparison is None:
+        raise EvalError("fewer than two evaluations to compare: give more than one stage")
+    return comparison
+
+
+def _evaluate_base(plan, request: EvalRequest, echo) -> None:
+    try:
+        base = base_target(plan)
+    except EvalError as err:
+        echo(f"[eval] starting model not evaluated: {err}")
+        return
+    if base is None:
+        echo("[eval] starting model not evaluated: the recipe initialises it at random")
+        return
+    # The starting model at the stages' lengths even beyond its reach: its collapse there is the point.
+    run_eval(replace(request, out=str(plan.run.eval(BASE)), allow_beyond=True), echo, base)
 
 
 def _tracking(request: EvalRequest, target: Target) -> Tracking | None:

@@ -163,3 +163,52 @@ def test_unknown_model_path_exits_2(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "missing"), *QUICK]) == 2
     assert "no such model directory" in capsys.readouterr().err
     assert main(["eval", "package:surely_not_installed_pkg", *QUICK]) == 2
+
+
+def finished_run(tmp_path, model_dir, base: str | None = None):
+    """A run dir whose two long-context stages finished (exports: the tiny model, then a retrained one)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    plan = plan_with_stages(run, "r", ["ctx256", "ctx512", "sft"])
+    if base:  # the same plan over a pretrained starting model
+        from dataclasses import replace
+
+        plan = replace(plan, model=replace(plan.model, name_or_path=base, config=None))
+    (run / "plan.json").write_text(plan.to_json())
+    for name, seed in (("ctx256", 3), ("ctx512", 4)):
+        export = run / "stages" / name / "export"
+        build_model(name_or_path=None, config_overrides=TINY, attn_implementation="sdpa", seed=seed).save_pretrained(export)
+        byte_tokenizer().save_pretrained(export)
+        (run / "stages" / name / "DONE").touch()
+    return run
+
+
+def test_stages_all_compares_every_finished_stage_with_the_starting_model(model_dir, tmp_path, capsys):
+    run = finished_run(tmp_path, model_dir, base=str(model_dir))
+    assert main(["eval", str(run), *QUICK, "--stages", "all"]) == 0
+    comparison = json.loads((run / "eval" / "stages.json").read_text())
+    assert comparison["stages"] == ["base", "ctx256", "ctx512"]
+    per_stage = {name: json.loads((run / "eval" / name / "results.json").read_text()) for name in comparison["stages"]}
+    for row in comparison["rows"]:
+        own = per_stage[row["stage"]]["variants"]["keep"]
+        assert row["ppl"]["128"]["all"] == own["perplexity"]["128"]["ppl"]
+        assert set(row["ppl"]["128"]["bands"]) == {"0-32", "32-64", "64-128"}
+        assert row["passkey"]["512"] == sum(own["passkey"]["512"].values()) / 2
+    assert per_stage["base"]["model_dir"] == str(model_dir)
+    # the base and ctx256 are the same weights (seed 3), ctx512 other ones
+    assert comparison["rows"][0]["ppl"]["128"]["all"] == pytest.approx(comparison["rows"][1]["ppl"]["128"]["all"])
+    assert comparison["rows"][2]["ppl"]["128"]["all"] != pytest.approx(comparison["rows"][1]["ppl"]["128"]["all"])
+    assert (run / "eval" / "stages.png").stat().st_size > 0
+    assert "what each stage bought" in capsys.readouterr().out
+
+
+def test_stages_of_a_random_init_run_and_bad_stage_names(model_dir, tmp_path, capsys):
+    run = finished_run(tmp_path, model_dir)
+    assert main(["eval", str(run), *QUICK, "--stages", "ctx512,ctx256"]) == 0
+    out = capsys.readouterr().out
+    assert "starting model not evaluated: the recipe initialises it at random" in out
+    assert json.loads((run / "eval" / "stages.json").read_text())["stages"] == ["ctx256", "ctx512"]  # run order
+    assert main(["eval", str(run), *QUICK, "--stages", "sft"]) == 2
+    assert "['sft'] not among the run's finished stages (ctx256, ctx512)" in capsys.readouterr().err
+    assert main(["eval", str(model_dir), *QUICK, "--stages", "all"]) == 2
+    assert "--stages needs a run dir" in capsys.readouterr().err
