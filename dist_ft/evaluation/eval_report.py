@@ -88,11 +88,18 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(f"  RoPE {name} (native context {variant['native_context']}):")
         for length, row in variant["perplexity"].items():
             bands = "  ".join(f"{b['band']}: {b['ppl']:.2f}" for b in row["bands"])
-            lines.append(f"    ppl @ {length:>6} ({row['windows']} window(s)): all {row['ppl']:.2f} | {bands}")
+            lines.append(f"    ppl @ {length:>6} ({row['windows']} window(s){_spread(row)}): all {row['ppl']:.2f} | "
+                         f"{bands}")
         for length, by_depth in variant["passkey"].items():
             cells = "  ".join(f"{d}: {a:.2f}" for d, a in by_depth.items())
             lines.append(f"    passkey @ {length:>6} ({results['passkey_trials']} trial(s)): {cells}")
     return "\n".join(lines)
+
+
+def _spread(row: dict[str, Any]) -> str:
+    """The per-window range: how much one window's text moves the figure."""
+    per_window = row.get("window_ppl") or []
+    return f", per window {min(per_window):.2f}-{max(per_window):.2f}" if len(per_window) > 1 else ""
 
 
 def flat_metrics(results: dict[str, Any]) -> dict[str, float]:

@@ -7,6 +7,7 @@ RoPE variant, builds the model once and runs both evaluations. See docs/eval.md.
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 import time
@@ -36,7 +37,7 @@ class EvalRequest:
     passkey_lengths: list[int] | None = None  # None: the perplexity lengths
     depths: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     trials: int = 2
-    windows: int = 2
+    windows: int = 4
     rope_types: list[str] = field(default_factory=lambda: ["keep"])
     rope_factor: float | None = None
     text: list[str] = field(default_factory=list)
@@ -177,6 +178,8 @@ def run_eval(request: EvalRequest, echo=lambda *_: None, target: Target | None =
         "adapter_dir": target.adapter_dir, "dtype": request.dtype,
         "text": [str(t) for t in texts] or "python stdlib source", "text_tokens": len(token_ids),
         "passkey_trials": request.trials, "seed": request.seed, "variants": {}}
+    for warning in thin_statistics(request, passkey_lengths):
+        echo(f"[eval] warning: {warning}")
     for variant in variants:
         echo(f"[eval] {target.label}: loading with RoPE {variant.name}")
         model = load_variant(target, variant, getattr(torch, TORCH_DTYPE_NAMES[request.dtype]))
@@ -185,6 +188,17 @@ def run_eval(request: EvalRequest, echo=lambda *_: None, target: Target | None =
         del model
     _write_outputs(results, out, target, request, echo)
     return results
+
+
+def thin_statistics(request: EvalRequest, passkey_lengths: list[int]) -> list[str]:
+    """Cells that rest on one sample: an anecdote, not a statistic (reported, not refused)."""
+    warnings = []
+    if request.lengths and request.windows == 1:
+        warnings.append("each perplexity rests on one window of text (--windows 1 / evaluation.windows: 1): "
+                        "one unusual passage moves a band by 2x; use 4 or more")
+    if passkey_lengths and request.trials == 1:
+        warnings.append("each passkey cell is one trial (0 or 1); use --trials 5 or more for an accuracy")
+    return warnings
 
 
 def _evaluate_variant(model, tokenizer, request: EvalRequest, passkey_lengths: list[int], token_ids: list[int],
@@ -217,12 +231,14 @@ def perplexity_at(model, token_ids: list[int], length: int, count: int, lengths:
     bands = band_edges(length, lengths, native)
     totals: dict = {}
     overall = BandTotal()
+    per_window = []
     for window in chosen:
         nll = token_nll(model, window)
         add_to_bands(totals, nll, bands)
         overall.nll_sum += float(nll.double().sum())
         overall.tokens += nll.numel()
-    return {"windows": len(chosen), "tokens": overall.tokens, "ppl": overall.ppl,
+        per_window.append(math.exp(float(nll.double().mean())))
+    return {"windows": len(chosen), "tokens": overall.tokens, "ppl": overall.ppl, "window_ppl": per_window,
             "bands": [{"band": b.label, "start": b.start, "end": b.end, "tokens": totals[b].tokens,
                        "ppl": totals[b].ppl, "beyond_native": bool(native and b.start >= native)}
                       for b in bands]}

@@ -381,7 +381,8 @@ class Evaluation:
     passkey_lengths: list[int] | None = spec(None, doc="Passkey prompt lengths; default: `lengths`.")
     depths: list[float] = spec(factory=lambda: [0.0, 0.5, 1.0], doc="Relative needle depths in [0, 1].")
     trials: int = spec(2, min=1, max=1000, doc="Passkeys per (length, depth) cell.")
-    windows: int = spec(1, min=1, max=1000, doc="Perplexity windows per length.")
+    windows: int = spec(4, min=1, max=1000, doc="Perplexity windows per length (the table shows their "
+                                                "range; one window is one passage of text, an anecdote).")
     text: list[str] = spec(factory=list, doc="Held-out text files or folders; default: Python stdlib source.")
 
     def __post_init__(self) -> None:

@@ -212,3 +212,15 @@ def test_stages_of_a_random_init_run_and_bad_stage_names(model_dir, tmp_path, ca
     assert "['sft'] not among the run's finished stages (ctx256, ctx512)" in capsys.readouterr().err
     assert main(["eval", str(model_dir), *QUICK, "--stages", "all"]) == 2
     assert "--stages needs a run dir" in capsys.readouterr().err
+
+
+def test_several_windows_report_their_range_and_one_window_warns(model_dir, tmp_path, capsys):
+    argv = ["eval", str(model_dir), "--lengths", "128", "--passkey-lengths", "", "--dtype", "fp32"]
+    assert main([*argv, "--windows", "3", "--out", str(tmp_path / "three")]) == 0
+    row = json.loads((tmp_path / "three" / "results.json").read_text())["variants"]["keep"]["perplexity"]["128"]
+    assert row["windows"] == 3 and len(row["window_ppl"]) == 3
+    assert min(row["window_ppl"]) <= row["ppl"] <= max(row["window_ppl"])
+    out = capsys.readouterr().out
+    assert f"per window {min(row['window_ppl']):.2f}-{max(row['window_ppl']):.2f}" in out and "warning" not in out
+    assert main([*argv, "--windows", "1", "--out", str(tmp_path / "one")]) == 0
+    assert "warning: each perplexity rests on one window" in capsys.readouterr().out
