@@ -25,7 +25,8 @@ def resolve_recipe_paths(recipe: Recipe, base: Path) -> Recipe:
     """Make data paths and a local (or `package:NAME`) model path absolute: ranks may start in any directory,
     and only the launcher resolves `package:` names."""
     def fix(data: Data) -> Data:
-        return dataclasses.replace(data, paths=[resolve_data_path(p, base) for p in data.paths])
+        sources = [dataclasses.replace(s, paths=[resolve_data_path(p, base) for p in s.paths]) for s in data.sources]
+        return dataclasses.replace(data, paths=[resolve_data_path(p, base) for p in data.paths], sources=sources)
 
     changes = {}
     if recipe.long_context:
@@ -44,12 +45,12 @@ def check_inputs(recipe: Recipe) -> None:
     sections = [("long_context.data", recipe.long_context.data if recipe.long_context else None),
                 ("finetune.data", recipe.finetune.data if recipe.finetune else None)]
     for path, data in sections:
-        for i, entry in enumerate(data.paths if data else []):
+        for field, entry in data.all_paths() if data else []:
             if entry.startswith("package:"):
-                problems.append(Problem(f"{path}.paths[{i}]", f"no installed package {entry[8:]!r}",
+                problems.append(Problem(f"{path}.{field}", f"no installed package {entry[8:]!r}",
                                         "install it or give a file path"))
             elif (unusable := data_path_problem(entry)) is not None:
-                problems.append(Problem(f"{path}.paths[{i}]", *unusable))
+                problems.append(Problem(f"{path}.{field}", *unusable))
     model = recipe.model
     if model.name_or_path:
         folder = resolve_model_dir(model.name_or_path)

@@ -4,7 +4,6 @@ resumable batch stream, the bad-data report and an evaluator."""
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -14,7 +13,8 @@ import torch
 from dist_ft.plan import batching
 from dist_ft.plan.plan import Plan, StagePlan
 from . import engine as ds
-from .data import BadRows, BatchStream, DataError, collate, pretraining_rows, sft_rows
+from .data import (BadRows, BatchStream, DataError, SourceRows, collate, mixture_rows, pretraining_rows, sft_rows,
+                   split_rows)
 from .distributed import DistEnv
 
 
@@ -35,19 +35,24 @@ class StageData:
 
 
 def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_config: dict[str, Any]) -> StageData:
-    paths = _local_paths(plan, stage, env)
     data = stage.data
     seed = data.seed + plan.seed
+    mixture: list[SourceRows] = []
     try:
-        if stage.phase == "continued_pretraining":
-            rows, bad = pretraining_rows(paths, data.text_field, tokenizer, stage.seq_len, seed=seed,
-                                         long_docs=data.long_documents)
+        if data.sources:  # split per source before drawing: a repeated row never lands on both sides
+            train, validation, bad, mixture = mixture_rows(
+                [(s.paths, s.weight, s.long_documents) for s in data.sources], data.text_field, tokenizer,
+                stage.seq_len, seed=seed, validation_fraction=data.validation_fraction)
+        elif stage.phase == "continued_pretraining":
+            rows, bad = pretraining_rows(_local_paths(plan, stage, env), data.text_field, tokenizer, stage.seq_len,
+                                         seed=seed, long_docs=data.long_documents)
+            train, validation = split_rows(rows, data.validation_fraction, seed)
         else:
-            rows, bad = sft_rows(paths, tokenizer, stage.data_format, stage.template, stage.seq_len, seed=seed,
-                                 packing=data.packing, text_field=data.text_field)
+            rows, bad = sft_rows(_local_paths(plan, stage, env), tokenizer, stage.data_format, stage.template,
+                                 stage.seq_len, seed=seed, packing=data.packing, text_field=data.text_field)
+            train, validation = split_rows(rows, data.validation_fraction, seed)
     except DataError as err:
         raise SystemExit(f"error: [{stage.name}] {err}") from None
-    train, validation = _split(rows, data.validation_fraction, seed)
     sp = plan.sp
     dp_size = batching.data_parallel_size(env.world_size, sp)
     dp_rank = batching.data_parallel_rank(env.rank, sp)
@@ -59,17 +64,18 @@ def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_co
     stream = BatchStream(train, micro, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
     return StageData(train=stream, validation=validation, dp_rank=dp_rank, dp_size=dp_size,
                      steps_per_epoch=batching.steps_per_epoch(len(train), per_step),
-                     report=_report(stage, len(train), len(validation), bad),
+                     report=_report(stage, len(train), len(validation), bad) + _mixture_report(mixture),
                      eval_copies=micro if sp > 1 else 1)
 
 
-def _split(rows: list, fraction: float, seed: int) -> tuple[list, list]:
-    if not fraction:
-        return rows, []
-    order = list(range(len(rows)))
-    random.Random(seed + 1).shuffle(order)
-    count = max(1, int(len(rows) * fraction))
-    return [rows[i] for i in order[count:]], [rows[i] for i in order[:count]]
+def _mixture_report(mixture: list[SourceRows]) -> str:
+    """The realised mixture: each source's share of the scored tokens, and how its rows were drawn."""
+    total = sum(s.scored_tokens for s in mixture) or 1
+    return "".join(f"\n    source {i} ({', '.join(Path(p).name for p in s.paths)}): weight {s.weight:g}, "
+                   f"{s.taken} of {s.available} rows{' (up-sampled)' if s.taken > s.available else ''}, "
+                   f"{100 * s.scored_tokens / total:.1f}% of the tokens"
+                   for i, s in enumerate(mixture))
+
 
 
 def _report(stage: StagePlan, train: int, validation: int, bad: BadRows) -> str:

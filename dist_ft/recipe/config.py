@@ -121,9 +121,32 @@ class Model:
                           "remove it; RoPE and context change through the stages' `rope` and seq_len")
 
 
+MAX_SOURCES = 64
+
+
+@dataclass(frozen=True)
+class Source:
+    paths: list[str] = spec(doc="Local files or directories of this source (jsonl, json, parquet, txt).")
+    weight: float = spec(1.0, min=1e-6, max=1e6, doc="Share of the stage's training rows relative to the other "
+                                                   "sources' weights; more rows than the source has repeats them "
+                                                   "(up-sampling), fewer leaves some out.")
+    long_documents: Literal["split", "truncate", "skip", "only"] = spec(
+        "split", doc="Documents over seq_len: split, truncate or skip them; `only`: keep only those, split.")
+
+    def __post_init__(self) -> None:
+        if not self.paths:
+            raise Invalid("paths", "a source needs at least one path", "list its files or folders")
+        for index, path in enumerate(self.paths):
+            if not path.strip():
+                raise Invalid(f"paths[{index}]", "is empty", "give a data file or folder, or remove the entry")
+
+
 @dataclass(frozen=True)
 class Data:
     paths: list[str] = spec(factory=list, doc="Local files or directories (jsonl, json, parquet, txt).")
+    sources: list[Source] = spec(factory=list, doc="Long-context stages: a mixture of sources by weight instead "
+                                                   "of `paths` (deterministic and resumable; the realised mixture "
+                                                   "is reported per stage).")
     hub_dataset: str | None = spec(None, doc="Hub dataset name; used only when online.")
     hub_split: str = spec("train", doc="Split of the hub dataset.")
     text_field: str = spec("text", doc="Field holding the text in json/jsonl/parquet rows.")
@@ -136,9 +159,19 @@ class Data:
         for index, path in enumerate(self.paths):
             if not path.strip():  # an empty path would read the recipe's own folder
                 raise Invalid(f"paths[{index}]", "is empty", "give a data file or folder, or remove the entry")
-        if not self.paths and not self.hub_dataset:
-            raise Invalid("paths", "no data: neither local paths nor a hub dataset",
+        if self.sources and (self.paths or self.hub_dataset):
+            raise Invalid("sources", "give either `sources` or `paths`/`hub_dataset`, not both",
+                          "move the paths into a source of their own")
+        if len(self.sources) > MAX_SOURCES:
+            raise Invalid("sources", f"{len(self.sources)} sources are more than {MAX_SOURCES}", "merge some")
+        if not self.paths and not self.hub_dataset and not self.sources:
+            raise Invalid("paths", "no data: neither local paths, sources nor a hub dataset",
                           "add `paths: [data/train.jsonl]` or `hub_dataset: org/name`")
+
+    def all_paths(self) -> list[tuple[str, str]]:
+        """(dotted field below the data section, path) of every local path, sources' included."""
+        return [(f"paths[{i}]", p) for i, p in enumerate(self.paths)] + \
+            [(f"sources[{i}].paths[{j}]", p) for i, s in enumerate(self.sources) for j, p in enumerate(s.paths)]
 
 
 @dataclass(frozen=True)
@@ -276,6 +309,9 @@ class Finetune:
         template = template_problem(self.format, self.template)
         if template:
             raise Invalid("template", *template)
+        if self.data.sources:
+            raise Invalid("data.sources", "a mixture of sources is for long-context stages",
+                          "give fine-tuning data as `paths`")
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
-from .pack import pack_documents, pack_examples
+from .pack import IGNORE_INDEX, pack_documents, pack_examples
 from .read import BadRows, DataError, read_documents, read_records
 from .sft import sft_example
 
@@ -32,15 +33,77 @@ def tokenize_documents(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
 def pretraining_rows(paths: Sequence[str], text_field: str, tokenizer: PreTrainedTokenizerBase, seq_len: int, *,
                      seed: int, long_docs: str = "split", num_proc: int | None = None
                      ) -> tuple[list[dict[str, list[int]]], BadRows]:
-    """Read, shuffle documents (so sources mix within rows; same seed, same rows), tokenize, pack."""
+    """Read, shuffle documents (so sources mix within rows; same seed, same rows), tokenize, pack.
+    `long_docs` "only" keeps just the documents at least `seq_len` tokens long (split into rows)."""
     documents, bad = read_documents(paths, text_field)
     random.Random(seed).shuffle(documents)
     token_lists = tokenize_documents(documents, tokenizer, num_proc=num_proc)
+    if long_docs == "only":
+        kept = [ids for ids in token_lists if len(ids) >= seq_len]
+        for ids in token_lists:
+            if len(ids) < seq_len:
+                bad.add("shorter_than_seq_len", f"{len(ids)} tokens")
+        token_lists, long_docs = kept, "split"
     rows = pack_documents(token_lists, seq_len, tokenizer.eos_token_id, long_docs,
                           pad_id=tokenizer.pad_token_id, bad=bad)
     if not rows:
         raise DataError(f"no rows left to train on from {', '.join(map(str, paths))}: {bad}")
     return rows, bad
+
+
+@dataclass(frozen=True)
+class SourceRows:
+    """What one source of a mixture gave: its rows, and how many of them the mixture took."""
+    paths: tuple[str, ...]
+    weight: float
+    available: int
+    taken: int
+    scored_tokens: int
+
+
+def mixture_rows(sources: Sequence[tuple[Sequence[str], float, str]], text_field: str,
+                 tokenizer: PreTrainedTokenizerBase, seq_len: int, *, seed: int, validation_fraction: float = 0.0
+                 ) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]], BadRows, list[SourceRows]]:
+    """(training rows, validation rows, bad rows, the realised mixture) from several (paths, weight,
+    long_documents) sources. Each source is packed and split (validation_fraction) on its own; its
+    training rows are then drawn so that source i makes up weight_i / sum(weights) of the training
+    rows (as many as all sources have together): a source with fewer repeats its rows (up-sampling),
+    one with more leaves some out. Validation keeps each source's natural share, and never a copy of a
+    training row. A function of the data and the seed only: the same rows on every rank, after a
+    resume and at another world size (BatchStream then serves them deterministically)."""
+    splits, validation, bad = [], [], BadRows()
+    for index, (paths, _, long_docs) in enumerate(sources):
+        rows, source_bad = pretraining_rows(paths, text_field, tokenizer, seq_len, seed=seed + index,
+                                            long_docs=long_docs)
+        train, held_out = split_rows(rows, validation_fraction, seed + index)
+        splits.append(train)
+        validation += held_out
+        bad.merge(source_bad)
+    total, weights = sum(map(len, splits)), [weight for _, weight, _ in sources]
+    mixed, report = [], []
+    for index, ((paths, weight, _), rows) in enumerate(zip(sources, splits)):
+        taken = _draw(rows, round(total * weight / sum(weights)), random.Random(seed + 7919 * (index + 1)))
+        mixed += taken
+        report.append(SourceRows(tuple(map(str, paths)), weight, len(rows), len(taken),
+                                 sum(label != IGNORE_INDEX for row in taken for label in row["labels"])))
+    random.Random(seed).shuffle(mixed)
+    return mixed, validation, bad, report
+
+
+def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
+    """(training, validation): a seeded `fraction` of the rows held out (at least one when asked)."""
+    if not fraction:
+        return rows, []
+    order = list(range(len(rows)))
+    random.Random(seed + 1).shuffle(order)
+    count = max(1, int(len(rows) * fraction))
+    return [rows[i] for i in order[count:]], [rows[i] for i in order[:count]]
+
+
+def _draw(rows: list, count: int, rng: random.Random) -> list:
+    """`count` of `rows`: whole copies first, then a seeded sample without repeats for the rest."""
+    copies, rest = divmod(count, len(rows))
+    return rows * copies + rng.sample(rows, rest)
 
 
 def sft_rows(paths: Sequence[str], tokenizer: PreTrainedTokenizerBase, fmt: str, template: str | None,

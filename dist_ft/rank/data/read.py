@@ -43,6 +43,12 @@ class BadRows:
         if len(shown) < EXAMPLES_PER_REASON:
             shown.append(example[:200])
 
+    def merge(self, other: BadRows) -> None:
+        for reason, count in other.counts.items():
+            self.counts[reason] += count
+            shown = self.examples.setdefault(reason, [])
+            shown += other.examples.get(reason, [])[:EXAMPLES_PER_REASON - len(shown)]
+
     @property
     def total(self) -> int:
         return sum(self.counts.values())
