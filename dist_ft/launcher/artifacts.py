@@ -16,10 +16,10 @@ from pathlib import Path
 import yaml
 
 from dist_ft.plan.plan import Plan
-from dist_ft.plan.run_dir import LOCAL_SCRIPT, PLAN_FILE, RECIPE_FILE, SUBDIRS
+from dist_ft.plan.run_dir import LOCAL_SCRIPT, NODES_SCRIPT, PLAN_FILE, RECIPE_FILE, SUBDIRS
 from dist_ft.recipe.config import Recipe, to_dict
 from .deepspeed_config import render_ds_config
-from .local_launch import local_script
+from .local_launch import local_script, nodes_script
 from .slurm import render_sbatch
 
 
@@ -30,7 +30,8 @@ class RunDirConflict(Exception):
 def render_files(recipe: Recipe, plan: Plan) -> dict[str, str]:
     files = {RECIPE_FILE: yaml.safe_dump(to_dict(recipe), sort_keys=False),
              PLAN_FILE: plan.to_json() + "\n",
-             LOCAL_SCRIPT: local_script(plan, plan.cluster.rdzv_port)}
+             LOCAL_SCRIPT: local_script(plan, plan.cluster.rdzv_port),
+             NODES_SCRIPT: nodes_script(plan)}
     for stage in plan.stages:
         files[stage.ds_config] = json.dumps(render_ds_config(plan, stage), indent=2) + "\n"
         files[stage.sbatch] = render_sbatch(plan, stage)

@@ -1,6 +1,6 @@
 """The layout of a run dir, in one place. Pure: paths only; nothing here reads or writes them.
 
-    RUN/plan.json  recipe.resolved.yaml  local.sh  jobs.json     what the launcher renders and submits
+    RUN/plan.json  recipe.resolved.yaml  local.sh  nodes.sh  jobs.json   what the launcher renders and submits
     RUN/ds_config.<stage>.json  RUN/<stage>.sbatch                  one of each per stage
     RUN/logs/  RUN/control/<stage>.stop  RUN/data_cache/<stage>.jsonl  RUN/wandb/
     RUN/eval/<stage>/                                               `dist-ft eval` after a stage
@@ -17,6 +17,7 @@ from pathlib import Path
 PLAN_FILE = "plan.json"
 RECIPE_FILE = "recipe.resolved.yaml"
 LOCAL_SCRIPT = "local.sh"
+NODES_SCRIPT = "nodes.sh"  # one node's part of a multi-node run, for orchestrators other than SLURM
 JOBS_FILE = "jobs.json"
 SUBDIRS = ("logs", "control", "stages")  # created with the run dir
 

@@ -98,13 +98,15 @@ def test_resume_on_another_world_size_through_the_universal_checkpoint(tmp_path)
 
 
 def test_two_nodes_on_loopback(tmp_path):
+    """Each "node" runs the rendered nodes.sh with the variables another orchestrator would set."""
     run = tmp_path / "nodes"
     raw = tiny_recipe(steps=3, every=None, ranks=1)
     raw["cluster"]["nodes"] = 2
     render(raw, run)
     port = free_port()
-    procs = [subprocess.Popen(torchrun_argv(run, "ctx", 1, port, nnodes=2, node_rank=r), env=rank_env(),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    procs = [subprocess.Popen(["bash", str(run / "nodes.sh")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              env={**rank_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                                   "NNODES": "2", "NODE_RANK": str(r)}) for r in (0, 1)]
     outputs = [p.communicate(timeout=240)[0].decode() for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:]
     assert len(losses(run, "ctx")) == 3

@@ -286,3 +286,18 @@ def test_a_package_model_reaches_the_ranks_as_its_folder(tmp_path):
     assert main(["render", str(LAUNCH / "smollm2-16k.yaml"), "--out", str(out)]) == 0
     model = json.loads((out / "plan.json").read_text())["model"]
     assert model["name_or_path"] == str(smollm2_gguf().parent)
+
+
+@pytest.mark.parametrize("env, code, says", [
+    ({"MASTER_PORT": "1", "NNODES": "4", "NODE_RANK": "0"}, 1, "MASTER_ADDR: set MASTER_ADDR"),
+    ({"MASTER_ADDR": "h", "MASTER_PORT": "1", "NNODES": "2", "NODE_RANK": "0"}, 2,
+     "this run was planned for 4 node(s), NNODES is 2"),
+])
+def test_nodes_script_refuses_missing_variables_and_another_node_count(tmp_path, env, code, says):
+    from dist_ft.cli import main
+
+    out = tmp_path / "run"
+    assert main(["render", str(LAUNCH / "llama3-8b-64k-4node.yaml"), "--out", str(out)]) == 0
+    result = subprocess.run(["bash", str(out / "nodes.sh")], env={"PATH": os.environ["PATH"], **env},
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == code and says in result.stderr, result.stderr
