@@ -8,6 +8,8 @@ torch and transformers are imported only where needed, so `dist-ft --help` stays
 from __future__ import annotations
 
 import json
+import sys
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,21 @@ ROPE_TYPES = ("keep", "none", "linear", "dynamic", "yarn")
 
 class EvalError(Exception):
     """A bad eval request: reported as one line with exit code 2."""
+
+
+EXIT_BAD_INPUT = 2
+
+
+def exit_code(action, debug: bool) -> int:
+    """Run a command's `action`: 0, or an EvalError as one line on stderr and exit 2 (a traceback with --debug)."""
+    try:
+        action()
+        return 0
+    except EvalError as err:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
 
 
 @dataclass(frozen=True)

@@ -9,22 +9,19 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import sys
 import time
-import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from dist_ft.recipe.config import TORCH_DTYPE_NAMES, Tracking
 from .eval_model import (ROPE_TYPES, EvalError, RopeVariant, Target, base_target, check_lengths, effective_config,
-                         finished_stages, load_eval_tokenizer, load_variant, resolve_target, stage_target)
+                         exit_code, finished_stages, load_eval_tokenizer, load_variant, resolve_target, stage_target)
 from .stage_comparison import BASE, write_comparison
 from dist_ft.plan.plan import Plan
 from dist_ft.plan.rope import native_context
 from dist_ft.plan.run_dir import RunDir
 
-EXIT_BAD_INPUT = 2
 EVAL_PROJECT = "dist-ft-eval"  # W&B project of a model evaluated outside any run
 STANDALONE_OUT = Path("runs/eval")  # results of a model evaluated outside any run: STANDALONE_OUT/<model>
 DTYPES = ("bf16", "fp32")
@@ -89,18 +86,14 @@ def _csv(values: list) -> str:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    try:
+    def evaluate() -> None:
         request = request_from_args(args)
         if args.stages:
             evaluate_stages(request, args.stages, echo=print)
         else:
             run_eval(request, echo=print)
-        return 0
-    except EvalError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+
+    return exit_code(evaluate, args.debug)
 
 
 def _int_list(text: str | None, flag: str) -> list[int] | None:

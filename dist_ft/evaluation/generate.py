@@ -13,17 +13,15 @@ import argparse
 import json
 import math
 import sys
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 from dist_ft.recipe.config import TORCH_DTYPE_NAMES
 from dist_ft.recipe.prompts import instruction_prompt
-from .eval_model import EvalError, RopeVariant, load_eval_tokenizer, load_variant, resolve_target
+from .eval_model import EvalError, RopeVariant, exit_code, load_eval_tokenizer, load_variant, resolve_target
 from .task_metrics import METRICS, score
 
-EXIT_BAD_INPUT = 2
 MAX_NEW_TOKENS = 32768
 MAX_PROMPTS = 100_000
 DTYPES = ("fp32", "bf16")
@@ -76,30 +74,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main_from_args(args: argparse.Namespace) -> int:
-    try:
-        sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
-        rows = [{"prompt": args.prompt}] if args.prompt is not None else read_prompts(Path(args.prompts))
-        metrics = metric_names(args.metrics, rows)
-        model, tokenizer = load_for_generation(args.model, args.gguf_file, args.dtype)
-        if args.chat and not tokenizer.chat_template:
-            raise EvalError(f"{args.model}: the tokenizer has no chat template; drop --chat")
-        if args.prompt is not None:
-            stream_one(model, tokenizer, render_prompt(rows[0], tokenizer, args.chat), sampling)
-            return 0
-        records = []
-        with _output(args.out) as out:
-            for record in generate_rows(model, tokenizer, rows, sampling, args.chat):
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-                out.flush()
-                records.append(record)
-        if metrics:
-            report_metrics(metrics, records, args.out)
-        return 0
-    except EvalError as err:
-        if args.debug:
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    return exit_code(lambda: generate_from_args(args), args.debug)
+
+
+def generate_from_args(args: argparse.Namespace) -> None:
+    sampling = Sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    rows = [{"prompt": args.prompt}] if args.prompt is not None else read_prompts(Path(args.prompts))
+    metrics = metric_names(args.metrics, rows)
+    model, tokenizer = load_for_generation(args.model, args.gguf_file, args.dtype)
+    if args.chat and not tokenizer.chat_template:
+        raise EvalError(f"{args.model}: the tokenizer has no chat template; drop --chat")
+    if args.prompt is not None:
+        stream_one(model, tokenizer, render_prompt(rows[0], tokenizer, args.chat), sampling)
+        return
+    records = []
+    with _output(args.out) as out:
+        for record in generate_rows(model, tokenizer, rows, sampling, args.chat):
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+            out.flush()
+            records.append(record)
+    if metrics:
+        report_metrics(metrics, records, args.out)
 
 
 def read_prompts(path: Path) -> list[dict[str, Any]]:
