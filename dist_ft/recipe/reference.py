@@ -11,10 +11,11 @@ from .strict import _describe, number_text
 
 SECTIONS = [("(top level)", config.Recipe), ("model", config.Model), ("long_context", config.LongContext),
             ("long_context.stages[]", config.Stage), ("long_context.progressive", config.Progressive),
-            ("…rope", config.Rope), ("…data", config.Data), ("finetune", config.Finetune),
+            ("…rope", config.Rope), ("…data", config.Data), ("…data.sources[]", config.Source),
+            ("finetune", config.Finetune),
             ("finetune.options", config.MethodOptions), ("cluster", config.Cluster),
             ("parallelism", config.Parallelism), ("tracking", config.Tracking),
-            ("checkpointing", config.Checkpointing)]
+            ("checkpointing", config.Checkpointing), ("evaluation", config.Evaluation)]
 
 
 def reference() -> str:
