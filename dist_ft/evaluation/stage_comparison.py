@@ -65,6 +65,8 @@ def _cell(value: float | None) -> str:
 def plot_comparison(comparison: dict[str, Any], png: Path) -> None:
     """Left: perplexity per band of the longest window across stages; right: passkey per length."""
     plt = pyplot()
+    from matplotlib.ticker import ScalarFormatter
+
     rows, stages = comparison["rows"], comparison["stages"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     lengths = sorted({length for row in rows for length in row["ppl"]}, key=int)
@@ -75,6 +77,8 @@ def plot_comparison(comparison: dict[str, Any], png: Path) -> None:
             left.plot(stages, [row["ppl"].get(longest, {}).get("bands", {}).get(band) for row in rows], "o-",
                       label=f"tokens {band}")
         left.set_yscale("log")
+        left.yaxis.set_major_formatter(ScalarFormatter())  # plain numbers, not 4x10^1
+        left.yaxis.set_minor_formatter(ScalarFormatter())
         left.set(title=f"perplexity by position band @ {longest}", xlabel="stage", ylabel="perplexity")
         left.legend(fontsize=7)
     for length in sorted({length for row in rows for length in row["passkey"]}, key=int):
