@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "longrun" in item.keywords:
             item.add_marker(skip)
+
+
+def wait_for_pids(path: Path, count: int, timeout: float = 60) -> list[int]:
+    """The first `count` process ids that started processes wrote, one per line, into `path`."""
+    deadline = time.monotonic() + timeout
+    while not (path.exists() and len(path.read_text().split()) >= count):
+        assert time.monotonic() < deadline, f"{count} processes did not start: {path.read_text() if path.exists() else 'no pids'}"
+        time.sleep(0.1)
+    return [int(p) for p in path.read_text().split()]

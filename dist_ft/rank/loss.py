@@ -176,9 +176,9 @@ def _chunk_count(scored: int, chunk_tokens: int, head: torch.nn.Module) -> int:
     chunks = max(1, -(-scored // chunk_tokens))
     if not any(hasattr(p, "ds_id") for p in head.parameters()):
         return chunks
-    from . import engine as ds
-
-    return int(ds.all_reduce_max(float(chunks)))
+    agreed = torch.tensor([chunks], dtype=torch.int64, device=head.weight.device)
+    torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
+    return int(agreed.item())
 
 
 def chunked_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, logits_fn, chunk_tokens: int,

@@ -17,6 +17,8 @@ import time
 
 import pytest
 
+from tests.conftest import wait_for_pids
+
 pytestmark = pytest.mark.integration
 
 WORKER = """
@@ -56,14 +58,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def wait_for_lines(path, count: int, timeout: float = 120) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and len(path.read_text().split()) >= count):
-        assert time.monotonic() < deadline, f"only {path.read_text() if path.exists() else 'no'} pids"
-        time.sleep(0.2)
-    return [int(p) for p in path.read_text().split()]
-
-
 def test_a_rank_stuck_in_a_collective_ends_after_the_grace_period(tmp_path):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
@@ -96,7 +90,7 @@ def test_stopping_the_launcher_takes_torchrun_and_its_ranks_down(tmp_path):
         [sys.executable, "-c", "import sys; from dist_ft.launcher.local_launch import run_supervised; "
                                f"sys.exit(run_supervised({torchrun!r}, kill_after_s=3))"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ranks = wait_for_lines(pids, 2)
+    ranks = wait_for_pids(pids, 2, timeout=120)
     family = ranks + [int(p) for p in _children(launcher.pid)]
     assert len(family) == 3 and all(alive(pid) for pid in family)  # torchrun and its two ranks
     launcher.send_signal(signal.SIGTERM)

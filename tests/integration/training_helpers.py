@@ -17,6 +17,7 @@ import yaml
 
 from dist_ft.cli import main
 from dist_ft.plan.plan import Plan
+from dist_ft.launcher.local_launch import descendants
 from dist_ft.launcher.summary import read_metrics
 from tests.conftest import LAUNCH, demo_raw
 
@@ -102,22 +103,6 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 180) -> None:
         except ProcessLookupError:
             pass
     proc.wait(timeout=30)
-
-
-def descendants(root: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [root]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def losses(run_dir: Path, stage: str) -> list[float]:

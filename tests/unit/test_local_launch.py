@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LAUNCH
+from tests.conftest import LAUNCH, wait_for_pids
 
 DIST_FT = [sys.executable, "-m", "dist_ft"]
 
@@ -57,14 +57,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
-
-
-def wait_for_pids(path: Path, count: int, timeout: float = 60) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while not (path.exists() and len(path.read_text().split()) >= count):
-        assert time.monotonic() < deadline, f"{count} processes did not start"
-        time.sleep(0.1)
-    return [int(p) for p in path.read_text().split()]
 
 
 def test_setup_and_env_reach_the_ranks_in_the_sbatch_order(tmp_path):
