@@ -6,6 +6,7 @@ import shlex
 
 from dist_ft.recipe.config import LORA_FAMILY, VIRTUAL_TOKEN_METHODS, Model
 from dist_ft.recipe.launch_script import training_python
+from .loss_path import loss_path
 from .plan import Plan, StagePlan
 
 
@@ -70,8 +71,15 @@ def _stage_block(plan: Plan, s: StagePlan) -> str:
         f"    {steps}; lr {s.lr:g} -> {s.min_lr:g} ({s.schedule}, warmup {s.warmup_steps})",
         f"    ZeRO-{par.zero_stage}, {offload}, sequence-parallel {par.sequence_parallel}",
         f"    memory/rank: {_memory(s.memory)}",
+        f"    loss: {_loss(plan, s)}",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _loss(plan: Plan, s: StagePlan) -> str:
+    micro_tokens = s.micro_batch_size * s.seq_len // plan.sp
+    return loss_path(s.method, plan.parallelism.zero_stage, plan.model.loss_kernel, plan.device == "cuda",
+                     micro_tokens, plan.model.loss_chunk_tokens)
 
 
 def _positions(s: StagePlan) -> str:

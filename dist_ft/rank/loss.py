@@ -3,9 +3,13 @@
 transformers computes `lm_head(hidden)` for every token, upcasts it to fp32 and keeps it (and its
 gradient) through backward: tokens × vocab × 4 B × 2, e.g. 16 GiB at 64k tokens and a 32k vocab.
 Here the decoder body runs once, then the LM head and the cross-entropy run over `chunk_tokens`
-rows at a time, each chunk under non-reentrant activation checkpointing: forward keeps only the
-chunk's scalar loss, backward recomputes one chunk's logits at a time. Peak logits memory is one
-chunk's fp32 logits and their gradient.
+rows at a time. Each chunk's gradients (of its hidden rows and of the head's trainable weights) are
+taken in forward while its logits exist, then the logits are dropped (`fused_head_loss_sum`, the
+fused linear cross-entropy idea): the head runs once per chunk and backward only scales the stored
+gradients. Peak logits memory is one chunk's fp32 logits and their gradient. Under ZeRO-3 the head's
+weight is whole only inside its own call, so each chunk runs under activation checkpointing instead
+and backward recomputes its logits (`chunked_head_loss_sum`). A micro-batch that fits one chunk keeps
+its logits for backward on either path: nothing is recomputed.
 
 The objective is transformers' `ForCausalLMLoss` exactly: labels are shifted inside (position i is
 scored against labels[i + 1], the last position against nothing), -100 is ignored, the loss is the
@@ -15,6 +19,7 @@ whole group's (see sequence_parallel.py).
 
 Every module is reached through `__call__`, so ZeRO-3's hooks gather the decoder's and the LM
 head's partitioned weights as they run (the head again for each chunk recomputed in backward).
+dist_ft.plan.loss_path says in the plan which path each stage takes.
 
 `LanguageModelLoss` is what DeepSpeed wraps: `engine(**batch)` returns this loss through DeepSpeed's
 own forward (its backward bookkeeping hooks the returned loss), so no DeepSpeed internals are used.
@@ -156,10 +161,12 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1).to(hidden.device)
     if head_kernel == "liger":
-        return fused_head_loss_sum(hidden, targets, model)
+        return liger_head_loss_sum(hidden, targets, model)
     head = model.get_output_embeddings()
     chunks = _chunk_count(int((targets != IGNORE_INDEX).sum()), chunk_tokens, head)
-    return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens, chunks)
+    if head_partitioned(head):  # ZeRO-3: the head's weight exists whole only inside its own call
+        return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens, chunks)
+    return fused_head_loss_sum(hidden, targets, head_logits(model), list(head.parameters()), chunk_tokens, chunks)
 
 
 def _check_chunk_tokens(chunk_tokens: int) -> None:
@@ -174,9 +181,9 @@ def _chunk_count(scored: int, chunk_tokens: int, head: torch.nn.Module) -> int:
     runs, even empty, so that the loss stays connected to every trainable parameter: each rank's
     backward must produce (zero) gradients for DeepSpeed's reductions to match."""
     chunks = max(1, -(-scored // chunk_tokens))
-    if not any(hasattr(p, "ds_id") for p in head.parameters()):
+    if not head_partitioned(head):
         return chunks
-    agreed = torch.tensor([chunks], dtype=torch.int64, device=head.weight.device)
+    agreed = torch.tensor([chunks], dtype=torch.int64, device=next(head.parameters()).device)
     torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
     return int(agreed.item())
 
@@ -186,15 +193,84 @@ def chunked_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, logits_fn
     """(summed cross-entropy over the scored targets, their number), chunk by chunk; `hidden` is
     (tokens, hidden size) and `targets` (tokens,), already shifted. `chunks` beyond what the scored
     tokens fill run on no rows (the same collectives as a rank with more to score)."""
-    scored = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
-    hidden, targets = hidden.index_select(0, scored), targets.index_select(0, scored)  # skip unscored rows
-    chunks = max(1, -(-scored.numel() // chunk_tokens)) if chunks is None else chunks
+    hidden, targets, chunks = _scored_rows(hidden, targets, chunk_tokens, chunks)
+    if chunks == 1:  # the whole logits are one chunk's: keep them for backward rather than recompute
+        return _chunk_loss_sum(logits_fn, hidden, targets), targets.numel()
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, chunks * chunk_tokens, chunk_tokens):
         end = start + chunk_tokens
         total = total + checkpoint(_chunk_loss_sum, logits_fn, hidden[start:end], targets[start:end],
                                    use_reentrant=False)
-    return total, scored.numel()
+    return total, targets.numel()
+
+
+def fused_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, logits_fn, head_params: list[torch.nn.Parameter],
+                        chunk_tokens: int, chunks: int | None = None) -> tuple[torch.Tensor, int]:
+    """`chunked_head_loss_sum` without the recompute: each chunk's gradients (of the hidden rows and of
+    the head's trainable parameters) are taken while its logits exist, then the logits are dropped.
+    The head runs once per chunk instead of twice; its parameters must be whole tensors (not ZeRO-3's
+    partitions) and are handed to autograd as inputs, so their gradients reach DeepSpeed as usual."""
+    if not torch.is_grad_enabled():  # evaluation: nothing to differentiate
+        return chunked_head_loss_sum(hidden, targets, logits_fn, chunk_tokens, chunks)
+    hidden, targets, chunks = _scored_rows(hidden, targets, chunk_tokens, chunks)
+    total = _FusedHeadLoss.apply(hidden, targets, logits_fn, chunk_tokens, chunks, *head_params)
+    return total, targets.numel()
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Forward computes the summed loss and, chunk by chunk, its gradients; backward only scales them."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, logits_fn, chunk_tokens, chunks, *params):
+        trainable = [p for p in params if p.requires_grad]
+        d_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+        d_params = [torch.zeros_like(p, dtype=torch.float32) for p in trainable]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        # The chunk's graph lives only inside this loop: keep its saved tensors where they are even
+        # under activation offload (whose hooks would copy every chunk's logits to the host and back).
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
+            for start in range(0, chunks * chunk_tokens, chunk_tokens):
+                rows = hidden[start:start + chunk_tokens].detach().requires_grad_(d_hidden is not None)
+                loss = _chunk_loss_sum(logits_fn, rows, targets[start:start + chunk_tokens])
+                wrt = ([rows] if d_hidden is not None else []) + trainable
+                grads = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt and loss.requires_grad else []
+                if d_hidden is not None and grads and grads[0] is not None:
+                    d_hidden[start:start + chunk_tokens] = grads[0]
+                for acc, grad in zip(d_params, grads[1 if d_hidden is not None else 0:]):
+                    if grad is not None:
+                        acc += grad
+                total = total + loss.detach()
+        ctx.trainable = [p.requires_grad for p in params]
+        # d_hidden is an activation (activation offload may move it to the host); the weights' gradients
+        # stay where gradients live: kept on ctx, not through the saved-tensor hooks.
+        ctx.save_for_backward(*([d_hidden] if d_hidden is not None else []))
+        ctx.d_params, ctx.param_dtypes = d_params, [p.dtype for p in trainable]
+        ctx.has_hidden, ctx.hidden_dtype = d_hidden is not None, hidden.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        d_hidden = (ctx.saved_tensors[0] * grad_total).to(ctx.hidden_dtype) if ctx.has_hidden else None
+        scaled = iter([(g * grad_total).to(dtype) for g, dtype in zip(ctx.d_params, ctx.param_dtypes)])
+        ctx.d_params = None
+        return (d_hidden, None, None, None, None, *(next(scaled) if trains else None for trains in ctx.trainable))
+
+
+def _kept(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def head_partitioned(head: torch.nn.Module) -> bool:
+    """Whether ZeRO-3 partitions the head's parameters (DeepSpeed marks them with `ds_id`)."""
+    return any(hasattr(p, "ds_id") for p in head.parameters())
+
+
+def _scored_rows(hidden: torch.Tensor, targets: torch.Tensor, chunk_tokens: int,
+                 chunks: int | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The rows that are scored (unscored rows never reach the head), and the chunk count for them."""
+    scored = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    hidden, targets = hidden.index_select(0, scored), targets.index_select(0, scored)
+    return hidden, targets, max(1, -(-scored.numel() // chunk_tokens)) if chunks is None else chunks
 
 
 def _chunk_loss_sum(logits_fn, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -202,7 +278,7 @@ def _chunk_loss_sum(logits_fn, hidden: torch.Tensor, targets: torch.Tensor) -> t
     return F.cross_entropy(logits, targets, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def fused_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor,
+def liger_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor,
                         model: torch.nn.Module) -> tuple[torch.Tensor, int]:
     """(summed cross-entropy, scored tokens) through Liger's fused linear cross-entropy (CUDA only),
     for a head `choose_head_kernel` accepted; shapes as in `chunked_head_loss_sum`."""

@@ -95,8 +95,8 @@ class Model:
                                   doc="The LM head and cross-entropy run over this many tokens at a time, so "
                                       "full-vocabulary logits never exist for a whole long sequence.")
     loss_kernel: Literal["auto", "chunked", "liger"] = spec(
-        "auto", doc="How the LM head and cross-entropy run. chunked: loss_chunk_tokens at a time, recomputed in "
-                    "backward; liger: Liger's fused linear cross-entropy (CUDA, liger-kernel installed, not under "
+        "auto", doc="How the LM head and cross-entropy run. chunked: loss_chunk_tokens at a time, each chunk's "
+                    "gradients taken in forward (recomputed in backward under ZeRO-3); liger: Liger's fused linear cross-entropy (CUDA, liger-kernel installed, not under "
                     "ZeRO-3); auto: liger where it applies, else chunked.")
     trust_remote_code: bool = spec(False, doc="Allow model code from the hub repository.")
 

@@ -117,3 +117,67 @@ def test_liger_fused_head_equals_the_chunked_loss():
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, expected_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("chunk_tokens", [7, 4096])
+def test_lora_on_the_head_trains_through_the_fused_head(chunk_tokens):
+    model = apply_method(tiny(), "lora", {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["lm_head", "q_proj"]})
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    assert any("lm_head" in n and p.requires_grad for n, p in model.named_parameters())
+    assert_matches_transformers(model, chunk_tokens)
+
+
+def test_soft_capped_and_scaled_logits():
+    """Gemma 2 caps its logits with tanh; the fused head differentiates through the cap."""
+    model = build_model(name_or_path=None, attn_implementation="eager", config_overrides={
+        "model_type": "gemma2", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 259, "head_dim": 8,
+        "max_position_embeddings": 256, "final_logit_softcapping": 2.0, "query_pre_attn_scalar": 8})
+    assert model.config.final_logit_softcapping == 2.0
+    assert_matches_transformers(model, 7)
+
+
+def test_frozen_body_and_head_still_send_gradients_to_the_adapters_below():
+    model = apply_method(tiny(), "lora", {"r": 2, "alpha": 4, "dropout": 0.0, "target_modules": ["v_proj"]})
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lm_head" in n)
+    assert_matches_transformers(model, 7)
+
+
+def test_the_fused_head_runs_the_head_once_per_chunk_and_the_recomputed_one_twice():
+    from dist_ft.rank.loss import chunked_head_loss_sum, fused_head_loss_sum, head_logits
+
+    model = tiny()
+    head = model.get_output_embeddings()
+    calls = []
+    head.register_forward_hook(lambda *_: calls.append(1))
+    hidden = torch.randn(20, 32, requires_grad=True)
+    targets = torch.randint(0, 259, (20,))
+    fused, n = fused_head_loss_sum(hidden, targets, head_logits(model), list(head.parameters()), chunk_tokens=7)
+    fused.backward()
+    assert n == 20 and len(calls) == 3
+    fused_grads = hidden.grad.clone(), head.weight.grad.clone()
+    calls.clear(), hidden.grad.zero_(), model.zero_grad()
+    recomputed, _ = chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens=7)
+    recomputed.backward()
+    assert len(calls) == 6
+    torch.testing.assert_close(fused, recomputed)
+    torch.testing.assert_close(hidden.grad, fused_grads[0])
+    torch.testing.assert_close(head.weight.grad, fused_grads[1])
+
+
+def test_the_fused_head_gradient_scales_with_the_upstream_gradient():
+    from dist_ft.rank.loss import fused_head_loss_sum, head_logits
+
+    model = tiny()
+    head = model.get_output_embeddings()
+    hidden = torch.randn(9, 32, requires_grad=True)
+    targets = torch.randint(0, 259, (9,))
+    total, _ = fused_head_loss_sum(hidden, targets, head_logits(model), list(head.parameters()), chunk_tokens=4)
+    (total * 0.5).backward()
+    half = hidden.grad.clone()
+    hidden.grad = None
+    total, _ = fused_head_loss_sum(hidden, targets, head_logits(model), list(head.parameters()), chunk_tokens=4)
+    total.backward()
+    torch.testing.assert_close(half * 2, hidden.grad)
