@@ -47,6 +47,11 @@ def tokens_per_step(global_batch: int, seq_len: int) -> int:
     return global_batch * seq_len
 
 
+def tokens_per_rank_micro_batch(micro_batch_size: int, seq_len: int, sequence_parallel: int) -> int:
+    """Tokens one rank runs per micro-step: a sequence-parallel rank holds a slice of each sequence."""
+    return micro_batch_size * seq_len // sequence_parallel
+
+
 def steps_for_tokens(tokens: int, tokens_per_step: int) -> int:
     """Optimizer steps of a stage given in tokens (the last step may overshoot a little)."""
     return math.ceil(tokens / tokens_per_step)

@@ -6,6 +6,7 @@ import shlex
 
 from dist_ft.recipe.config import LORA_FAMILY, VIRTUAL_TOKEN_METHODS, Model
 from dist_ft.recipe.launch_script import training_python
+from . import batching
 from .loss_path import loss_path
 from .plan import Plan, StagePlan
 
@@ -77,7 +78,7 @@ def _stage_block(plan: Plan, s: StagePlan) -> str:
 
 
 def _loss(plan: Plan, s: StagePlan) -> str:
-    micro_tokens = s.micro_batch_size * s.seq_len // plan.sp
+    micro_tokens = batching.tokens_per_rank_micro_batch(s.micro_batch_size, s.seq_len, plan.sp)
     return loss_path(s.method, plan.parallelism.zero_stage, plan.model.loss_kernel, plan.device == "cuda",
                      micro_tokens, plan.model.loss_chunk_tokens)
 
