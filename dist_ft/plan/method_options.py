@@ -8,7 +8,8 @@ peft's matching rules, mirrored here:
   a regular expression matched against the whole name; `all-linear`: every linear layer but the output layer.
 - `layers_to_transform`: only modules inside those decoder layers.
 - `modules_to_save`: every module whose name ends with an entry (plain string suffix: `norm` matches
-  `input_layernorm`); its parameters train as a copy, saved with the adapter.
+  `input_layernorm`); its parameters train as a copy, saved with the adapter. An adapter never targets a
+  saved module or anything inside one (the entry then counts as whole name components: `q_proj`, `mlp`).
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ def trainable_params(shape: ModelShape, method: str, opts: MethodOptions | None 
         return sum(n for name, n in params.items() if name.endswith(".bias"))
     if method == "freeze":
         return sum(params[name] for name in _frozen_out(tree, shape, o))
-    extra = _saved_modules(tree, shape, o.modules_to_save or [])
+    entries = saved_entries(tree, method, o)
+    extra = _saved_modules(tree, shape, entries)
     if method in LORA_FAMILY:
-        targets = lora_targets(tree, o)
+        targets = lora_targets(tree, o, entries)
         count = sum(o.r * (t.inputs + t.outputs) for t in targets)
         if method == "dora":
             count += sum(t.outputs for t in targets)  # the magnitude vector
@@ -53,45 +55,51 @@ def trainable_params(shape: ModelShape, method: str, opts: MethodOptions | None 
             extra |= {name for name in params if name.endswith(".bias")}
         elif o.bias == "lora_only":
             extra |= {f"{t.name}.bias" for t in targets if t.bias}
-        if method == "longlora":
-            extra |= _saved_modules(tree, shape, [tree.embedding.rsplit(".", 1)[-1], *tree.norms])
         return count + sum(params[name] for name in extra)
-    saved = sum(params[name] for name in extra)
+    whole = sum(params[name] for name in extra)
     if method == "ia3":
-        targets, feedforward = ia3_targets(tree, shape, o)
-        return saved + sum(t.inputs if t in feedforward else t.outputs for t in targets)
+        targets, feedforward = ia3_targets(tree, shape, o, entries)
+        return whole + sum(t.inputs if t in feedforward else t.outputs for t in targets)
     h, tokens = shape.hidden_size, o.num_virtual_tokens
     if method == "prompt":
-        return saved + tokens * h
+        return whole + tokens * h
     if method == "prefix":
         kv = shape.num_kv_heads * shape.head_dim  # peft sizes prefixes by key/value width (GQA)
         out = shape.num_layers * 2 * kv
         if not o.prefix_projection:
-            return saved + tokens * out
+            return whole + tokens * out
         e = o.encoder_hidden_size
-        return saved + tokens * kv + (kv * e + e) + (e * out + out)
+        return whole + tokens * kv + (kv * e + e) + (e * out + out)
     if method == "ptuning":
         e = o.encoder_hidden_size
         if o.encoder_reparameterization_type == "MLP":
-            return saved + tokens * h + (h * e + e) + (e * e + e) + (e * h + h)
+            return whole + tokens * h + (h * e + e) + (e * e + e) + (e * h + h)
         lstm = 2 * (4 * e * h + 4 * e * e + 8 * e)  # first layer, both directions
         lstm += (PTUNING_LSTM_LAYERS - 1) * 2 * (4 * e * 2 * e + 4 * e * e + 8 * e)
-        return saved + tokens * h + lstm + (2 * e * 2 * e + 2 * e) + (2 * e * h + h)
+        return whole + tokens * h + lstm + (2 * e * 2 * e + 2 * e) + (2 * e * h + h)
     raise ValueError(f"unknown method {method!r}")
 
 
-def lora_targets(tree: Layout, o: MethodOptions) -> list[Linear]:
+def saved_entries(tree: Layout, method: str, o: MethodOptions) -> list[str]:
+    """The method's modules_to_save entries: the recipe's, and longlora's embedding and norms."""
+    own = [tree.embedding.rsplit(".", 1)[-1], *tree.norms] if method == "longlora" else []
+    return [*own, *(o.modules_to_save or [])]
+
+
+def lora_targets(tree: Layout, o: MethodOptions, saved: list[str] = ()) -> list[Linear]:
     """The linear layers LoRA adapts (peft's matching of target_modules and layers_to_transform)."""
-    found = [t for t in tree.linears if _targeted(t.name, o.target_modules, tree)]
+    found = [t for t in tree.linears if _targeted(t.name, o.target_modules, tree) and not _inside_saved(t.name, saved)]
     if o.layers_to_transform is not None:
         found = [t for t in found if t.layer in o.layers_to_transform]
     return found
 
 
-def ia3_targets(tree: Layout, shape: ModelShape, o: MethodOptions) -> tuple[list[Linear], list[Linear]]:
+def ia3_targets(tree: Layout, shape: ModelShape, o: MethodOptions,
+                saved: list[str] = ()) -> tuple[list[Linear], list[Linear]]:
     """(scaled modules, those scaled on their input) under peft's IA3 defaults for the model type."""
     default_targets, default_feedforward = IA3_DEFAULTS.get(shape.model_type, IA3_DEFAULTS["llama"])
-    targets = [t for t in tree.linears if _targeted(t.name, o.target_modules or list(default_targets), tree)]
+    targets = [t for t in tree.linears if _targeted(t.name, o.target_modules or list(default_targets), tree)
+               and not _inside_saved(t.name, saved)]
     feedforward = o.feedforward_modules if o.feedforward_modules is not None else list(default_feedforward)
     return targets, [t for t in targets if _targeted(t.name, feedforward, tree)]
 
@@ -102,6 +110,11 @@ def _targeted(name: str, targets: list[str] | str | None, tree: Layout) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _inside_saved(name: str, saved: list[str]) -> bool:
+    """peft's exclusion of saved modules from adapter targets (the entry read as a regular expression)."""
+    return any(re.match(rf"(^|.*\.){entry}($|\..*)", name) for entry in saved)
 
 
 def saved_module_names(tree: Layout, wanted: list[str]) -> list[str]:
@@ -186,8 +199,9 @@ def _check_against_shape(method: str, o: MethodOptions, shape: ModelShape, probl
     if not shape.exact_layout:  # module names are known only for the layouts dist-ft models exactly
         return
     tree = layout(shape)
-    targets = lora_targets(tree, o) if method in LORA_FAMILY else \
-        ia3_targets(tree, shape, o)[0] if method == "ia3" else []
+    saved = saved_entries(tree, method, o)
+    targets = lora_targets(tree, o, saved) if method in LORA_FAMILY else \
+        ia3_targets(tree, shape, o, saved)[0] if method == "ia3" else []
     regex = o.target_modules if isinstance(o.target_modules, str) and o.target_modules != "all-linear" else None
     linear_names = {t.name for t in tree.linears}
     other = [m for m in tree.modules if m not in linear_names and re.fullmatch(regex, m)] if regex else []
@@ -196,30 +210,23 @@ def _check_against_shape(method: str, o: MethodOptions, shape: ModelShape, probl
                                 "not a linear layer (peft adapts only those and refuses the rest)",
                                 "narrow the expression, e.g. end it in _proj, or list module names"))
     if method in (*LORA_FAMILY, "ia3") and not targets:
+        where = " in layers_to_transform" if o.layers_to_transform and method in LORA_FAMILY else ""
         problems.append(Problem("finetune.options.target_modules",
-                                f"matches no linear layer of this {shape.model_type} model"
-                                f"{' in layers_to_transform' if o.layers_to_transform and method in LORA_FAMILY else ''}",
+                                f"leaves the adapter no linear layer of this {shape.model_type} model{where} "
+                                "(modules_to_save ones are trained whole instead of adapted)",
                                 f"use names such as {', '.join(_short_names(tree.linears[:7]))}"))
     if o.modules_to_save and method in OPTION_METHODS["modules_to_save"]:
-        _check_modules_to_save(o.modules_to_save, tree, targets, shape, problems)
+        _check_modules_to_save(o.modules_to_save, tree, shape, problems)
 
 
-def _check_modules_to_save(wanted: list[str], tree: Layout, targets: list[Linear], shape: ModelShape,
-                           problems: list[Problem]) -> None:
+def _check_modules_to_save(wanted: list[str], tree: Layout, shape: ModelShape, problems: list[Problem]) -> None:
     known = sorted({m.rsplit(".", 1)[-1] for m in tree.modules if not m.split(".")[-1].isdigit()})
-    adapted = [t.name for t in targets]
     for index, name in enumerate(wanted):
-        path = f"finetune.options.modules_to_save[{index}]"
-        matched = saved_module_names(tree, [name])
-        if not matched:
+        if not saved_module_names(tree, [name]):
             close = difflib.get_close_matches(name, known, n=1)
-            problems.append(Problem(path, f"{name!r} names no module of this {shape.model_type} model",
+            problems.append(Problem(f"finetune.options.modules_to_save[{index}]",
+                                    f"{name!r} names no module of this {shape.model_type} model",
                                     f"did you mean {close[0]!r}?" if close else f"use one of: {', '.join(known)}"))
-            continue
-        clash = [a for a in adapted for m in matched if a == m or a.startswith(m + ".") or m.startswith(a + ".")]
-        if clash:
-            problems.append(Problem(path, f"{name!r} covers {clash[0]}, which the adapter already changes",
-                                    "save modules the adapter does not target, or drop them from target_modules"))
 
 
 def _short_names(linears: tuple[Linear, ...]) -> list[str]:

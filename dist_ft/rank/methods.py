@@ -53,8 +53,6 @@ def apply_method(model: PreTrainedModel, method: str, opts: MethodOptions | Mapp
         _check_modules_exist(model, o.modules_to_save)
     model.train()
     wrapped = APPLY[method](model, o)
-    if o.modules_to_save:
-        _check_saved_modules_are_not_adapted(wrapped)
     if method == "prompt" and o.prompt_tuning_init_text is not None:
         _init_prompt_from_text(wrapped, o.prompt_tuning_init_text, tokenizer, gather or _no_gather)
     return wrapped
@@ -231,18 +229,6 @@ def _check_modules_exist(model: PreTrainedModel, wanted: list[str]) -> None:
             known = sorted({n.rsplit(".", 1)[-1] for n in names if not n.rsplit(".", 1)[-1].isdigit()})
             raise MethodError(f"modules_to_save: {name!r} names no module of this {model.config.model_type} model"
                               f"{_suggest(name, tuple(known))}; module names end in: {', '.join(known)}")
-
-
-def _check_saved_modules_are_not_adapted(model: torch.nn.Module) -> None:
-    from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils import ModulesToSaveWrapper
-
-    for name, module in model.named_modules():
-        if isinstance(module, ModulesToSaveWrapper) and any(isinstance(m, BaseTunerLayer) for m in module.modules()) \
-                or isinstance(module, BaseTunerLayer) and any(isinstance(m, ModulesToSaveWrapper)
-                                                              for m in module.modules()):
-            raise MethodError(f"modules_to_save covers {name}, which the adapter already changes: save modules the "
-                              "adapter does not target, or drop them from target_modules")
 
 
 def _no_gather(params: list[torch.nn.Parameter]) -> contextlib.AbstractContextManager:
