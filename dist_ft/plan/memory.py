@@ -21,8 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dist_ft.recipe.config import MethodOptions
 from dist_ft.recipe.model_shape import ModelShape
+
+from .method_options import trainable_params  # noqa: F401  (the plan's entry point for it)
 
 GIB = 1024**3
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -68,24 +69,6 @@ class MemoryInputs:
     packed: bool = False  # rows hold several documents (sdpa then builds an L×L mask)
     offload_activations: bool = False
     mlp_tile_tokens: int | None = None
-
-
-def trainable_params(shape: ModelShape, method: str, opts: MethodOptions) -> int:
-    """How many parameters a method trains (estimates for adapters)."""
-    total = shape.num_params
-    layers, h = shape.num_layers, shape.hidden_size
-    lora = layers * sum(opts.r * (i + o) for i, o in shape.linear_shapes())
-    return {
-        "full": total,
-        "lora": lora, "qlora": lora, "dora": lora + layers * sum(o for _, o in shape.linear_shapes()),
-        "longlora": lora + shape.vocab_size * h + (2 * layers + 1) * h,
-        "prefix": opts.num_virtual_tokens * layers * 2 * h,
-        "prompt": opts.num_virtual_tokens * h,
-        "ptuning": opts.num_virtual_tokens * h + 3 * opts.encoder_hidden_size * h,
-        "ia3": layers * (2 * shape.num_kv_heads * shape.head_dim + shape.intermediate_size),
-        "bitfit": layers * sum(o for _, o in shape.linear_shapes()) if shape.attention_bias else 0,
-        "freeze": total * min(opts.trainable_layers, layers) // max(layers, 1),
-    }[method]
 
 
 def estimate(m: MemoryInputs) -> MemoryEstimate:

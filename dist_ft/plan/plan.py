@@ -20,6 +20,7 @@ from dist_ft.recipe.strict import Problem, RecipeError, build
 from dist_ft.recipe.timelimit import parse_time_limit
 
 from . import batching, memory
+from .method_options import check_options
 from .rope import addressable_length, rope_parameters, scaled_context
 from .run_dir import RunDir, ds_config_name, sbatch_name
 
@@ -311,6 +312,7 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
                     problems: list[Problem], warnings: list[str]) -> StagePlan:
     ft = recipe.finetune
     _check_method(recipe, problems)
+    check_options(recipe, shape, problems, warnings)
     seq_len = ft.seq_len or (last.seq_len if last else None)
     if seq_len is None:
         problems.append(Problem("finetune.seq_len", "is required when there is no long-context stage",

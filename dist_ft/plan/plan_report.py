@@ -8,6 +8,7 @@ from dist_ft.recipe.config import LORA_FAMILY, VIRTUAL_TOKEN_METHODS, Model
 from dist_ft.recipe.launch_script import training_python
 from . import batching
 from .loss_path import loss_path
+from .method_options import trainable_params
 from .plan import Plan, StagePlan
 
 
@@ -67,6 +68,7 @@ def _stage_block(plan: Plan, s: StagePlan) -> str:
         f"[{s.index}] {s.name}  ({phase}{', from ' + s.init_from if s.init_from else ''})",
         f"    seq_len {s.seq_len}   rope {_rope(s.rope_parameters)}{_positions(s)}",
         f"    method {s.method}{_options(s)}",
+        f"    trainable: {_trainable(plan, s)}",
         f"    micro-batch {s.micro_batch_size} x grad-accum {s.grad_accum} x dp {plan.dp} = {s.global_batch_size}"
         f" sequences = {s.tokens_per_step:,} tokens/step",
         f"    {steps}; lr {s.lr:g} -> {s.min_lr:g} ({s.schedule}, warmup {s.warmup_steps})",
@@ -104,6 +106,15 @@ def _options(s: StagePlan) -> str:
     if s.method == "freeze":
         return f" (last {o.trainable_layers} layers train)"
     return ""
+
+
+def _trainable(plan: Plan, s: StagePlan) -> str:
+    shape = plan.model_shape
+    if shape is None:
+        return "unknown (model config not readable)"
+    count, total = trainable_params(shape, s.method, s.method_options), shape.num_params
+    estimate = "" if shape.exact_layout else f"; estimated on a Llama-shaped {shape.model_type}"
+    return f"{count:,} parameters ({100 * count / total:.3g}% of the model's {total:,}){estimate}"
 
 
 def _memory(mem: dict | None) -> str:

@@ -42,8 +42,10 @@ def build_stage_model(plan: Plan, stage: StagePlan, ds_config: dict, tokenizer) 
     if m.tiled_mlp_tokens:
         tile_mlps(model, m.tiled_mlp_tokens)
     if stage.phase == "finetune":
+        zero3 = ds_config["zero_optimization"]["stage"] == 3
         model = apply_method(model, stage.method, stage.method_options,
-                             gradient_checkpointing=m.gradient_checkpointing)
+                             gradient_checkpointing=m.gradient_checkpointing, tokenizer=tokenizer,
+                             gather=lambda params: ds.gathered(params, enabled=zero3))
     return model
 
 

@@ -258,6 +258,27 @@ class LongContext:
         return self.progressive.expand() if self.progressive else list(self.stages)
 
 
+LoraBias = Literal["none", "all", "lora_only"]
+LoraInit = Literal["default", "gaussian", "pissa", "olora"]
+# pissa and olora move the adapter's principal part out of the base weights (the base changes at initialisation).
+BASE_CHANGING_INITS = ("pissa", "olora")
+PEFT_WITH_MODULES_TO_SAVE = (*LORA_FAMILY, "ia3", *VIRTUAL_TOKEN_METHODS)
+# Which methods read each option; setting one away from its default for another method is a plan error
+# (the options that predate this table only warn: recipes carried them across methods for a long time).
+OPTION_METHODS: dict[str, tuple[str, ...]] = {
+    "r": LORA_FAMILY, "alpha": LORA_FAMILY, "dropout": LORA_FAMILY,
+    "target_modules": (*LORA_FAMILY, "ia3"), "num_virtual_tokens": VIRTUAL_TOKEN_METHODS,
+    "encoder_hidden_size": ("ptuning", "prefix"), "trainable_layers": ("freeze",),
+    "trainable_patterns": ("freeze",), "feedforward_modules": ("ia3",),
+    "bias": LORA_FAMILY, "use_rslora": LORA_FAMILY, "init_lora_weights": LORA_FAMILY,
+    "layers_to_transform": LORA_FAMILY, "modules_to_save": PEFT_WITH_MODULES_TO_SAVE,
+    "prefix_projection": ("prefix",), "prompt_tuning_init_text": ("prompt",),
+    "encoder_reparameterization_type": ("ptuning",),
+}
+WARN_ONLY_OPTIONS = ("r", "alpha", "dropout", "target_modules", "num_virtual_tokens", "encoder_hidden_size",
+                     "trainable_layers", "trainable_patterns", "feedforward_modules")
+
+
 @dataclass(frozen=True)
 class MethodOptions:
     r: int = spec(16, min=1, max=MAX_ADAPTER_SIZE, doc="LoRA rank.")
@@ -266,10 +287,79 @@ class MethodOptions:
     target_modules: list[str] | str | None = spec(None, doc="Module names, or all-linear; unset: all-linear for "
                                                             "the LoRA family, peft's per-model default for ia3.")
     num_virtual_tokens: int = spec(16, min=1, max=MAX_ADAPTER_SIZE, doc="prefix / prompt / ptuning tokens.")
-    encoder_hidden_size: int = spec(128, min=1, max=MAX_ADAPTER_SIZE, doc="ptuning prompt-encoder width.")
+    encoder_hidden_size: int = spec(128, min=1, max=MAX_ADAPTER_SIZE,
+                                    doc="ptuning prompt-encoder width; prefix: the width of prefix_projection's MLP.")
     trainable_layers: int = spec(2, min=0, max=MAX_ADAPTER_SIZE, doc="freeze: last N decoder layers train.")
-    trainable_patterns: list[str] = spec(factory=list, doc="freeze: parameter-name substrings that also train.")
+    trainable_patterns: list[str] = spec(factory=list, doc="freeze: regular expressions; parameters whose name contains a match also train.")
     feedforward_modules: list[str] | None = spec(None, doc="ia3: modules scaled on their input.")
+    bias: LoraBias = spec("none", doc="LoRA family: biases that train too: none; all (every bias of the model); "
+                                      "lora_only (the biases of the modules LoRA adapts). Exported with the adapter.")
+    use_rslora: bool = spec(False, doc="LoRA family: rank-stabilised scaling alpha/sqrt(r) instead of alpha/r "
+                                       "(same parameters, different step size per rank).")
+    init_lora_weights: LoraInit = spec(
+        "default", doc="LoRA family: how the adapter starts. default: B = 0 (the adapter starts as a no-op); "
+                       "gaussian: A drawn with std 1/r; pissa / olora (lora, longlora; not qlora or dora, not ZeRO-3): "
+                       "A and B start as the weight's principal singular (PiSSA) or QR (OLoRA) part, moved out of "
+                       "the base weight; the export is converted to a plain LoRA adapter (rank 2r) over the "
+                       "original base.")
+    layers_to_transform: list[int] | None = spec(None, doc="LoRA family: adapt only these decoder layers "
+                                                           "(0-based); unset: every layer.")
+    modules_to_save: list[str] | None = spec(None, doc="Adapters (LoRA family, ia3, prefix, prompt, ptuning): "
+                                                       "modules trained in full and saved with the adapter, "
+                                                       "named as peft matches them (the end of the module name, "
+                                                       "e.g. lm_head, embed_tokens, norm).")
+    prefix_projection: bool = spec(False, doc="prefix: produce the prefix through a two-layer MLP of width "
+                                              "encoder_hidden_size while training; the export keeps the prefix "
+                                              "it produces.")
+    prompt_tuning_init_text: str | None = spec(None, doc="prompt: start the virtual tokens as this text's token "
+                                                         "embeddings (cut or repeated to num_virtual_tokens); "
+                                                         "unset: random.")
+    encoder_reparameterization_type: Literal["MLP", "LSTM"] = spec(
+        "MLP", doc="ptuning: the prompt encoder, an MLP or a bidirectional LSTM with an MLP head; the export "
+                   "keeps the virtual tokens it produces.")
+
+    def __post_init__(self) -> None:
+        patterns = [("target_modules", self.target_modules)] if isinstance(self.target_modules, str) else []
+        patterns += [(f"trainable_patterns[{i}]", p) for i, p in enumerate(self.trainable_patterns)]
+        for name, pattern in patterns:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise Invalid(name, f"{pattern!r} is not a regular expression: {err}",
+                              "fix the expression (escape `.` and brackets meant literally with a backslash)")
+        if self.layers_to_transform is not None:
+            layers = self.layers_to_transform
+            if not layers:
+                raise Invalid("layers_to_transform", "is an empty list: LoRA would adapt no layer",
+                              "list layer indices, or unset it to adapt every layer")
+            if any(i < 0 or i >= MAX_ADAPTER_SIZE for i in layers):
+                raise Invalid("layers_to_transform", f"{layers} has an index outside 0..{MAX_ADAPTER_SIZE - 1}",
+                              "use 0-based decoder layer indices")
+            if len(set(layers)) != len(layers):
+                raise Invalid("layers_to_transform", f"{layers} names a layer twice", "list each layer once")
+            if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+                raise Invalid("layers_to_transform", "peft cannot restrict layers when target_modules is a "
+                              "regular expression", "give target_modules as a list of names (or unset it)")
+        for index, name in enumerate(self.modules_to_save or []):
+            if not name.strip() or name != name.strip():
+                raise Invalid(f"modules_to_save[{index}]", f"{name!r} is not a module name",
+                              "write a module name such as lm_head or embed_tokens")
+        if self.modules_to_save is not None and len(set(self.modules_to_save)) != len(self.modules_to_save):
+            raise Invalid("modules_to_save", "names a module twice", "list each module once")
+        if self.prompt_tuning_init_text is not None and not self.prompt_tuning_init_text.strip():
+            raise Invalid("prompt_tuning_init_text", "is empty", "give a text describing the task, or unset it")
+
+    def set_options(self) -> list[str]:
+        """The options that differ from their defaults, in field order."""
+        import dataclasses
+
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != _field_default(f)]
+
+
+def _field_default(f: Any) -> Any:
+    import dataclasses
+
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 @dataclass(frozen=True)

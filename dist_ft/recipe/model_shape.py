@@ -54,6 +54,24 @@ CATALOGUE: dict[str, dict[str, Any]] = {
 }
 GGUF_NAMES = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
+# What transformers' config classes assume when config.json leaves a key out (checked against transformers by
+# tests/unit/test_model_layout.py). Other model types: tied embeddings, no biases, head_dim = hidden / heads.
+CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False},
+    "mistral": {"tie_word_embeddings": False},
+    "mixtral": {"tie_word_embeddings": False},
+    "qwen2": {"tie_word_embeddings": False},
+    "qwen3": {"tie_word_embeddings": False, "attention_bias": False, "head_dim": 128},
+    "phi3": {"tie_word_embeddings": False},
+    "gemma": {"tie_word_embeddings": True, "attention_bias": False, "head_dim": 256},
+    "gpt2": {"tie_word_embeddings": True}, "gpt_neo": {"tie_word_embeddings": True},
+    "opt": {"tie_word_embeddings": True},
+}
+# Model types whose module tree dist-ft knows exactly (model.layers.N.self_attn.q_proj ...): the plan counts
+# their trainable parameters as peft and our methods do and checks module names. Others are estimated on
+# the same Llama-shaped tree.
+LAYOUT_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -68,9 +86,11 @@ class ModelShape:
     max_position_embeddings: int
     rope_theta: float
     tie_word_embeddings: bool
-    attention_bias: bool
+    attention_bias: bool  # the q/k/v projections have biases
     source: str
     mixture_of_experts: bool = False
+    attention_output_bias: bool = False  # the output projection (o_proj) has a bias
+    mlp_bias: bool = False  # gate/up/down projections have biases
 
     @property
     def absolute_positions(self) -> bool:
@@ -82,18 +102,79 @@ class ModelShape:
 
     @property
     def num_params(self) -> int:
-        h, kv = self.hidden_size, self.num_kv_heads * self.head_dim
-        attn = h * (self.num_heads * self.head_dim) * 2 + h * kv * 2
-        mlp = 3 * h * self.intermediate_size
-        per_layer = attn + mlp + 2 * h
-        embed = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + embed + h
+        """Parameters as `model.parameters()` counts them (a tied output layer once)."""
+        return sum(layout(self).parameters.values())
+
+    @property
+    def exact_layout(self) -> bool:
+        """Whether `layout` is this model's own module tree (else a Llama-shaped estimate)."""
+        return self.model_type in LAYOUT_TYPES and not self.mixture_of_experts
 
     def linear_shapes(self) -> list[tuple[int, int]]:
         """(in, out) of each linear layer in one decoder block (LoRA sizing)."""
         h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, \
             self.intermediate_size
         return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str  # full module name, e.g. model.layers.0.self_attn.q_proj
+    inputs: int
+    outputs: int
+    bias: bool
+    layer: int | None  # decoder layer index; None outside the layers (the output layer)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A decoder's module tree as transformers builds it: every parameter (name → element count, as
+    `named_parameters()` lists them: a tied output layer has none of its own), every module name, the linear
+    layers and the norms."""
+    parameters: dict[str, int]
+    modules: tuple[str, ...]
+    linears: tuple[Linear, ...]  # the output layer included (last)
+    norms: tuple[str, ...]  # modules whose class name ends in "Norm"
+    embedding: str = "model.embed_tokens"
+    output: str = "lm_head"
+    layers: str = "model.layers"
+
+
+def layout(shape: ModelShape) -> Layout:
+    """The Llama-shaped module tree of `shape` (exact for LAYOUT_TYPES; see ModelShape.exact_layout)."""
+    h, q, kv, i = shape.hidden_size, shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim, \
+        shape.intermediate_size
+    params: dict[str, int] = {"model.embed_tokens.weight": shape.vocab_size * h}
+    modules = ["model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb", "lm_head"]
+    linears: list[Linear] = []
+    norms: list[str] = []
+    qkv, out, mlp = shape.attention_bias, shape.attention_output_bias, shape.mlp_bias
+    blocks = [("self_attn.q_proj", h, q, qkv), ("self_attn.k_proj", h, kv, qkv), ("self_attn.v_proj", h, kv, qkv),
+              ("self_attn.o_proj", q, h, out), ("mlp.gate_proj", h, i, mlp), ("mlp.up_proj", h, i, mlp),
+              ("mlp.down_proj", i, h, mlp)]
+    layer_norms = [("input_layernorm", h), ("post_attention_layernorm", h)]
+    if shape.model_type == "qwen3":
+        layer_norms += [("self_attn.q_norm", shape.head_dim), ("self_attn.k_norm", shape.head_dim)]
+    for n in range(shape.num_layers):
+        prefix = f"model.layers.{n}"
+        modules += [prefix, f"{prefix}.self_attn", f"{prefix}.mlp", f"{prefix}.mlp.act_fn"]
+        for name, inputs, outputs, bias in blocks:
+            full = f"{prefix}.{name}"
+            linears.append(Linear(full, inputs, outputs, bias, n))
+            modules.append(full)
+            params[f"{full}.weight"] = inputs * outputs
+            if bias:
+                params[f"{full}.bias"] = outputs
+        for name, size in layer_norms:
+            norms.append(f"{prefix}.{name}")
+            modules.append(f"{prefix}.{name}")
+            params[f"{prefix}.{name}.weight"] = size
+    norms.append("model.norm")
+    params["model.norm.weight"] = h
+    linears.append(Linear("lm_head", h, shape.vocab_size, False, None))
+    if not shape.tie_word_embeddings:
+        params["lm_head.weight"] = shape.vocab_size * h
+    return Layout(parameters=params, modules=tuple(modules), linears=tuple(linears), norms=tuple(norms))
 
 
 class ShapeError(ValueError):
@@ -111,7 +192,7 @@ MAX_POSITIONS = 1 << 24
 SHAPE_KEYS = ("model_type", "hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer",
               "num_attention_heads", "n_head", "num_key_value_heads", "head_dim", "intermediate_size", "n_inner",
               "ffn_dim", "vocab_size", "max_position_embeddings", "n_positions", "rope_parameters", "rope_scaling",
-              "rope_theta", "tie_word_embeddings", "attention_bias", *MOE_KEYS)
+              "rope_theta", "tie_word_embeddings", "attention_bias", "mlp_bias", *MOE_KEYS)
 
 
 def shape_from_config(cfg: dict[str, Any], source: str) -> ModelShape:
@@ -125,23 +206,45 @@ def shape_from_config(cfg: dict[str, Any], source: str) -> ModelShape:
     hidden = get("hidden_size", "n_embd", "d_model", default=64)
     heads = get("num_attention_heads", "n_head", default=4)
     kv_heads = get("num_key_value_heads", default=heads)
-    _check_heads(cfg, hidden, heads, kv_heads)
+    model_type = _model_type(cfg)
+    defaults = CONFIG_DEFAULTS.get(model_type, {})
+    _check_heads(cfg, hidden, heads, kv_heads, defaults.get("head_dim"))
+    qkv_bias, out_bias, mlp_bias = _biases(model_type, cfg, defaults)
     return ModelShape(
-        model_type=_model_type(cfg),
+        model_type=model_type,
         hidden_size=hidden,
         num_layers=get("num_hidden_layers", "n_layer", default=2),
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=get("head_dim", default=hidden // heads),
+        head_dim=get("head_dim", default=defaults.get("head_dim") or hidden // heads),
         intermediate_size=get("intermediate_size", "n_inner", "ffn_dim", default=4 * hidden),
         vocab_size=get("vocab_size", default=32000),
         max_position_embeddings=get("max_position_embeddings", "n_positions", default=2048, limit=MAX_POSITIONS),
         rope_theta=_rope_theta(cfg),
-        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        attention_bias=bool(cfg.get("attention_bias", cfg.get("model_type") in ABSOLUTE_POSITION_TYPES)),
+        tie_word_embeddings=_flag(cfg, "tie_word_embeddings", defaults.get("tie_word_embeddings", True)),
+        attention_bias=qkv_bias,
+        attention_output_bias=out_bias,
+        mlp_bias=mlp_bias,
         source=source,
         mixture_of_experts=any(cfg.get(key) for key in MOE_KEYS),
     )
+
+
+def _flag(cfg: dict[str, Any], key: str, default: bool) -> bool:
+    value = cfg.get(key)
+    return default if value is None else bool(value)
+
+
+def _biases(model_type: str, cfg: dict[str, Any], defaults: dict[str, Any]) -> tuple[bool, bool, bool]:
+    """(q/k/v, output projection, MLP) biases as each family's modelling code builds them."""
+    if model_type == "qwen2":  # q/k/v always carry a bias, nothing else does
+        return True, False, False
+    if model_type == "mistral":  # no bias switch at all
+        return False, False, False
+    attention = _flag(cfg, "attention_bias", defaults.get("attention_bias", model_type in ABSOLUTE_POSITION_TYPES))
+    mlp = _flag(cfg, "mlp_bias", defaults.get("mlp_bias", False)) if model_type == "llama" else \
+        model_type in ABSOLUTE_POSITION_TYPES
+    return attention, attention, mlp
 
 
 def _whole(key: str, value: Any, limit: int) -> int:
@@ -150,10 +253,10 @@ def _whole(key: str, value: Any, limit: int) -> int:
     return value
 
 
-def _check_heads(cfg: dict[str, Any], hidden: int, heads: int, kv_heads: int) -> None:
+def _check_heads(cfg: dict[str, Any], hidden: int, heads: int, kv_heads: int, head_dim: int | None) -> None:
     """What attention layers need to be built at all: whole heads, whole groups of query heads per KV head."""
     head_key = "num_attention_heads" if "num_attention_heads" in cfg else "n_head"
-    if cfg.get("head_dim") is None and hidden % heads:
+    if cfg.get("head_dim") is None and head_dim is None and hidden % heads:
         raise ShapeError(head_key, f"{heads} does not divide the hidden size {hidden} (and head_dim is unset)")
     if heads % kv_heads:
         raise ShapeError("num_key_value_heads", f"{kv_heads} does not divide the {heads} attention heads")
