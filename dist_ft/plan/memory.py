@@ -12,7 +12,9 @@ L×L boolean mask once (1 B per element) and each layer converts it to an additi
 training dtype that backward keeps (measured on CPU, fp32: 0.8 B/element shared
 plus 4.0 B/element per layer kept).
 The loss runs the LM head over `loss_chunk_tokens` tokens at a time (dist_ft.rank.loss): the
-peak is one chunk's logits in the training dtype, their fp32 copy and its gradient.
+peak is one chunk's logits in the training dtype, their fp32 copy and its gradient; with more than
+one chunk outside ZeRO-3 the fused path also holds a trainable head's gradient in fp32 from forward
+to backward (full fine-tuning: vocab × hidden × 4 B).
 Prompt-learning methods (prefix/prompt/ptuning) go through transformers' own loss,
 which holds those for every token of the micro-batch.
 """
@@ -69,6 +71,7 @@ class MemoryInputs:
     packed: bool = False  # rows hold several documents (sdpa then builds an L×L mask)
     offload_activations: bool = False
     mlp_tile_tokens: int | None = None
+    head_gradient_buffer: bool = False  # the fused loss accumulates a trainable head's gradient in fp32
 
 
 def estimate(m: MemoryInputs) -> MemoryEstimate:
@@ -82,6 +85,8 @@ def estimate(m: MemoryInputs) -> MemoryEstimate:
     activations = _activations(m, b, tokens)
     logit_rows = tokens if m.loss_chunk_tokens is None else min(tokens, m.loss_chunk_tokens)
     logits = logit_rows * m.shape.vocab_size * (b + 4 + 4)
+    if m.head_gradient_buffer:
+        logits += m.shape.vocab_size * m.shape.hidden_size * 4
     overhead = 1.5 * GIB if m.on_gpu else 0.5 * GIB
     host = _checkpoints(m, b, tokens) if m.offload_activations else 0.0
     return MemoryEstimate(*(x / GIB for x in (weights, gradients, optimizer, activations, logits, overhead, host)))

@@ -164,3 +164,14 @@ def yaml_cluster_recipe():
     from tests.conftest import LAUNCH
 
     return yaml.safe_load((LAUNCH / "llama3-8b-64k-4node.yaml").read_text())
+
+
+def test_the_fused_loss_holds_a_trainable_heads_fp32_gradient_where_it_chunks():
+    """Full fine-tuning in several chunks outside ZeRO-3: the head's gradient (vocab x hidden x 4 B)
+    waits from forward to backward; ZeRO-3 (recomputed chunks) and one chunk add nothing."""
+    head = LLAMA8B.vocab_size * LLAMA8B.hidden_size * 4 / 1024**3
+    chunked, zero3 = long_stage_memory("parallelism.zero_stage=2"), long_stage_memory("parallelism.zero_stage=3")
+    assert abs(chunked["logits_gib"] - zero3["logits_gib"] - head) < 1e-3  # the plan rounds to MiB
+    one_chunk = long_stage_memory("model.loss_chunk_tokens=32768")
+    per_row = zero3["logits_gib"] / 4096
+    assert abs(one_chunk["logits_gib"] - 32768 * per_row) < 1e-2
