@@ -72,7 +72,26 @@ def test_sgd_with_warmup_stable_decay_logs_the_planned_lr_at_every_step_and_lear
     sched = plan.stage("ctx").scheduler
     expected = [0.3 * lr_multiplier(sched, s, 10) for s in range(10)]
     assert [r["lr"] for r in rows] == pytest.approx(expected, rel=1e-12)
-    # warmup 0.15, 0.3; stable; the last 3 steps decay towards 0.015
-    assert expected[:2] == pytest.approx([0.15, 0.3]) and expected[2:7] == [0.3] * 5 and expected[-1] < 0.1
+    # warmup from the floor (transformers' WSD ramps from min_lr_ratio), stable, the last 3 steps decay to 0.015
+    assert expected[:2] == pytest.approx([0.3 * (0.05 + 0.95 / 2), 0.3]) and expected[2:7] == [0.3] * 5
+    assert expected[7] == 0.3 and 0.015 < expected[9] < expected[8] < 0.3
     losses = [r["loss"] for r in rows]
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA (GPU-only optimizers)")
+@pytest.mark.parametrize("name", ["lion", "paged_adamw_8bit"])
+def test_cuda_only_optimizers_train_a_stage_on_one_gpu(name, tmp_path):
+    """DeepSpeed's FusedLion (a JIT-compiled CUDA op) and bitsandbytes' paged 8-bit AdamW under ZeRO-2."""
+    run = tmp_path / name
+    raw = tiny_recipe(steps=4, every=None, ranks=1)
+    raw["cluster"].update(gpus_per_node=1, gpu_memory_gb=20)
+    raw["model"].update(dtype="bf16")
+    raw["long_context"]["stages"][0].update(lr=1e-3, optimizer={"name": name, "weight_decay": 0.1})
+    plan = render(raw, run)
+    cfg = json.loads((run / plan.stage("ctx").ds_config).read_text())
+    assert ("optimizer" in cfg) == (name == "lion")
+    train(run, "ctx", nproc=1)
+    rows = [r for r in metric_rows(run, "ctx") if "loss" in r]
+    assert len(rows) == 4 and rows[-1]["loss"] < rows[0]["loss"]
