@@ -100,7 +100,7 @@ def _schedule(s: StagePlan) -> str:
     if sc.min_lr_ratio is not None:
         parts.append(f"floor {sc.min_lr_ratio:g}")
     if sc.decay_ratio is not None:
-        parts.append(f"decay over the last {sc.decay_ratio:g}")
+        parts.append(f"decay over the last {sc.decay_ratio:.0%}")
     if sc.power is not None:
         parts.append(f"power {sc.power:g}")
     head = f"schedule {sc.name} ({', '.join(parts)})"

@@ -162,7 +162,7 @@ def test_the_plan_prints_optimizer_and_schedule(capsys):
     out = capsys.readouterr().out
     sft = out[out.index("] sft"):]
     assert "optimizer sgd (lr 0.003, weight decay 0.01 on weight matrices, momentum 0.9), clip 1" in sft
-    assert ("schedule warmup_stable_decay (warmup 2, floor 0.1, decay over the last 0.3): lr at 0/25/50/75/100 % "
+    assert ("schedule warmup_stable_decay (warmup 2, floor 0.1, decay over the last 30%): lr at 0/25/50/75/100 % "
             "0.00165 0.003 0.003 0.003 0.000975") in sft
     assert "optimizer adamw (lr 0.002, weight decay 0, betas 0.9/0.95, eps 1e-08), clip 1" in out
     assert "schedule cosine (warmup 2, floor 0.1)" in out
