@@ -11,8 +11,6 @@ from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.recipe.config import Parallelism
 from .assets import asset
 
-ADAM_BETAS = (0.9, 0.95)
-
 
 def preset_name(par: Parallelism) -> str:
     offload = par.offload_optimizer != "none" or par.offload_params != "none"
@@ -30,8 +28,13 @@ def render_ds_config(plan: Plan, stage: StagePlan, preset: dict[str, Any] | None
         train_batch_size=batching.train_batch_size(stage.micro_batch_size, stage.grad_accum, plan.dp),
         train_micro_batch_size_per_gpu=stage.micro_batch_size,
         gradient_accumulation_steps=stage.grad_accum,
-        optimizer=_optimizer(stage, par),
+        gradient_clipping=stage.optimizer.max_grad_norm,
     )
+    optimizer = deepspeed_optimizer(stage, par, plan.device == "cuda")
+    if optimizer is not None:
+        cfg["optimizer"] = optimizer
+    if optimizer is None or optimizer["type"] not in ZERO_TESTED:
+        cfg["zero_allow_untested_optimizer"] = True  # DeepSpeed's list of ZeRO optimizers lacks these
     cfg.update(_precision(plan.model.dtype))
     _fill_zero(cfg["zero_optimization"], plan)
     if par.sequence_parallel > 1:
@@ -39,11 +42,29 @@ def render_ds_config(plan: Plan, stage: StagePlan, preset: dict[str, Any] | None
     return cfg
 
 
-def _optimizer(stage: StagePlan, par: Parallelism) -> dict[str, Any]:
-    params: dict[str, Any] = {"lr": stage.lr, "betas": list(ADAM_BETAS), "eps": 1e-8, "weight_decay": 0.0}
-    if par.offload_optimizer == "none":
-        params["torch_adam"] = True  # DeepSpeed's FusedAdam would compile for minutes
-    return {"type": "AdamW", "params": params}
+# The optimizers DeepSpeed builds from its config, by our name; the others (adafactor, paged_adamw_8bit, and
+# lion on CPU ranks without offload) are built on each rank (rank/optimizer.py) and the config names none.
+DEEPSPEED_TYPES = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD", "lion": "Lion"}
+ZERO_TESTED = ("AdamW", "Adam", "Lion")
+
+
+def deepspeed_optimizer(stage: StagePlan, par: Parallelism, on_gpu: bool) -> dict[str, Any] | None:
+    """The config's `optimizer` section, or None when the rank hands DeepSpeed the optimizer."""
+    opt = stage.optimizer
+    if opt.name not in DEEPSPEED_TYPES or (opt.name == "lion" and not on_gpu and par.offload_optimizer == "none"):
+        return None  # DeepSpeed's FusedLion is CUDA only: CPU ranks without offload take bitsandbytes' Lion
+    params: dict[str, Any] = {"lr": stage.lr}
+    if opt.name in ("adamw", "adam"):
+        params.update(betas=list(opt.option("betas")), eps=opt.option("eps"), weight_decay=opt.weight_decay)
+        if opt.name == "adam":
+            params["adam_w_mode"] = False  # DeepSpeed's "Adam" is AdamW unless told: L2 decay, as torch's Adam
+        if par.offload_optimizer == "none":
+            params["torch_adam"] = True  # torch's AdamW/Adam: DeepSpeed's FusedAdam would compile for minutes
+    elif opt.name == "lion":  # FusedLion on GPUs, DeepSpeedCPULion with offload
+        params.update(betas=list(opt.option("betas")), weight_decay=opt.weight_decay)
+    else:  # torch.optim.SGD, which DeepSpeed looks up by the type's name
+        params.update(momentum=opt.option("momentum"), weight_decay=opt.weight_decay)
+    return {"type": DEEPSPEED_TYPES[opt.name], "params": params}
 
 
 def _precision(dtype: str) -> dict[str, Any]:

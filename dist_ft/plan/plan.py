@@ -14,17 +14,19 @@ from typing import Any
 from pathlib import Path
 
 from dist_ft.recipe.config import (PEFT_ADAPTERS, VIRTUAL_TOKEN_METHODS, Checkpointing, Cluster, Data, Evaluation,
-                                   MethodOptions, Model, Parallelism, Recipe, Rope, Stage, Tracking)
+                                   Finetune, MethodOptions, Model, Optimizer, Parallelism, Recipe, Rope, Scheduler,
+                                   Stage, Tracking)
 from dist_ft.recipe.model_shape import INLINE_MLP_TYPES, POSITION_TABLES, ModelShape
 from dist_ft.recipe.strict import Problem, RecipeError, build
 from dist_ft.recipe.timelimit import parse_time_limit
 
-from . import batching, memory
+from . import batching, memory, schedule
 from .method_options import check_options
 from .rope import addressable_length, rope_parameters, scaled_context
 from .run_dir import RunDir, ds_config_name, sbatch_name
 
-PLAN_VERSION = 2  # 2: the recipe's sections typed, derived numbers (dp, sp, world size) no longer stored
+PLAN_VERSION = 3  # 2: the recipe's sections typed, derived numbers (dp, sp, world size) no longer stored;
+# 3: each stage's optimizer and (effective) scheduler replace min_lr, warmup_steps and schedule
 MAX_MICRO_TOKENS = 32768  # beyond this a bigger micro-batch buys no throughput, only memory
 TIGHT_FRACTION = 0.85
 
@@ -48,10 +50,9 @@ class StagePlan:
     tokens_per_step: int
     steps: int | None  # None: fine-tuning by epochs, counted from the data at run time
     epochs: float | None
-    lr: float
-    min_lr: float
-    warmup_steps: int
-    schedule: str
+    lr: float  # the peak
+    optimizer: Optimizer
+    scheduler: Scheduler  # the effective one (recipe.config.effective_scheduler): every default filled
     init_from: str | None
     eval_every: int | None
     early_stopping_patience: int | None
@@ -295,14 +296,14 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
         warnings.append(f"{stage.name}: {tokens_per_step} tokens per step (asked {lc.tokens_per_step}): "
                         f"{global_seqs} sequences of {stage.seq_len} over {dp} data-parallel ranks")
     steps = stage.steps or batching.steps_for_tokens(stage.tokens, tokens_per_step)
-    _check_warmup(stage.warmup_steps, steps, f"{path}.warmup_steps", problems)
+    _check_training(recipe, stage, steps, path, problems)
     return StagePlan(
         index=index, name=stage.name, phase="continued_pretraining", seq_len=stage.seq_len,
         rope_parameters=rope, max_position_embeddings=_max_positions(shape, stage.seq_len, rope), method="full",
         method_options=None, data=lc.data, data_format="text", template=None,
         micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs, tokens_per_step=tokens_per_step,
-        steps=steps, epochs=None, lr=stage.lr, min_lr=stage.lr * stage.min_lr_ratio,
-        warmup_steps=stage.warmup_steps, schedule="warmup_cosine", init_from=previous.name if previous else None, eval_every=None,
+        steps=steps, epochs=None, lr=stage.lr, optimizer=stage.optimizer, scheduler=stage.schedule,
+        init_from=previous.name if previous else None, eval_every=None,
         early_stopping_patience=None, merge_adapter=False, memory=mem, ds_config=ds_config_name(stage.name),
         sbatch=sbatch_name(stage.name), extend_positions=stage.extend_positions,
     )
@@ -330,8 +331,7 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
     if global_seqs != ft.global_batch_size:  # dp does not divide it: said, as for long-context tokens_per_step
         warnings.append(f"{ft.name}: {global_seqs} sequences per step (asked {ft.global_batch_size}): {micro} x "
                         f"{accum} accumulation x {dp} data-parallel ranks")
-    if ft.steps is not None:  # by epochs, the step count is known only from the data, at run time
-        _check_warmup(ft.warmup_steps, ft.steps, "finetune.warmup_steps", problems)
+    _check_training(recipe, ft, ft.steps, "finetune", problems)
     return StagePlan(
         index=index, name=ft.name, phase="finetune", seq_len=seq_len, rope_parameters=rope,
         max_position_embeddings=max(_max_positions(shape, seq_len, rope),
@@ -339,16 +339,30 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
         method=ft.method, method_options=ft.options, data=ft.data, data_format=ft.format,
         template=ft.template, micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs,
         tokens_per_step=batching.tokens_per_step(global_seqs, seq_len), steps=ft.steps, epochs=ft.epochs, lr=ft.lr,
-        min_lr=ft.lr * ft.min_lr_ratio, warmup_steps=ft.warmup_steps, schedule="warmup_cosine", init_from=last.name if last else None, eval_every=ft.eval_every,
+        optimizer=ft.optimizer, scheduler=ft.schedule, init_from=last.name if last else None, eval_every=ft.eval_every,
         early_stopping_patience=ft.early_stopping_patience, merge_adapter=ft.merge_adapter, memory=mem,
         ds_config=ds_config_name(ft.name), sbatch=sbatch_name(ft.name), extend_positions=ft.extend_positions,
     )
 
 
-def _check_warmup(warmup: int, steps: int, path: str, problems: list[Problem]) -> None:
+def _check_training(recipe: Recipe, section: Stage | Finetune, steps: int | None, path: str,
+                    problems: list[Problem]) -> None:
+    """The stage's optimizer where it runs, and its schedule against its step count (when the steps are
+    known at plan time: by epochs, they are counted from the data at run time)."""
+    _check_optimizer(recipe, section.optimizer, f"{path}.optimizer", problems)
+    sched = section.schedule
+    if steps is None:
+        return
+    warmup = schedule.warmup_steps(sched, steps)
     if warmup and warmup >= steps:
-        problems.append(Problem(path, f"{warmup} warmup steps leave none of the stage's {steps} steps to decay "
-                                "the learning rate", f"use fewer than {steps} warmup steps"))
+        given = "warmup_steps" if section.warmup_steps is not None else \
+            "scheduler.warmup_ratio" if sched.warmup_ratio is not None else "scheduler.warmup_steps"
+        problems.append(Problem(f"{path}.{given}", f"{warmup} warmup steps leave none of the stage's {steps} steps "
+                                "to decay the learning rate", f"use fewer than {steps} warmup steps"))
+    elif sched.name == "warmup_stable_decay" and warmup + schedule.decay_steps(sched, steps) > steps:
+        problems.append(Problem(f"{path}.scheduler.decay_ratio", f"{warmup} warmup and "
+                                f"{schedule.decay_steps(sched, steps)} decay steps are more than the stage's {steps}",
+                                "lower decay_ratio or the warmup (the stable phase takes the steps between)"))
 
 
 def _check_method(recipe: Recipe, problems: list[Problem]) -> None:
@@ -374,6 +388,22 @@ def _check_method(recipe: Recipe, problems: list[Problem]) -> None:
     if ft.merge_adapter and ft.method not in PEFT_ADAPTERS:
         problems.append(Problem("finetune.merge_adapter", f"{ft.method} has no adapter to merge",
                                 "remove merge_adapter"))
+
+
+# Optimizers a rank hands DeepSpeed (no config entry): with optimizer offload DeepSpeed refuses them
+# (ZeRORuntimeException: an offloaded optimizer must be its CPU Adam or CPU Lion, or a config one).
+CLIENT_OPTIMIZERS = ("adafactor", "paged_adamw_8bit")
+
+
+def _check_optimizer(recipe: Recipe, opt: Optimizer, path: str, problems: list[Problem]) -> None:
+    on_gpu, offload = bool(recipe.cluster.gpus_per_node), recipe.parallelism.offload_optimizer
+    if opt.name == "paged_adamw_8bit" and not on_gpu:
+        problems.append(Problem(f"{path}.name", "paged_adamw_8bit is bitsandbytes' CUDA optimizer; these are CPU "
+                                "ranks", "use `adamw` on CPU ranks, or set `cluster.gpus_per_node`"))
+    if opt.name in CLIENT_OPTIMIZERS and offload != "none":
+        problems.append(Problem(f"{path}.name", f"DeepSpeed offloads only its own optimizers (CPU Adam, CPU Lion, "
+                                f"torch's from its config), not {opt.name}", "use `adamw`, `adam`, `lion` or `sgd` "
+                                "with offload, or set `parallelism.offload_optimizer: none`"))
 
 
 def _batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int, global_seqs: int,

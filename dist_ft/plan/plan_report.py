@@ -6,7 +6,7 @@ import shlex
 
 from dist_ft.recipe.config import LORA_FAMILY, VIRTUAL_TOKEN_METHODS, Model
 from dist_ft.recipe.launch_script import training_python
-from . import batching
+from . import batching, schedule
 from .loss_path import loss_path
 from .method_options import trainable_params
 from .plan import Plan, StagePlan
@@ -71,7 +71,8 @@ def _stage_block(plan: Plan, s: StagePlan) -> str:
         f"    trainable: {_trainable(plan, s)}",
         f"    micro-batch {s.micro_batch_size} x grad-accum {s.grad_accum} x dp {plan.dp} = {s.global_batch_size}"
         f" sequences = {s.tokens_per_step:,} tokens/step",
-        f"    {steps}; lr {s.lr:g} -> {s.min_lr:g} ({s.schedule}, warmup {s.warmup_steps})",
+        f"    {steps}; {_optimizer(s)}",
+        f"    {_schedule(s)}",
         f"    ZeRO-{par.zero_stage}, {offload}, sequence-parallel {par.sequence_parallel}",
         f"    memory/rank: {_memory(s.memory)}",
         f"    loss: {_loss(plan, s)}",
@@ -83,6 +84,40 @@ def _loss(plan: Plan, s: StagePlan) -> str:
     micro_tokens = batching.tokens_per_rank_micro_batch(s.micro_batch_size, s.seq_len, plan.sp)
     return loss_path(s.method, plan.parallelism.zero_stage, plan.model.loss_kernel, plan.device == "cuda",
                      micro_tokens, plan.model.loss_chunk_tokens)
+
+
+def _optimizer(s: StagePlan) -> str:
+    """`optimizer adamw (lr 2e-05, weight decay 0.1 on weight matrices, betas 0.9/0.95, eps 1e-08), clip 1`"""
+    o = s.optimizer
+    parts = [f"lr {s.lr:g}", f"weight decay {o.weight_decay:g}" + (" on weight matrices" if o.weight_decay else "")]
+    if o.option("betas") is not None:
+        parts.append("betas " + "/".join(f"{b:g}" for b in o.option("betas")))
+    if o.option("eps") is not None:
+        parts.append(f"eps {o.option('eps'):g}")
+    if o.option("momentum") is not None:
+        parts.append(f"momentum {o.option('momentum'):g}")
+    clip = f"clip {o.max_grad_norm:g}" if o.max_grad_norm else "no clipping"
+    return f"optimizer {o.name} ({', '.join(parts)}), {clip}"
+
+
+FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def _schedule(s: StagePlan) -> str:
+    """`schedule cosine (warmup 2, floor 0.1): lr 1e-05 2e-05 1.5e-05 ... at 0/25/50/75/100 % ▅█▇▅▃▂▁`"""
+    sc = s.scheduler
+    parts = [f"warmup {sc.warmup_steps}" if sc.warmup_ratio is None else f"warmup {sc.warmup_ratio:g} of the steps"]
+    if sc.min_lr_ratio is not None:
+        parts.append(f"floor {sc.min_lr_ratio:g}")
+    if sc.decay_ratio is not None:
+        parts.append(f"decay over the last {sc.decay_ratio:.0%}")
+    if sc.power is not None:
+        parts.append(f"power {sc.power:g}")
+    head = f"schedule {sc.name} ({', '.join(parts)})"
+    if s.steps is None:
+        return f"{head}: the lr curve follows from the steps counted at run time"
+    points = " ".join(f"{lr:.3g}" for lr in schedule.lr_at(sc, s.lr, s.steps, FRACTIONS))
+    return f"{head}: lr at 0/25/50/75/100 % {points}  {schedule.sparkline(sc, s.steps, min(24, s.steps))}"
 
 
 def _positions(s: StagePlan) -> str:

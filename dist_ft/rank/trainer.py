@@ -15,12 +15,13 @@ from dist_ft.evaluation.evaluate import evaluate_after_stage
 from dist_ft.plan import batching
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.plan.run_dir import StageDir
+from dist_ft.plan.schedule import lr_multiplier
 from . import engine as ds
 from .distributed import DistEnv, read_env
 from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 from .loss import LanguageModelLoss, TokenMean, choose_head_kernel
 from .metrics import NullMetrics, RankZeroMetrics, mfu
-from .schedule import lr_multiplier
+from .optimizer import client_optimizer, parameter_groups
 from .stage_checkpoints import StageCheckpoints
 from .stage_data import StageData, load_stage_data
 from .stage_model import build_stage_model, export_stage, stage_tokenizer
@@ -137,8 +138,10 @@ def _engine(plan: Plan, stage: StagePlan, model, ds_config: dict[str, Any], dp_s
     wrapped = LanguageModelLoss(model, plan.model.loss_chunk_tokens, sequence_parallel=sp,
                                 offload_activations=plan.model.offload_activations, head_kernel=kernel,
                                 token_mean=token_mean)
-    return ds.build_engine(wrapped, ds_config, lambda s: lr_multiplier(
-        s, stage.warmup_steps, total_steps, stage.min_lr / stage.lr if stage.lr else 1.0), mpu=mpu)
+    groups = parameter_groups(wrapped, stage.optimizer.weight_decay)
+    client = None if "optimizer" in ds_config else client_optimizer(stage.optimizer, stage.lr, groups)
+    return ds.build_engine(wrapped, ds_config, lambda s: lr_multiplier(stage.scheduler, s, total_steps), groups,
+                           client, mpu=mpu)
 
 
 def _release_accelerator_memory() -> None:

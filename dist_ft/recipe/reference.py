@@ -12,6 +12,7 @@ from .strict import _describe, number_text
 SECTIONS = [("(top level)", config.Recipe), ("model", config.Model), ("long_context", config.LongContext),
             ("long_context.stages[]", config.Stage), ("long_context.progressive", config.Progressive),
             ("…rope", config.Rope), ("…data", config.Data), ("…data.sources[]", config.Source),
+            ("…optimizer", config.Optimizer), ("…scheduler", config.Scheduler),
             ("finetune", config.Finetune),
             ("finetune.options", config.MethodOptions), ("cluster", config.Cluster),
             ("parallelism", config.Parallelism), ("tracking", config.Tracking),
@@ -24,7 +25,8 @@ def reference() -> str:
            "current.",
            "Unknown keys are errors (with the nearest valid key suggested). `…rope` and `…data` appear in",
            "several places (`long_context.stages[].rope`, `long_context.progressive.rope`, `finetune.rope`;",
-           "`long_context.data`, `finetune.data`).", ""]
+           "`long_context.data`, `finetune.data`); `…optimizer` and `…scheduler` in every stage section",
+           "(`long_context.stages[]`, `long_context.progressive`, `finetune`).", ""]
     for title, cls in SECTIONS:
         out += [f"## `{title}`", "", "| key | type | default | meaning |", "|---|---|---|---|"]
         hints = typing.get_type_hints(cls)

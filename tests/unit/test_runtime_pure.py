@@ -7,7 +7,8 @@ import pytest
 from dist_ft.rank.checkpoint import commit, complete_tags, latest_tag, tag_for
 from dist_ft.rank.distributed import read_env
 from dist_ft.rank.metrics import wandb_mode
-from dist_ft.rank.schedule import lr_multiplier
+from dist_ft.plan.schedule import lr_multiplier
+from dist_ft.recipe.config import Scheduler
 from dist_ft.launcher.summary import read_metrics
 
 
@@ -29,7 +30,7 @@ def test_single_process_defaults():
 
 
 def test_warmup_then_cosine_to_the_floor():
-    values = [lr_multiplier(s, warmup_steps=2, total_steps=10, min_ratio=0.1) for s in range(12)]
+    values = [lr_multiplier(Scheduler(warmup_steps=2, min_lr_ratio=0.1), s, total_steps=10) for s in range(12)]
     assert values[:2] == [0.5, 1.0]
     assert values[2] == pytest.approx(1.0) and values[-1] == pytest.approx(0.1)
     assert all(a >= b for a, b in zip(values[2:], values[3:]))
