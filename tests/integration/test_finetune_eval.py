@@ -4,6 +4,7 @@ samples, task metrics, validation and test files, early stopping that keeps and 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,8 @@ import torch
 
 from dist_ft.launcher.summary import pipeline_summary
 from tests.conftest import LAUNCH
-from tests.integration.training_helpers import lora_finetune, metric_rows, render, tiny_recipe, train
+from tests.integration.training_helpers import (lora_finetune, metric_rows, render, tiny_recipe, train,
+                                                 wandb_history)
 
 pytestmark = pytest.mark.integration
 
@@ -67,6 +69,13 @@ def test_zero3_finetune_evaluates_samples_and_exports_the_best_checkpoint(tmp_pa
         assert rows[0]["reference"] is None and "2 3" in rows[0]["prompt"]
         assert all(isinstance(r["reference"], str) and r["reference"] for r in rows[1:])
 
+    (run_file,) = run.glob("wandb/offline-run-*/run-*.wandb")
+    history = wandb_history(run_file)
+    tables = [int(row["_step"]) for row in history if row.get("samples/_type") == "table-file"]
+    assert tables == [0, 2, 4, 6], "a W&B table of samples at each generation"
+    assert [int(row["_step"]) for row in history if "eval_rouge_l" in row] == [2, 4, 6]
+    assert [int(row["_step"]) for row in history if "test_rouge_l" in row] == [6]
+
     test = json.loads((stage / "test_metrics.json").read_text())
     assert test["step"] == 2 and test["rows"] == 3
     assert {"test_loss", "test_perplexity", "test_exact_match", "test_rouge_l"} <= set(test)
@@ -90,3 +99,14 @@ def test_zero3_finetune_evaluates_samples_and_exports_the_best_checkpoint(tmp_pa
     assert "samples before (step 0):" in summary and "samples after (step 2):" in summary
     assert "test (weights of step 2):" in summary
     assert "loaded the best checkpoint" in result.stdout + result.stderr
+
+    # A restart after the early stop (say the export was lost) trains nothing and exports the best again:
+    # the checkpoint's loop state remembers both the stop and which step was best.
+    shutil.rmtree(stage / "export")
+    (stage / "DONE").unlink()
+    again = train(run, "sft")
+    assert "resumed from" in again.stdout and "early_stopped at step 6/10" in again.stdout
+    assert json.loads((stage / "DONE").read_text())["best"]["step"] == 2
+    assert [r["step"] for r in metric_rows(run, "sft") if "loss" in r] == list(range(1, 7)), "no step retrained"
+    for name, tensor in load_file(stage / "export/adapter/adapter_model.safetensors").items():
+        assert torch.equal(tensor, best[name]), name
