@@ -180,14 +180,28 @@ def load_for_generation(spec: str, gguf_file: str | None, dtype: str):
 
 
 def generate_one(model, tokenizer, prompt: str, sampling: Sampling, streamer=None) -> str:
+    ids = tokenizer(prompt, add_special_tokens=not _has_bos(tokenizer, prompt))["input_ids"]
+    return generate_ids(model, tokenizer, ids, sampling, streamer=streamer)
+
+
+def generate_ids(model, tokenizer, prompt_ids: list[int], sampling: Sampling, streamer=None,
+                 synced_gpus: bool = False, stop_ids: tuple[int, ...] = ()) -> str:
+    """The answer to a prompt given as token ids (as training tokenized it). `synced_gpus`: every rank
+    generates together, as ZeRO-3 needs (each forward gathers the layers' weights from all ranks);
+    `stop_ids`: tokens that end the answer besides the model's own end-of-sequence tokens."""
     import torch
 
-    encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=not _has_bos(tokenizer, prompt))
-    encoded = {k: v.to(model.device) for k, v in encoded.items()}
+    input_ids = torch.tensor([prompt_ids], dtype=torch.long, device=model.device)
     torch.manual_seed(sampling.seed)
+    kwargs: dict[str, Any] = {"synced_gpus": True} if synced_gpus else {}
+    if stop_ids:
+        own = model.generation_config.eos_token_id
+        own = [] if own is None else [own] if isinstance(own, int) else list(own)
+        kwargs["eos_token_id"] = own + [i for i in stop_ids if i not in own]
     with torch.no_grad():
-        ids = model.generate(**encoded, **sampling.generate_kwargs(tokenizer), streamer=streamer)
-    return tokenizer.decode(ids[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        ids = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             **sampling.generate_kwargs(tokenizer), streamer=streamer, **kwargs)
+    return tokenizer.decode(ids[0, input_ids.shape[1]:], skip_special_tokens=True)
 
 
 def _has_bos(tokenizer, prompt: str) -> bool:

@@ -11,17 +11,77 @@ from dist_ft.plan.plan import Plan
 def read_metrics(path: Path) -> list[dict]:
     """Training rows by step; a resumed stage may have logged a step twice, the later row wins. A line
     cut short by a killed rank (the next run appends to it) is skipped, not fatal."""
+    by_step = {row["step"]: row for row in read_rows(path) if "loss" in row and isinstance(row.get("step"), int)}
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Every JSON object row of a JSONL file (a line cut short is skipped)."""
     if not path.is_file():
         return []
-    by_step: dict[int, dict] = {}
+    rows = []
     for line in path.read_text(errors="replace").splitlines():
         try:
             row = json.loads(line)
         except ValueError:
             continue
-        if isinstance(row, dict) and "loss" in row and isinstance(row.get("step"), int):
-            by_step[row["step"]] = row
-    return [by_step[k] for k in sorted(by_step)]
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+SAMPLES_SHOWN = 3
+
+
+def evaluation_lines(folder, indent: str) -> list[str]:
+    """What the stage's evaluation found: the best weights it exported, the last validation metrics,
+    the test metrics, and samples before and after the stage."""
+    lines = []
+    done = _read_json(folder.done)
+    best = done.get("best")
+    if isinstance(best, dict) and isinstance(best.get("value"), (int, float)):
+        lines.append(f"{indent}exported the best weights: step {best['step']}, {best['metric']} {best['value']:.4f}")
+    rows = read_rows(folder.metrics)
+    evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
+    if evals:
+        lines.append(f"{indent}eval (step {evals[-1].get('step')}): {_values(evals[-1], 'eval_')}")
+    test = _read_json(folder.test_metrics)
+    if test:
+        lines.append(f"{indent}test (weights of step {test.get('step')}): {_values(test, 'test_')}")
+    samples = read_rows(folder.samples)
+    if samples:
+        after = best["step"] if isinstance(best, dict) else done.get("step", max(r.get("step", 0) for r in samples))
+        for label, step in (("before", 0), ("after", after)):
+            shown = [r for r in samples if r.get("step") == step][:SAMPLES_SHOWN]
+            if shown and (label == "before" or step != 0):
+                lines.append(f"{indent}samples {label} (step {step}):")
+                lines += [f"{indent}  {_sample(r)}" for r in shown]
+    return lines
+
+
+def _values(row: dict, prefix: str) -> str:
+    return "  ".join(f"{k.removeprefix(prefix)} {v:.4g}" for k, v in row.items()
+                     if k.startswith(prefix) and isinstance(v, (int, float)))
+
+
+def _sample(row: dict) -> str:
+    """One line: the prompt's end, the answer's start (as Python literals: whitespace shows), the reference."""
+    def short(text, width: int, tail: bool = False) -> str:
+        text = str(text or "")
+        if len(text) <= width:
+            return repr(text)
+        return "…" + repr(text[-width:]) if tail else repr(text[:width]) + "…"
+
+    reference = f"  (reference: {short(row['reference'], 30)})" if row.get("reference") is not None else ""
+    return f"{short(row.get('prompt'), 40, tail=True)} -> {short(row.get('output'), 40)}{reference}"
 
 
 def pipeline_summary(plan: Plan) -> str:
@@ -38,6 +98,7 @@ def pipeline_summary(plan: Plan) -> str:
                      f"{rows[-1]['loss']:.4f} over {rows[-1]['step']} steps ({status})")
         if folder.export.is_dir():
             lines.append(f"  {'':<12} model:   {folder.model()}")
+        lines += evaluation_lines(folder, f"  {'':<12} ")
         lines.append(f"  {'':<12} metrics: {folder.metrics}, plot {folder.loss_plot}")
     wandb_dir = run.wandb
     if wandb_dir.is_dir() and any(wandb_dir.glob("offline-run-*")):

@@ -13,9 +13,9 @@ from typing import Any
 
 from pathlib import Path
 
-from dist_ft.recipe.config import (PEFT_ADAPTERS, VIRTUAL_TOKEN_METHODS, Checkpointing, Cluster, Data, Evaluation,
-                                   Finetune, MethodOptions, Model, Optimizer, Parallelism, Recipe, Rope, Scheduler,
-                                   Stage, Tracking)
+from dist_ft.recipe.config import (PEFT_ADAPTERS, VIRTUAL_TOKEN_METHODS, Checkpointing, Cluster, Data, EarlyStopping,
+                                   Evaluation, Finetune, MethodOptions, Model, Optimizer, Parallelism, Recipe, Rope,
+                                   Samples, Scheduler, Stage, Tracking)
 from dist_ft.recipe.model_shape import INLINE_MLP_TYPES, POSITION_TABLES, ModelShape
 from dist_ft.recipe.strict import Problem, RecipeError, build
 from dist_ft.recipe.timelimit import parse_time_limit
@@ -26,7 +26,8 @@ from .rope import addressable_length, rope_parameters, scaled_context
 from .run_dir import RunDir, ds_config_name, sbatch_name
 
 PLAN_VERSION = 3  # 2: the recipe's sections typed, derived numbers (dp, sp, world size) no longer stored;
-# 3: each stage's optimizer and (effective) scheduler replace min_lr, warmup_steps and schedule
+# 3: each stage's optimizer and (effective) scheduler replace min_lr, warmup_steps and schedule; fine-tuning's
+#    evaluation (metrics, samples, early_stopping) replaced early_stopping_patience
 MAX_MICRO_TOKENS = 32768  # beyond this a bigger micro-batch buys no throughput, only memory
 TIGHT_FRACTION = 0.85
 
@@ -55,12 +56,15 @@ class StagePlan:
     scheduler: Scheduler  # the effective one (recipe.config.effective_scheduler): every default filled
     init_from: str | None
     eval_every: int | None
-    early_stopping_patience: int | None
+    early_stopping: EarlyStopping | None
     merge_adapter: bool
     memory: dict[str, float] | None
     ds_config: str
     sbatch: str
     extend_positions: str = "none"  # how a learned position table grows to max_position_embeddings
+    metrics: list[str] = field(default_factory=lambda: ["loss"])  # on validation and test data (finetune.metrics)
+    metric_rows: int | None = None
+    samples: Samples | None = None
 
 
 @dataclass(frozen=True)
@@ -304,7 +308,7 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
         micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs, tokens_per_step=tokens_per_step,
         steps=steps, epochs=None, lr=stage.lr, optimizer=stage.optimizer, scheduler=stage.schedule,
         init_from=previous.name if previous else None, eval_every=None,
-        early_stopping_patience=None, merge_adapter=False, memory=mem, ds_config=ds_config_name(stage.name),
+        early_stopping=None, merge_adapter=False, memory=mem, ds_config=ds_config_name(stage.name),
         sbatch=sbatch_name(stage.name), extend_positions=stage.extend_positions,
     )
 
@@ -340,8 +344,9 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
         template=ft.template, micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs,
         tokens_per_step=batching.tokens_per_step(global_seqs, seq_len), steps=ft.steps, epochs=ft.epochs, lr=ft.lr,
         optimizer=ft.optimizer, scheduler=ft.schedule, init_from=last.name if last else None, eval_every=ft.eval_every,
-        early_stopping_patience=ft.early_stopping_patience, merge_adapter=ft.merge_adapter, memory=mem,
+        early_stopping=ft.early_stopping, merge_adapter=ft.merge_adapter, memory=mem,
         ds_config=ds_config_name(ft.name), sbatch=sbatch_name(ft.name), extend_positions=ft.extend_positions,
+        metrics=list(ft.metrics), metric_rows=ft.metric_rows, samples=ft.samples,
     )
 
 

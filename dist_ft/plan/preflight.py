@@ -26,7 +26,9 @@ def resolve_recipe_paths(recipe: Recipe, base: Path) -> Recipe:
     and only the launcher resolves `package:` names."""
     def fix(data: Data) -> Data:
         sources = [dataclasses.replace(s, paths=[resolve_data_path(p, base) for p in s.paths]) for s in data.sources]
-        return dataclasses.replace(data, paths=[resolve_data_path(p, base) for p in data.paths], sources=sources)
+        return dataclasses.replace(data, paths=[resolve_data_path(p, base) for p in data.paths], sources=sources,
+                                   validation_paths=[resolve_data_path(p, base) for p in data.validation_paths],
+                                   test_paths=[resolve_data_path(p, base) for p in data.test_paths])
 
     changes = {}
     if recipe.long_context:

@@ -5,6 +5,7 @@
     RUN/logs/  RUN/control/<stage>.stop  RUN/data_cache/<stage>.jsonl  RUN/wandb/
     RUN/eval/<stage>/                                               `dist-ft eval` after a stage
     RUN/stages/<stage>/DONE  metrics.jsonl  loss.png  ranks/rank<N>.json
+    RUN/stages/<stage>/samples.jsonl  test_metrics.json              evaluation during and after fine-tuning
     RUN/stages/<stage>/checkpoints/  universal/                      see checkpoint.py
     RUN/stages/<stage>/export/  (adapter/, merged/ for adapter methods)
 """
@@ -68,6 +69,16 @@ class StageDir:
     @property
     def loss_plot(self) -> Path:
         return self.path / "loss.png"
+
+    @property
+    def samples(self) -> Path:
+        """Generated samples, one JSON row each: step, prompt, output, reference."""
+        return self.path / "samples.jsonl"
+
+    @property
+    def test_metrics(self) -> Path:
+        """The test set's metrics on the exported weights."""
+        return self.path / "test_metrics.json"
 
     def rank_info(self, rank: int) -> Path:
         return self.path / "ranks" / f"rank{rank}.json"

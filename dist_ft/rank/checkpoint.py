@@ -2,6 +2,8 @@
 
     stages/<stage>/checkpoints/step_00000010/   DeepSpeed shards + dist_ft.json (written last)
     stages/<stage>/checkpoints/latest           the newest complete tag, replaced atomically
+    stages/<stage>/checkpoints/best             the tag of the best evaluation (early stopping), kept out of
+                                                keep_last rotation until a better one replaces it
     stages/<stage>/universal/step_00000010/     a conversion for another data-parallel size
     stages/<stage>/universal/step_00000010.converted   written when that conversion finished
 
@@ -22,6 +24,7 @@ from typing import Any, Callable
 
 META = "dist_ft.json"
 LATEST = "latest"
+BEST = "best"
 CONVERTED = ".converted"
 _TAG = re.compile(r"step_\d{8}")
 
@@ -75,18 +78,21 @@ def clear_tag(folder: Path, tag: str) -> None:
     shutil.rmtree(folder / tag, ignore_errors=True)
 
 
-def commit(folder: Path, tag: str, meta: dict[str, Any], keep_last: int) -> None:
-    """Mark `tag` complete and make it the latest (rank 0, after every rank saved and synced its shards)."""
+def commit(folder: Path, tag: str, meta: dict[str, Any], keep_last: int, best: bool = False) -> None:
+    """Mark `tag` complete and make it the latest (rank 0, after every rank saved and synced its shards);
+    `best`: also the best, protected from rotation (the previous best loses that protection)."""
     fsync_dir(folder / tag)
     write_atomic(folder / tag / META, json.dumps(meta, indent=2))
     write_atomic(folder / LATEST, tag)
+    if best:
+        write_atomic(folder / BEST, tag)
     prune(folder, keep_last)
 
 
 def prune(folder: Path, keep_last: int) -> None:
-    """Keep the newest keep_last complete tags; drop every other tag folder, the incomplete ones too
-    (no later step finishes them, and each may hold a model's worth of shards)."""
-    keep = set(complete_tags(folder)[-keep_last:])
+    """Keep the newest keep_last complete tags and the best one; drop every other tag folder, the incomplete
+    ones too (no later step finishes them, and each may hold a model's worth of shards)."""
+    keep = set(complete_tags(folder)[-keep_last:]) | {best_tag(folder)}
     for name in tag_folders(folder):
         if name not in keep:
             shutil.rmtree(folder / name, ignore_errors=True)
@@ -119,6 +125,12 @@ def latest_tag(folder: Path) -> str | None:
     if named in complete:
         return named
     return complete[-1] if complete else None
+
+
+def best_tag(folder: Path) -> str | None:
+    """The complete tag `best` names, or None (no best recorded, or its checkpoint is gone or incomplete)."""
+    named = _read_text(folder / BEST)
+    return named if named and _TAG.fullmatch(named) and read_meta(folder, named) is not None else None
 
 
 def resume_choice(folder: Path) -> tuple[str, int] | None:

@@ -178,9 +178,17 @@ def _synced_writes(writer) -> Iterator[None]:
         writer.save = save
 
 
-def load_checkpoint(engine, folder: Path, tag: str) -> dict[str, Any]:
-    _, client_state = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False,
-                                             load_optimizer_states=True, load_lr_scheduler_states=True)
+def load_checkpoint(engine, folder: Path, tag: str, universal: bool | None = None) -> dict[str, Any]:
+    """DeepSpeed's load. `universal`: whether `folder` holds universal conversions, for a load after the
+    engine was built (DeepSpeed reads that from the config it was built with; None keeps it)."""
+    config, built_with = engine._config, engine._config.load_universal_checkpoint
+    if universal is not None:
+        config.load_universal_checkpoint = universal
+    try:
+        _, client_state = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False,
+                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
+    finally:
+        config.load_universal_checkpoint = built_with
     if client_state is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {folder / tag}")
     return client_state

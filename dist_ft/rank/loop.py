@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from . import engine as ds
+from .early_stopping import Rule, judge
 
 
 @dataclass
@@ -20,15 +21,18 @@ class LoopState:
     tokens_seen: int = 0
     nonfinite_steps: int = 0
     consecutive_nonfinite: int = 0  # never saved: no checkpoint is taken inside a run of non-finite steps
-    best_eval: float = math.inf
+    best_value: float | None = None  # early stopping: the best evaluation so far, and its (checkpointed) step
+    best_step: int | None = None
     evals_without_gain: int = 0
+    early_stopped: bool = False  # a restart after an early stop goes straight to the export
 
     def state_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "consecutive_nonfinite"}
 
     @classmethod
     def from_state_dict(cls, saved: dict[str, Any]) -> LoopState:
-        return cls(**{name: saved[name] for name in cls().state_dict()})
+        """The saved state; a checkpoint from before a field existed gets its default."""
+        return cls(**{name: saved[name] for name in cls().state_dict() if name in saved})
 
 
 @dataclass(frozen=True)
@@ -38,15 +42,17 @@ class LoopConfig:
     data_parallel: int  # ranks reading different batches (a sequence-parallel group shares one)
     checkpoint_every: int | None
     eval_every: int | None
-    early_stopping_patience: int | None
+    early_stopping: Rule | None
     max_consecutive_nonfinite: int = 5
 
 
 @dataclass(frozen=True)
 class LoopHooks:
-    """What the loop asks of the stage: evaluation, checkpointing, the stop request, metrics."""
-    evaluate: Callable[[], float] | None
-    checkpoint: Callable[[LoopState], None]
+    """What the loop asks of the stage: evaluation, checkpointing, the stop request, metrics.
+    `evaluate(step)` runs on every rank and returns the same {metric: value} on each (rank 0's);
+    `checkpoint(state, best)` saves, `best` marking the checkpoint of the best evaluation."""
+    evaluate: Callable[[int], dict[str, float]] | None
+    checkpoint: Callable[[LoopState, bool], None]
     stop_requested: Callable[[], bool]
     log: Callable[[dict[str, Any]], None]
     step_extras: Callable[[float], dict[str, Any]]  # step time → tokens/s, memory, MFU
@@ -60,7 +66,12 @@ def run_loop(engine, batches: Iterator[dict[str, torch.Tensor]], state: LoopStat
              hooks: LoopHooks) -> str:
     """Train until total_steps. Returns "finished" or "early_stopped" (both checkpointed), or "stopped" on
     request: checkpointed, unless the last steps were non-finite (a rerun resumes from the last good one).
-    Raises NonFiniteLossError rather than checkpoint, or end on, a non-finite state."""
+    Raises NonFiniteLossError rather than checkpoint, or end on, a non-finite state.
+
+    Evaluations run every eval_every steps and once at the end (unless the last step was one); with early
+    stopping, each improvement is checkpointed as the best, and patience evaluations without one stop."""
+    if state.early_stopped:  # a restart after the early stop was checkpointed: nothing left to train
+        return "early_stopped"
     while state.step < cfg.total_steps:
         started = time.perf_counter()
         lr = engine.get_lr()[0]  # the scheduler moves on inside the step
@@ -75,19 +86,24 @@ def run_loop(engine, batches: Iterator[dict[str, torch.Tensor]], state: LoopStat
         row.update(hooks.step_extras(time.perf_counter() - started))
         hooks.log(row)
         _stop_on_nonfinite_streak(state, cfg)
-        if _evaluate_now(state, cfg) and _early_stop(state, cfg, hooks):
+        if _evaluate_now(state, cfg) and _evaluate(state, cfg, hooks):
+            state.early_stopped = True
             _final_checkpoint(engine, state, hooks)
             return "early_stopped"
         if hooks.stop_requested():
             if state.consecutive_nonfinite == 0:
                 _checkpoint(engine, state, hooks)
             return "stopped"
-        if _checkpoint_due(state, cfg):
+        if _checkpoint_due(state, cfg) or (_is_best(state) and state.step < cfg.total_steps):
             _checkpoint(engine, state, hooks)
-    if hooks.evaluate is not None:  # the exported model's loss, for comparison after reloading
-        hooks.log({"step": state.step, "eval_loss": hooks.evaluate()})
+    if hooks.evaluate is not None and not _evaluate_now(state, cfg):  # the last weights, once
+        _evaluate(state, cfg, hooks)
     _final_checkpoint(engine, state, hooks)
     return "finished"
+
+
+def _is_best(state: LoopState) -> bool:
+    return state.best_step is not None and state.best_step == state.step
 
 
 def _checkpoint(engine, state: LoopState, hooks: LoopHooks) -> None:
@@ -96,7 +112,7 @@ def _checkpoint(engine, state: LoopState, hooks: LoopHooks) -> None:
     if not ds.parameters_finite(engine):
         raise NonFiniteLossError(f"a weight is NaN/inf after step {state.step}; not checkpointing it: the last "
                                  "good checkpoint stays the latest")
-    hooks.checkpoint(state)
+    hooks.checkpoint(state, _is_best(state))
 
 
 def _final_checkpoint(engine, state: LoopState, hooks: LoopHooks) -> None:
@@ -170,13 +186,18 @@ def _evaluate_now(state: LoopState, cfg: LoopConfig) -> bool:
     return bool(cfg.eval_every) and state.step % cfg.eval_every == 0
 
 
-def _early_stop(state: LoopState, cfg: LoopConfig, hooks: LoopHooks) -> bool:
+def _evaluate(state: LoopState, cfg: LoopConfig, hooks: LoopHooks) -> bool:
+    """Evaluate and log; with early stopping, judge the result. Whether to stop (the same on every rank:
+    the values are rank 0's on all of them)."""
     if hooks.evaluate is None:
         return False
-    value = hooks.evaluate()
-    hooks.log({"step": state.step, "eval_loss": value})
-    if value < state.best_eval:
-        state.best_eval, state.evals_without_gain = value, 0
+    values = hooks.evaluate(state.step)
+    if values:
+        hooks.log({"step": state.step, **values})
+    if cfg.early_stopping is None or not values:
         return False
-    state.evals_without_gain += 1
-    return bool(cfg.early_stopping_patience) and state.evals_without_gain >= cfg.early_stopping_patience
+    verdict = judge(cfg.early_stopping, values, state.step, state.best_value, state.best_step,
+                    state.evals_without_gain, can_keep=state.consecutive_nonfinite == 0)
+    state.best_value, state.best_step = verdict.best_value, verdict.best_step
+    state.evals_without_gain = verdict.evals_without_gain
+    return verdict.stop

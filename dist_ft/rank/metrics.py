@@ -13,17 +13,23 @@ if TYPE_CHECKING:
     from dist_ft.recipe.config import Tracking
     from dist_ft.plan.run_dir import StageDir
 
+SAMPLE_COLUMNS = ("step", "prompt", "output", "reference")
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12}
 
 
 class Metrics(Protocol):
     def log(self, row: dict[str, Any]) -> None: ...
 
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None: ...
+
     def close(self) -> None: ...
 
 
 class NullMetrics:
     def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
         pass
 
     def close(self) -> None:
@@ -64,6 +70,16 @@ class RankZeroMetrics:
         if "loss" in row:
             self.bar.update(row["step"] - self.bar.n)
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}")
+
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Generated samples as a W&B table (samples.jsonl holds them too)."""
+        if self.wandb is None or not rows:
+            return
+        import wandb
+
+        columns = list(SAMPLE_COLUMNS)
+        table = wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])
+        self.wandb.log({"samples": table}, step=step)
 
     def close(self) -> None:
         self.bar.close()

@@ -16,7 +16,7 @@ from typing import Any
 from dist_ft.plan.run_dir import StageDir
 from dist_ft.recipe.config import Checkpointing
 from . import engine as ds
-from .checkpoint import clear_tag, commit, ensure_universal, resume_choice, tag_for
+from .checkpoint import best_tag, clear_tag, commit, ensure_universal, read_meta, resume_choice, tag_for
 from .data import BatchStream
 from .distributed import DistEnv
 from .loop import LoopState
@@ -43,11 +43,30 @@ class StageCheckpoints:
     def resume_point(self) -> ResumePoint | None:
         """The latest complete checkpoint, chosen by rank 0 for every rank; converted to DeepSpeed's universal
         format when it was saved at another data-parallel size (DeepSpeed refuses to load it directly)."""
-        folder, universal = self.stage_dir.checkpoints, self.stage_dir.universal
-        choice = ds.broadcast_from_main(resume_choice(folder) if self.env.is_main else None)
+        choice = ds.broadcast_from_main(resume_choice(self.stage_dir.checkpoints) if self.env.is_main else None)
+        return None if choice is None else self._point(*choice)
+
+    def best_point(self, step: int) -> ResumePoint:
+        """The checkpoint of the best evaluation (at `step`), as `resume_point` finds a checkpoint."""
+        folder = self.stage_dir.checkpoints
+
+        def choose() -> tuple[str, int] | None:
+            tag = best_tag(folder)
+            return (tag, read_meta(folder, tag)["dp"]) if tag == tag_for(step) else None
+
+        choice = ds.broadcast_from_main(choose() if self.env.is_main else None)
         if choice is None:
-            return None
-        tag, saved_dp = choice
+            raise RuntimeError(f"the best evaluation was at step {step}, but {folder} has no complete best "
+                               f"checkpoint {tag_for(step)}")
+        return self._point(*choice)
+
+    def load_weights(self, engine, point: ResumePoint) -> None:
+        """Put the engine back to a checkpoint's weights (all ranks); the loop's state stays as it is."""
+        ds.load_checkpoint(engine, point.folder, point.tag, universal=point.universal)
+        self.env.say(f"loaded the best checkpoint {point.folder / point.tag}")
+
+    def _point(self, tag: str, saved_dp: int) -> ResumePoint:
+        folder, universal = self.stage_dir.checkpoints, self.stage_dir.universal
         if saved_dp == self.dp_size:
             return ResumePoint(folder, tag, universal=False)
         self.env.say(f"{tag} was saved at data-parallel {saved_dp}; this run has {self.dp_size}: converting it to "
@@ -67,8 +86,9 @@ class StageCheckpoints:
         self.env.say(f"resumed from {point.folder / point.tag} at step {saved['step']}")
         return LoopState.from_state_dict(saved)
 
-    def save(self, engine, state: LoopState, stream: BatchStream) -> None:
-        """Every rank saves its shards into a clean tag; rank 0 commits it once all are on disk, then prunes."""
+    def save(self, engine, state: LoopState, stream: BatchStream, best: bool = False) -> None:
+        """Every rank saves its shards into a clean tag; rank 0 commits it once all are on disk, then prunes.
+        `best`: the checkpoint of the best evaluation, kept out of keep_last rotation."""
         if state.step == self.resumed_at:  # a restart after the last step: that checkpoint is this very state
             return
         folder, tag = self.stage_dir.checkpoints, tag_for(state.step)
@@ -79,7 +99,8 @@ class StageCheckpoints:
         ds.barrier()
         if self.env.is_main:
             commit(folder, tag, {"step": state.step, "dp": self.dp_size, "world_size": self.env.world_size,
-                                 "time": time.time(), "restart": self.env.restart_count}, self.policy.keep_last)
+                                 "time": time.time(), "restart": self.env.restart_count}, self.policy.keep_last,
+                   best=best)
         ds.barrier()
 
     @staticmethod

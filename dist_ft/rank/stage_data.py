@@ -1,20 +1,17 @@
-"""A stage's data on one rank: rows from the plan's data section, a validation split, the rank's
-resumable batch stream, the bad-data report and an evaluator."""
+"""A stage's data on one rank: rows from the plan's data section, validation rows (a split of them, or
+their own files), test rows, the rank's resumable batch stream and the bad-data report."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import Any
 
 from dist_ft.plan import batching
 from dist_ft.plan.plan import Plan, StagePlan
 from . import engine as ds
-from .data import (BadRows, BatchStream, DataError, SourceRows, collate, mixture_rows, pretraining_rows, sft_rows,
-                   split_rows)
+from .data import BadRows, BatchStream, DataError, SourceRows, mixture_rows, pretraining_rows, sft_rows, split_rows
 from .distributed import DistEnv
 
 
@@ -27,30 +24,33 @@ class StageData:
     steps_per_epoch: int
     report: str
     eval_copies: int = 1  # forward batch size for one validation row (see evaluate_loss)
-
-    def evaluator(self, engine) -> Callable[[], float] | None:
-        if not self.validation:
-            return None
-        return lambda: evaluate_loss(engine, self.validation, self.eval_copies)
+    test: list[dict[str, list[int]]] = field(default_factory=list)
 
 
 def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_config: dict[str, Any]) -> StageData:
     data = stage.data
     seed = data.seed + plan.seed
     mixture: list[SourceRows] = []
+    def rows_of(paths) -> tuple[list[dict[str, list[int]]], BadRows]:
+        """Rows from files as this stage reads its training data (validation and test files too)."""
+        if stage.phase == "continued_pretraining":
+            return pretraining_rows(paths, data.text_field, tokenizer, stage.seq_len, seed=seed,
+                                    long_docs=data.long_documents)
+        return sft_rows(paths, tokenizer, stage.data_format, stage.template, stage.seq_len, seed=seed,
+                        packing=data.packing, text_field=data.text_field)
+
     try:
         if data.sources:  # split per source before drawing: a repeated row never lands on both sides
             train, validation, bad, mixture = mixture_rows(
                 [(s.paths, s.weight, s.long_documents) for s in data.sources], data.text_field, tokenizer,
                 stage.seq_len, seed=seed, validation_fraction=data.validation_fraction)
-        elif stage.phase == "continued_pretraining":
-            rows, bad = pretraining_rows(_local_paths(plan, stage, env), data.text_field, tokenizer, stage.seq_len,
-                                         seed=seed, long_docs=data.long_documents)
-            train, validation = split_rows(rows, data.validation_fraction, seed)
         else:
-            rows, bad = sft_rows(_local_paths(plan, stage, env), tokenizer, stage.data_format, stage.template,
-                                 stage.seq_len, seed=seed, packing=data.packing, text_field=data.text_field)
+            rows, bad = rows_of(_local_paths(plan, stage, env))
             train, validation = split_rows(rows, data.validation_fraction, seed)
+        if data.validation_paths:
+            validation, held_bad = rows_of(data.validation_paths)
+            bad.merge(held_bad)
+        test = rows_of(data.test_paths)[0] if data.test_paths else []
     except DataError as err:
         raise SystemExit(f"error: [{stage.name}] {err}") from None
     sp = plan.sp
@@ -64,8 +64,8 @@ def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_co
     stream = BatchStream(train, micro, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
     return StageData(train=stream, validation=validation, dp_rank=dp_rank, dp_size=dp_size,
                      steps_per_epoch=batching.steps_per_epoch(len(train), per_step),
-                     report=_report(stage, len(train), len(validation), bad) + _mixture_report(mixture),
-                     eval_copies=micro if sp > 1 else 1)
+                     report=_report(stage, len(train), len(validation), len(test), bad) + _mixture_report(mixture),
+                     eval_copies=micro if sp > 1 else 1, test=test)
 
 
 def _mixture_report(mixture: list[SourceRows]) -> str:
@@ -78,9 +78,10 @@ def _mixture_report(mixture: list[SourceRows]) -> str:
 
 
 
-def _report(stage: StagePlan, train: int, validation: int, bad: BadRows) -> str:
+def _report(stage: StagePlan, train: int, validation: int, test: int, bad: BadRows) -> str:
     head = (f"[{stage.name}] data: {train} training rows"
-            f"{f' + {validation} validation rows' if validation else ''} of {stage.seq_len} tokens")
+            f"{f' + {validation} validation rows' if validation else ''}"
+            f"{f' + {test} test rows' if test else ''} of {stage.seq_len} tokens")
     return head + (f"; skipped or changed: {bad}" if bad.total else "; no bad rows")
 
 
@@ -110,18 +111,3 @@ def _export_hub_dataset(name: str, split: str, target: Path) -> None:
         for row in dataset:
             handle.write(json.dumps(row) + "\n")
     tmp.rename(target)
-
-
-@torch.no_grad()
-def evaluate_loss(engine, rows: list, copies: int = 1) -> float:
-    """Mean per-row loss over the whole validation split, one row at a time, on every rank: the
-    split is small, ZeRO-3 needs every rank to run the same forwards anyway, and the number is
-    then exactly what a plain reload of the exported model computes.
-
-    DeepSpeed's Ulysses attention only takes batches of the training micro-batch size: there each
-    row goes in as `copies` identical rows, whose mean loss is the row's own."""
-    engine.eval()
-    losses = [engine(**{k: v.to(engine.device) for k, v in collate([row] * copies).items()}).item()
-              for row in rows]
-    engine.train()
-    return sum(losses) / len(losses)

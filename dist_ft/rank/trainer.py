@@ -18,12 +18,14 @@ from dist_ft.plan.run_dir import StageDir
 from dist_ft.plan.schedule import lr_multiplier
 from . import engine as ds
 from .distributed import DistEnv, read_env
+from .early_stopping import Rule
 from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 from .loss import LanguageModelLoss, TokenMean, choose_head_kernel
 from .metrics import NullMetrics, RankZeroMetrics, mfu
 from .optimizer import client_optimizer, parameter_groups
 from .stage_checkpoints import StageCheckpoints
 from .stage_data import StageData, load_stage_data
+from .stage_eval import StageEvaluation
 from .stage_model import build_stage_model, export_stage, stage_tokenizer
 from .stop import StopRequest
 
@@ -41,41 +43,77 @@ class StageRun:
     tokenizer: Any
     checkpoints: StageCheckpoints
     total_steps: int
+    evaluation: StageEvaluation
+    metrics: Any = None
 
     def train(self, state: LoopState) -> str:
-        """The loop until the stage ends, stops or fails ("failed": a non-finite streak, said on stderr)."""
-        metrics = self._metrics(state.step)
-        hooks = self._hooks(metrics, StopRequest(self.plan.run.stop_file(self.stage.name)))
+        """The loop until the stage ends, stops or fails ("failed": a non-finite streak, said on stderr).
+        A fresh stage that generates samples does so first: the model before this stage."""
+        self.metrics = self._metrics(state.step)
+        self.evaluation.metrics = self.metrics
+        hooks = self._hooks(StopRequest(self.plan.run.stop_file(self.stage.name)))
+        if state.step == 0 and self.stage.samples is not None:
+            self.evaluation.samples(0)
         try:
             outcome = run_loop(self.engine, iter(self.data.train), state, self._loop_config(), hooks)
         except NonFiniteLossError as err:
             self.env.say(f"error: [{self.stage.name}] {err}", err=True)
-            metrics.close()
             return "failed"
-        metrics.close()
         self.env.say(f"[{self.stage.name}] {outcome} at step {state.step}/{self.total_steps}"
                      f"{_resume_note(outcome, state)}")
         return outcome
 
     def finish(self, state: LoopState, outcome: str) -> None:
-        """The export, then DONE: a stage counts as finished only once its model is on disk."""
+        """The export (the best evaluation's weights under early stopping), the test set on them, then DONE:
+        a stage counts as finished only once its model is on disk."""
+        done: dict[str, Any] = {"step": state.step, "outcome": outcome}
+        best = self._restore_best(state)
+        if best is not None:
+            done["best"] = best
         export_stage(self.plan, self.stage, self.engine, self.tokenizer, self.env)
+        exported = best["step"] if best else state.step
+        test = self.evaluation.test(exported)
+        if test:
+            self._log({"step": state.step, "exported_step": exported, **test})
+            done["test"] = test
         if self.env.is_main:
-            self.folder.done.write_text(json.dumps({"step": state.step, "outcome": outcome}) + "\n")
+            self.folder.done.write_text(json.dumps(done) + "\n")
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+
+    def _restore_best(self, state: LoopState) -> dict[str, Any] | None:
+        """Under early stopping, the engine back at the best evaluation's checkpoint (every rank loads it);
+        what it was: {step, metric, value}. None without early stopping or an evaluation to go by."""
+        rule = self.stage.early_stopping
+        if rule is None or state.best_step is None:
+            return None
+        if state.best_step != state.step:
+            self.checkpoints.load_weights(self.engine, self.checkpoints.best_point(state.best_step))
+        best = {"step": state.best_step, "metric": rule.metric, "value": state.best_value}
+        self.env.say(f"[{self.stage.name}] exporting the best weights: step {state.best_step}, {rule.metric} "
+                     f"{state.best_value:.4f}")
+        return best
 
     def _loop_config(self) -> LoopConfig:
+        rule = Rule.from_config(self.stage.early_stopping) if self.stage.early_stopping else None
         return LoopConfig(total_steps=self.total_steps, grad_accum=self.engine.gradient_accumulation_steps(),
                           data_parallel=self.data.dp_size, checkpoint_every=self.plan.checkpointing.every_steps,
-                          eval_every=self.stage.eval_every, early_stopping_patience=self.stage.early_stopping_patience)
+                          eval_every=self.stage.eval_every, early_stopping=rule)
 
-    def _hooks(self, metrics, stop: StopRequest) -> LoopHooks:
-        return LoopHooks(evaluate=self.data.evaluator(self.engine), checkpoint=self._save, stop_requested=stop.agreed,
-                         log=lambda row: metrics.log({"stage": self.stage.name, "seq_len": self.stage.seq_len,
-                                                      "restart": self.env.restart_count, **row}),
+    def _hooks(self, stop: StopRequest) -> LoopHooks:
+        return LoopHooks(evaluate=self.evaluation.evaluate if self.evaluation.active else None,
+                         checkpoint=self._save, stop_requested=stop.agreed, log=self._log,
                          step_extras=_step_extras(self.plan, self.stage, self.env, self.engine))
 
-    def _save(self, state: LoopState) -> None:
-        self.checkpoints.save(self.engine, state, self.data.train)
+    def _log(self, row: dict[str, Any]) -> None:
+        self.metrics.log({"stage": self.stage.name, "seq_len": self.stage.seq_len, "restart": self.env.restart_count,
+                          **row})
+
+    def _save(self, state: LoopState, best: bool = False) -> None:
+        self.checkpoints.save(self.engine, state, self.data.train, best=best)
 
     def _metrics(self, start_step: int):
         if not self.env.is_main:
@@ -97,11 +135,14 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
         env.say(f"[{stage.name}] already complete ({folder.done}); nothing to do")
         return 0
     run, state = _build(plan, stage, env, folder)
-    outcome = run.train(state)
-    if outcome == "failed":
-        return 1
-    if outcome != "stopped":
-        run.finish(state, outcome)
+    try:
+        outcome = run.train(state)
+        if outcome == "failed":
+            return 1
+        if outcome != "stopped":
+            run.finish(state, outcome)
+    finally:
+        run.close()
     ds.barrier()
     if outcome != "stopped" and env.is_main and plan.evaluation and plan.evaluation.after_each_stage:
         del run  # the export is reloaded for eval; the engine's optimizer state is no longer needed
@@ -127,7 +168,8 @@ def _build(plan: Plan, stage: StagePlan, env: DistEnv, folder: StageDir) -> tupl
     engine = _engine(plan, stage, model, ds_config, data.dp_size, total_steps)
     state = checkpoints.restore(engine, resume, data.train)
     _write_rank_info(folder, env, data, engine)
-    return StageRun(plan, stage, env, folder, data, engine, tokenizer, checkpoints, total_steps), state
+    evaluation = StageEvaluation(stage, engine, tokenizer, env, folder, data.validation, data.test, data.eval_copies)
+    return StageRun(plan, stage, env, folder, data, engine, tokenizer, checkpoints, total_steps, evaluation), state
 
 
 def _engine(plan: Plan, stage: StagePlan, model, ds_config: dict[str, Any], dp_size: int, total_steps: int):

@@ -10,7 +10,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from .launch_script import env_key_problem
 from .model_shape import SHAPE_KEYS
@@ -153,13 +153,22 @@ class Data:
     text_field: str = spec("text", doc="Field holding the text in json/jsonl/parquet rows.")
     packing: bool = spec(True, doc="Pack documents into full rows (per-document positions, no cross attention).")
     long_documents: Literal["split", "truncate", "skip"] = spec("split", doc="What to do with documents over seq_len.")
-    validation_fraction: float = spec(0.0, min=0.0, max=0.5)
+    validation_fraction: float = spec(0.0, min=0.0, max=0.5, doc="Share of the rows held out for validation "
+                                                                  "(seeded); or give `validation_paths`.")
+    validation_paths: list[str] = spec(factory=list, doc="Validation files or folders, read like `paths` (instead "
+                                                         "of `validation_fraction`).")
+    test_paths: list[str] = spec(factory=list, doc="Test files or folders, read like `paths`: evaluated once "
+                                                   "after the stage, on the exported weights (test_metrics.json).")
     seed: int = spec(0, min=0, max=MAX_SEED, doc="Added to the recipe seed for shuffling and the validation split.")
 
     def __post_init__(self) -> None:
-        for index, path in enumerate(self.paths):
-            if not path.strip():  # an empty path would read the recipe's own folder
-                raise Invalid(f"paths[{index}]", "is empty", "give a data file or folder, or remove the entry")
+        for name in ("paths", "validation_paths", "test_paths"):
+            for index, path in enumerate(getattr(self, name)):
+                if not path.strip():  # an empty path would read the recipe's own folder
+                    raise Invalid(f"{name}[{index}]", "is empty", "give a data file or folder, or remove the entry")
+        if self.validation_paths and self.validation_fraction:
+            raise Invalid("validation_paths", "give either `validation_paths` or `validation_fraction`, not both",
+                          "keep the validation files and remove validation_fraction (or the other way round)")
         if self.sources and (self.paths or self.hub_dataset):
             raise Invalid("sources", "give either `sources` or `paths`/`hub_dataset`, not both",
                           "move the paths into a source of their own")
@@ -169,9 +178,15 @@ class Data:
             raise Invalid("paths", "no data: neither local paths, sources nor a hub dataset",
                           "add `paths: [data/train.jsonl]` or `hub_dataset: org/name`")
 
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_fraction or self.validation_paths)
+
     def all_paths(self) -> list[tuple[str, str]]:
-        """(dotted field below the data section, path) of every local path, sources' included."""
-        return [(f"paths[{i}]", p) for i, p in enumerate(self.paths)] + \
+        """(dotted field below the data section, path) of every local path, sources', validation and test ones
+        included."""
+        return [(f"{name}[{i}]", p) for name in ("paths", "validation_paths", "test_paths")
+                for i, p in enumerate(getattr(self, name))] + \
             [(f"sources[{i}].paths[{j}]", p) for i, s in enumerate(self.sources) for j, p in enumerate(s.paths)]
 
 
@@ -499,8 +514,71 @@ def _field_default(f: Any) -> Any:
     return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
+MAX_SAMPLES = 1000  # generated per evaluation: each one is max_new_tokens forwards
+MAX_NEW_TOKENS = 4096
+# What `finetune.metrics` may name: the validation loss and its perplexity, and scores of generated answers
+# against the references (dist_ft.evaluation.task_metrics). Logged as eval_<name> (test_<name> on the test set).
+LOSS_METRICS = ("loss", "perplexity")
+ANSWER_METRICS = ("exact_match", "rouge_l", "bleu", "chrf", "accuracy")  # task_metrics.METRICS (a test checks)
+EVAL_METRICS = LOSS_METRICS + ANSWER_METRICS
+
+
+def metric_direction(name: str) -> str:
+    """`min` for the losses, `max` for the scores of answers."""
+    return "min" if name in LOSS_METRICS else "max"
+
+
+@dataclass(frozen=True)
+class Samples:
+    prompts: list[str] = spec(factory=list, doc="Fixed prompts, rendered as the stage renders an instruction "
+                                                "(its template or chat template); no reference.")
+    from_validation: int = spec(0, min=0, max=MAX_SAMPLES, doc="Also answer the first N validation examples, "
+                                                               "shown with their references.")
+    max_new_tokens: int = spec(32, min=1, max=MAX_NEW_TOKENS, doc="Tokens generated per sample (greedy).")
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) > MAX_SAMPLES:
+            raise Invalid("prompts", f"{len(self.prompts)} prompts are more than {MAX_SAMPLES}",
+                          "keep a handful: every one is generated at every evaluation")
+        for index, prompt in enumerate(self.prompts):
+            if not prompt.strip():
+                raise Invalid(f"prompts[{index}]", "is empty", "write a prompt or remove the entry")
+        if not self.prompts and not self.from_validation:
+            raise Invalid("prompts", "no samples: neither prompts nor from_validation",
+                          "add `prompts: [...]` or `from_validation: 3`, or remove the samples section")
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    patience: int = spec(min=1, max=MAX_STEPS, doc="Stop after this many evaluations without improvement.")
+    metric: str = spec("eval_loss", doc="The logged evaluation metric that decides: eval_<name> of a name in "
+                                        "`finetune.metrics` (eval_loss, eval_perplexity, eval_rouge_l, ...).")
+    mode: Literal["min", "max"] | None = spec(None, doc="min: lower is better (losses), max: higher is better "
+                                                        "(answer scores); unset: the metric's own direction.")
+    min_delta: float = spec(0.0, min=0.0, doc="An improvement must beat the best by more than this.")
+
+    def __post_init__(self) -> None:
+        name = self.metric.removeprefix("eval_")
+        if not self.metric.startswith("eval_") or name not in EVAL_METRICS:
+            raise Invalid("metric", f"{self.metric!r} is not an evaluation metric",
+                          f"use one of {', '.join('eval_' + m for m in EVAL_METRICS)}")
+        if self.mode is not None and self.mode != metric_direction(name):
+            better = "lower" if metric_direction(name) == "min" else "higher"
+            raise Invalid("mode", f"{self.metric} is better when {better}: mode {self.mode} would keep the "
+                          "worst model", f"set `mode: {metric_direction(name)}` or leave it unset")
+
+    @property
+    def direction(self) -> str:
+        return self.mode or metric_direction(self.metric.removeprefix("eval_"))
+
+
 @dataclass(frozen=True)
 class Finetune:
+    # Keys this section had before, answered with what to write instead (strict.py reads it).
+    replaced_keys: ClassVar[dict[str, str]] = {
+        "early_stopping_patience": "write `early_stopping: {patience: N}` (it keeps the best model by eval_loss; "
+                                   "`metric` and `mode` choose another)"}
+
     data: Data = spec(doc="Task data.")
     name: str = spec("finetune", doc="Stage name.")
     method: Method = spec("lora", doc="Which parameters train and how the model is wrapped.")
@@ -524,17 +602,29 @@ class Finetune:
     warmup_steps: int | None = spec(None, min=0, max=MAX_STEPS, doc=WARMUP_SHORTHAND_DOC)
     optimizer: Optimizer = spec(factory=Optimizer, doc=OPTIMIZER_DOC)
     scheduler: Scheduler = spec(factory=Scheduler, doc=SCHEDULER_DOC)
-    eval_every: int | None = spec(None, min=1, max=MAX_STEPS, doc="Evaluate on the validation split every N steps.")
-    early_stopping_patience: int | None = spec(None, min=1, max=MAX_STEPS,
-                                               doc="Stop after N evaluations without improvement.")
+    eval_every: int | None = spec(None, min=1, max=MAX_STEPS, doc="Evaluate every N steps (and at the stage's "
+                                                                  "end): the metrics on the validation data, "
+                                                                  "the samples.")
+    metrics: list[str] = spec(factory=lambda: ["loss"], doc="Evaluation metrics on the validation (and test) "
+                                                            "data: loss, perplexity, and scores of generated "
+                                                            "answers against the references: exact_match, "
+                                                            "rouge_l, bleu, chrf, accuracy (labels). Logged as "
+                                                            "eval_<name> / test_<name>.")
+    metric_rows: int | None = spec(None, min=1, max=MAX_BATCH, doc="Examples (the first N) whose answers are "
+                                                                   "generated for the answer scores; unset: all "
+                                                                   "of them. Each answer is at most its "
+                                                                   "reference's length.")
+    samples: Samples | None = spec(None, doc="Answers generated at every evaluation, before training and at "
+                                             "the end: RUN/stages/<stage>/samples.jsonl and a W&B table.")
+    early_stopping: EarlyStopping | None = spec(None, doc="Stop when `metric` stops improving; the best "
+                                                          "checkpoint is kept out of keep_last rotation and is "
+                                                          "what the stage exports.")
     merge_adapter: bool = spec(False, doc="Also export a merged model for adapter methods.")
 
     def __post_init__(self) -> None:
         check_name(self.name)
         if (self.steps is None) == (self.epochs is None):
             raise Invalid("steps", "give exactly one of `steps` and `epochs`", "keep one of them")
-        if self.early_stopping_patience and not self.eval_every:
-            raise Invalid("early_stopping_patience", "needs `eval_every`", "set `eval_every: N`")
         template = template_problem(self.format, self.template)
         if template:
             raise Invalid("template", *template)
@@ -542,10 +632,44 @@ class Finetune:
             raise Invalid("data.sources", "a mixture of sources is for long-context stages",
                           "give fine-tuning data as `paths`")
         effective_scheduler(self.scheduler, self.warmup_steps, self.min_lr_ratio)  # the shorthands agree with it
+        self._check_evaluation()
 
     @property
     def schedule(self) -> Scheduler:
         return effective_scheduler(self.scheduler, self.warmup_steps, self.min_lr_ratio)
+
+    def _check_evaluation(self) -> None:
+        unknown = [name for name in self.metrics if name not in EVAL_METRICS]
+        if unknown:
+            raise Invalid("metrics", f"{unknown[0]!r} is not a metric", f"choose from {', '.join(EVAL_METRICS)}")
+        if len(set(self.metrics)) != len(self.metrics):
+            raise Invalid("metrics", "names a metric twice", "list each metric once")
+        held_out = self.data.has_validation
+        fix_data = "add `data.validation_paths: [...]` or `data.validation_fraction: 0.05`"
+        es = self.early_stopping
+        if es is not None:
+            if not self.eval_every:
+                raise Invalid("early_stopping", "needs `eval_every`: nothing would be evaluated",
+                              "set `eval_every: N`")
+            if not held_out:
+                raise Invalid("early_stopping", "has no validation data to evaluate on", fix_data)
+            if es.metric.removeprefix("eval_") not in self.metrics:
+                raise Invalid("early_stopping.metric", f"{es.metric} is not computed: "
+                              f"{es.metric.removeprefix('eval_')!r} is not in finetune.metrics",
+                              f"add {es.metric.removeprefix('eval_')} to `finetune.metrics`")
+        if not held_out and (self.metrics != ["loss"] or self.metric_rows):
+            raise Invalid("metrics", "are computed on validation data, and there is none", fix_data)
+        if self.eval_every and not held_out and not (self.samples and self.samples.prompts):
+            raise Invalid("eval_every", "has nothing to evaluate: no validation data and no sample prompts",
+                          fix_data)
+        if self.samples and self.samples.from_validation and not held_out:
+            raise Invalid("samples.from_validation", "has no validation data to take examples from", fix_data)
+        answers = [name for name in self.metrics if name in ANSWER_METRICS]
+        if self.format == "text" and (answers or (self.samples and self.samples.from_validation)):
+            raise Invalid("metrics" if answers else "samples.from_validation",
+                          "text rows have no prompt and reference to compare a generated answer with",
+                          "use instruction or chat rows, or keep `metrics: [loss, perplexity]` and fixed "
+                          "sample prompts")
 
 
 @dataclass(frozen=True)

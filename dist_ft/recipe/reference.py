@@ -14,7 +14,8 @@ SECTIONS = [("(top level)", config.Recipe), ("model", config.Model), ("long_cont
             ("…rope", config.Rope), ("…data", config.Data), ("…data.sources[]", config.Source),
             ("…optimizer", config.Optimizer), ("…scheduler", config.Scheduler),
             ("finetune", config.Finetune),
-            ("finetune.options", config.MethodOptions), ("cluster", config.Cluster),
+            ("finetune.options", config.MethodOptions), ("finetune.samples", config.Samples),
+            ("finetune.early_stopping", config.EarlyStopping), ("cluster", config.Cluster),
             ("parallelism", config.Parallelism), ("tracking", config.Tracking),
             ("checkpointing", config.Checkpointing), ("evaluation", config.Evaluation)]
 

@@ -135,8 +135,11 @@ def _convert_dataclass(cls: type, data: Any, path: str, problems: list[Problem])
         return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    replaced = getattr(cls, "replaced_keys", {})
     for key in data:
-        if key not in fields:
+        if key in replaced:
+            problems.append(Problem(join(path, str(key)), "was replaced", replaced[key]))
+        elif key not in fields:
             problems.append(_unknown_key(key, path, list(fields)))
     before = len(problems)
     kwargs = {}

@@ -113,6 +113,15 @@ CASES = {
     "env key bash owns": ([("cluster.env", {"SHELLOPTS": "xtrace"})], "cluster.env.SHELLOPTS", "special meaning"),
     "time limit not a time": ([("cluster.time_limit", -5)], "cluster.time_limit", "not a SLURM time"),
     "empty interpreter": ([("cluster.python", " ")], "cluster.python", "is empty"),
+    "early stopping without validation data": ([("finetune.data.validation_fraction", DELETE),
+                                                ("finetune.samples", DELETE), ("finetune.metrics", ["loss"]),
+                                                ("finetune.metric_rows", DELETE)],
+                                               "finetune.early_stopping", "no validation data"),
+    "the replaced patience key": ([("finetune.early_stopping_patience", 3)], "finetune.early_stopping_patience",
+                                  "was replaced"),
+    "unknown task metric": ([("finetune.metrics", ["loss", "f1"])], "finetune.metrics", "'f1' is not a metric"),
+    "missing test file": ([("finetune.data.test_paths", ["data/nope.jsonl"])], "finetune.data.test_paths[0]",
+                          "does not exist"),
 }
 
 

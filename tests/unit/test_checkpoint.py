@@ -102,7 +102,7 @@ def test_a_save_starts_from_an_empty_tag_and_skips_the_state_it_resumed_from(tmp
 
 
 def test_loop_state_round_trips_through_its_state_dict():
-    state = LoopState(step=7, tokens_seen=70, nonfinite_steps=1, consecutive_nonfinite=0, best_eval=2.5,
-                      evals_without_gain=2)
+    state = LoopState(step=7, tokens_seen=70, nonfinite_steps=1, consecutive_nonfinite=0, best_value=2.5,
+                      best_step=4, evals_without_gain=2, early_stopped=True)
     saved = state.state_dict()
     assert "consecutive_nonfinite" not in saved and LoopState.from_state_dict(saved) == state

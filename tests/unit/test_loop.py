@@ -54,10 +54,10 @@ def one_rank(monkeypatch):
 def train(engine, steps, every=None, stop_at=None):
     saved, rows = [], []
     state = LoopState()
-    hooks = LoopHooks(evaluate=None, checkpoint=lambda s: saved.append(s.step),
+    hooks = LoopHooks(evaluate=None, checkpoint=lambda s, best: saved.append(s.step),
                       stop_requested=lambda: state.step == stop_at, log=rows.append, step_extras=lambda s: {})
     cfg = LoopConfig(total_steps=steps, grad_accum=1, data_parallel=1, checkpoint_every=every,
-                     eval_every=None, early_stopping_patience=None)
+                     eval_every=None, early_stopping=None)
     batches = iter(lambda: {"input_ids": torch.zeros(1, 4, dtype=torch.long)}, None)
     try:
         return run_loop(engine, batches, state, cfg, hooks), saved, rows

@@ -138,3 +138,40 @@ def _nonempty(value: Any) -> bool:
 
 def _show(row: Mapping[str, Any]) -> str:
     return repr(dict(row))[:120]
+
+
+# ---- prompts and references for generation (evaluation during fine-tuning) ----------------------------------
+
+def answer_examples(rows: list[Mapping[str, list[int]]]) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, reference ids) of every example in SFT rows, packed or not, in order: the tokens the
+    model saw before its first trained span, and that span (the first assistant turn, its end-of-turn
+    tokens included). Examples are the rows' segments (where position_ids restart); one without a trained
+    token (padding) gives none."""
+    examples = []
+    for row in rows:
+        ids, labels = row["input_ids"], row["labels"]
+        positions = row.get("position_ids") or range(len(ids))
+        starts = [0] + [i for i in range(1, len(ids)) if positions[i] != positions[i - 1] + 1]
+        for start, end in zip(starts, [*starts[1:], len(ids)]):
+            first = next((i for i in range(start, end) if labels[i] != IGNORE_INDEX), None)
+            if first is None or first == start:
+                continue
+            last = next((i for i in range(first, end) if labels[i] == IGNORE_INDEX), end)
+            examples.append((list(ids[start:first]), list(ids[first:last])))
+    return examples
+
+
+def prompt_ids(text: str, tokenizer: PreTrainedTokenizerBase, fmt: str, template: str | None,
+               seq_len: int) -> list[int] | None:
+    """The tokens a stage puts before the answer to `text`: an instruction (or a chat user turn) rendered as
+    fine-tuning renders it; text rows continue the text as given. None when it does not fit seq_len."""
+    if fmt == "text":
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        return ids if 0 < len(ids) < seq_len else None
+    row = {"instruction": text, "output": "x"} if fmt == "instruction" else \
+        {"messages": [{"role": "user", "content": text}, {"role": "assistant", "content": "x"}]}
+    example = sft_example(row, tokenizer, fmt, template, seq_len + 8, bad=BadRows())
+    if example is None:
+        return None
+    first = next(i for i, label in enumerate(example["labels"]) if label != IGNORE_INDEX)
+    return example["input_ids"][:first] if first < seq_len else None
