@@ -17,6 +17,7 @@ from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.plan.run_dir import StageDir
 from . import engine as ds
 from .distributed import DistEnv, read_env
+from .heartbeat import Heartbeat
 from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 from .loss import LanguageModelLoss, TokenMean, choose_head_kernel
 from .metrics import NullMetrics, RankZeroMetrics, mfu
@@ -41,8 +42,10 @@ class StageRun:
     checkpoints: StageCheckpoints
     total_steps: int
 
-    def train(self, state: LoopState) -> str:
+    def train(self, state: LoopState, heartbeat: Heartbeat | None = None) -> str:
         """The loop until the stage ends, stops or fails ("failed": a non-finite streak, said on stderr)."""
+        if heartbeat:
+            heartbeat.follow(state)
         metrics = self._metrics(state.step)
         hooks = self._hooks(metrics, StopRequest(self.plan.run.stop_file(self.stage.name)))
         try:
@@ -95,13 +98,16 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
     if ds.broadcast_from_main(folder.done.exists() if env.is_main else None):  # one answer for all ranks
         env.say(f"[{stage.name}] already complete ({folder.done}); nothing to do")
         return 0
+    heartbeat = Heartbeat(plan.run.heartbeat(stage.name, env.rank), env.rank, env.restart_count)
     run, state = _build(plan, stage, env, folder)
-    outcome = run.train(state)
+    outcome = run.train(state, heartbeat)
     if outcome == "failed":
+        heartbeat.close("failed")
         return 1
     if outcome != "stopped":
         run.finish(state, outcome)
     ds.barrier()
+    heartbeat.close(outcome)
     if outcome != "stopped" and env.is_main and plan.evaluation and plan.evaluation.after_each_stage:
         del run  # the export is reloaded for eval; the engine's optimizer state is no longer needed
         _release_accelerator_memory()
