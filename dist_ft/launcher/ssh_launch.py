@@ -168,6 +168,11 @@ def _explain_failure(plan: Plan, stage: StagePlan, status: int, failed_host: str
               "Re-run the same command to resume.", file=sys.stderr)
         return
     where = f" on {failed_host}" if failed_host else ""
+    if status - 128 in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        print(f"error: stage {stage.name} was stopped by {signal.Signals(status - 128).name}{where}: its ranks "
+              "checkpoint at their next step boundary before they exit. Re-run the same command to resume.",
+              file=sys.stderr)
+        return
     print(f"error: stage {stage.name} failed{where} with exit status {status}; later stages were not run. "
           f"Re-run the same command to resume from its last checkpoint.", file=sys.stderr)
     for line in stale_lines(run, stage.name, plan.world_size):
