@@ -183,3 +183,46 @@ def test_heartbeats_name_the_stale_rank_and_its_host(tmp_path, monkeypatch):
     assert not is_stale({**row, "time": now - 10, "interval_s": 5.0}, now)
     report = heartbeat_report(tmp_path, ["ctx", "sft"], now=now)
     assert report[0] == "[ctx] heartbeats: 2 rank(s), 1 STALE" and "stopped at step 4" in report[2]
+
+
+def test_status_of_an_ssh_run_shows_hosts_attempts_and_stale_ranks(tmp_path, recipe_file, capsys):
+    run_dir = tmp_path / "run"
+    plan = _plan(tmp_path, recipe_file, capsys, run_dir)
+    run = RunDir(run_dir)
+    first = plan.stages[0].name
+    (run.path / "ssh.json").write_text(json.dumps({
+        "backend": "ssh", "hosts": ["node-a", "user@node-b"], "launcher": {"host": "elsewhere", "pid": 1},
+        "stages": {first: {"state": "running", "attempt": 2, "started": "2026-11-29T09:00:00+0000"}}}))
+    run.node_record(first, 1).parent.mkdir(parents=True)
+    run.node_record(first, 1).write_text(json.dumps({"host": "user@node-b", "pid": 77, "node_rank": 1,
+                                                     "attempt": 2, "started": time.time()}))
+    run.stage(first).metrics.parent.mkdir(parents=True)
+    run.stage(first).metrics.write_text(json.dumps({"step": 3, "loss": 2.5}) + "\n")
+    run.heartbeat(first, 1).parent.mkdir(parents=True)
+    run.heartbeat(first, 1).write_text(json.dumps({"rank": 1, "host": "user@node-b", "pid": 78, "step": 3,
+                                                   "time": time.time() - 120, "interval_s": 5.0}))
+    assert main(["status", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "ssh backend on node-a, user@node-b" in out and "(on another machine)" in out
+    assert f"[{first}] running, attempt 2, since 2026-11-29T09:00:00+0000; last step 3 loss 2.5000" in out
+    assert "node 1 on user@node-b: agent pid 77" in out
+    assert "rank 1 on user@node-b (pid 78): step 3, STALE: no heartbeat for 120 s" in out
+    assert f"[{plan.stages[-1].name}] not started" in out
+
+
+def test_status_of_a_local_run_shows_stale_heartbeats_too(tmp_path, recipe_file, capsys):
+    run_dir = tmp_path / "run"
+    plan = _plan(tmp_path, recipe_file, capsys, run_dir)
+    path = RunDir(run_dir).heartbeat(plan.stages[0].name, 0)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"rank": 0, "host": "here", "pid": 5, "step": None, "time": time.time() - 40}))
+    assert main(["status", str(run_dir)]) == 0
+    assert "rank 0 on here (pid 5): before its first step, STALE" in capsys.readouterr().out
+
+
+def test_cancel_of_an_ssh_run_with_nothing_running(tmp_path, recipe_file, capsys):
+    run_dir = tmp_path / "run"
+    _plan(tmp_path, recipe_file, capsys, run_dir)
+    (run_dir / "ssh.json").write_text(json.dumps({"backend": "ssh", "stages": {"x": {"state": "done"}}}))
+    assert main(["cancel", str(run_dir)]) == 0
+    assert "nothing to cancel" in capsys.readouterr().out
