@@ -49,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dist-ft node {args.node_rank} on {socket.gethostname()} (pid {os.getpid()}): {' '.join(cmd)}",
           flush=True)
     threading.Thread(target=_stop_at_end_of_stdin, name="dist-ft-stdin", daemon=True).start()
-    status = run_supervised(cmd, kill_after_s=2 * _grace(plan), env={**os.environ, HOST_ENV: args.host})
+    # Each rendezvous round gets a fresh store for the workers: with torch's shared agent store, keys of the
+    # previous round (the old ranks' gloo addresses) were read after an elastic restart ("connection refused").
+    env = {**os.environ, HOST_ENV: args.host, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    status = run_supervised(cmd, kill_after_s=2 * _grace(plan), env=env)
     print(f"dist-ft node {args.node_rank}: torchrun exited with status {status}", flush=True)
     return status
 

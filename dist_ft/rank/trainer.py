@@ -5,6 +5,7 @@ Data flows one way: plan.json → model + data → DeepSpeed engine → loop →
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,8 @@ class StageRun:
 def train_stage(plan: Plan, stage: StagePlan) -> int:
     env = read_env()
     ds.init_distributed(env, plan.cluster.collective_timeout_minutes)
+    # torchrun counts restarts per node (a node restarted for another's failure counts none): agree on the most
+    env = dataclasses.replace(env, restart_count=int(ds.all_reduce_max(float(env.restart_count))))
     folder = plan.run.stage(stage.name)
     if ds.broadcast_from_main(folder.done.exists() if env.is_main else None):  # one answer for all ranks
         env.say(f"[{stage.name}] already complete ({folder.done}); nothing to do")
