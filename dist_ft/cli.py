@@ -12,7 +12,7 @@ from dist_ft.launcher.artifacts import RunDirConflict, render_files, write_run_d
 from dist_ft.launcher.local_launch import run_stages
 from dist_ft.plan.plan import Plan, make_plan
 from dist_ft.plan.plan_report import format_plan
-from dist_ft.plan.preflight import check_inputs, model_shape, resolve_recipe_paths
+from dist_ft.plan.preflight import check_inputs, model_shape, read_hosts, resolve_recipe_paths
 from dist_ft.plan.run_dir import RunDir
 from dist_ft.recipe.config import load_recipe
 from dist_ft.recipe.strict import Problem, RecipeError
@@ -65,17 +65,21 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_render)
 
     p = recipe_command("launch", "render, then run locally with torchrun or submit to SLURM")
-    p.add_argument("--backend", choices=("local", "slurm"), default="local")
+    p.add_argument("--backend", choices=("local", "slurm", "ssh"), default="local",
+                   help="local: this machine; slurm: sbatch per stage; ssh: one torchrun per host of "
+                        "cluster.hostfile / cluster.hosts")
     p.add_argument("--dry-run", action="store_true", help="render and print the commands; run nothing")
     p.add_argument("--out", help="run dir (default: checkpointing.output_root/name)")
     p.add_argument("--force", action="store_true")
     p.set_defaults(func=cmd_launch)
 
-    p = sub.add_parser("status", help="each stage of a submitted run: job state, restarts, DONE, last metrics")
+    p = sub.add_parser("status", help="each stage of a run: job state or hosts, restarts, DONE, last metrics, "
+                                                "stale rank heartbeats")
     p.add_argument("run_dir", help="run dir written by render/launch")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("cancel", help="scancel the run's jobs that are still pending or running")
+    p = sub.add_parser("cancel", help="scancel the run's pending or running jobs; for ssh runs, stop every "
+                                                "host's ranks (they checkpoint first)")
     p.add_argument("run_dir", help="run dir written by render/launch")
     p.set_defaults(func=cmd_cancel)
 
@@ -102,6 +106,7 @@ def _load_plan(args: argparse.Namespace) -> tuple[object, Plan]:
     recipe = load_recipe(recipe_path, args.overrides)
     recipe = resolve_recipe_paths(recipe, recipe_path.resolve().parent)
     check_inputs(recipe)
+    recipe = read_hosts(recipe)
     out = getattr(args, "out", None)
     run_dir = Path(out) if out else Path(recipe.checkpointing.output_root) / recipe.name
     if not all(ch.isprintable() for ch in str(run_dir)):
@@ -141,7 +146,10 @@ def cmd_launch(args: argparse.Namespace) -> int:
     recipe, plan = _load_plan(args)
     if args.backend == "local" and plan.nodes > 1:
         raise RecipeError([Problem("cluster.nodes", f"the local backend runs one node, the recipe asks for "
-                                    f"{plan.nodes}", "use --backend slurm, or --set cluster.nodes=1")])
+                                    f"{plan.nodes}", "use --backend slurm or ssh, or --set cluster.nodes=1")])
+    if args.backend == "ssh" and not plan.cluster.hosts:
+        raise RecipeError([Problem("cluster.hosts", "the ssh backend needs the hosts to run on",
+                                   "set cluster.hostfile (`HOST slots=N` per line) or cluster.hosts: [a, b]")])
     files = render_files(recipe, plan)
     write_run_dir(Path(plan.run_dir), files, force=args.force)
     print(f"run dir: {plan.run_dir}")
@@ -149,11 +157,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
         from dist_ft.launcher.slurm_jobs import submit_stages
 
         return submit_stages(plan, dry_run=args.dry_run)
-    return _run_local(plan, dry_run=args.dry_run)
+    return _run_local(plan, dry_run=args.dry_run, backend=args.backend)
 
 
-def _run_local(plan: Plan, dry_run: bool) -> int:
-    status = run_stages(plan, dry_run)
+def _run_local(plan: Plan, dry_run: bool, backend: str = "local") -> int:
+    if backend == "ssh":
+        from dist_ft.launcher.ssh_launch import run_stages_ssh
+
+        status = run_stages_ssh(plan, dry_run)
+    else:
+        status = run_stages(plan, dry_run)
     if status == 0 and not dry_run:
         from dist_ft.launcher.summary import pipeline_summary
 
@@ -162,15 +175,34 @@ def _run_local(plan: Plan, dry_run: bool) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from dist_ft.launcher.slurm_jobs import run_status
+    """The run's stages (SLURM jobs, or the ssh backend's hosts), then the heartbeats of every rank of an
+    unfinished stage, stale ones flagged, whatever the backend."""
+    from dist_ft.launcher.heartbeat_status import heartbeat_report
+    from dist_ft.launcher.slurm_jobs import load_run, run_status
+    from dist_ft.launcher.ssh_control import is_ssh_run, print_ssh_status
 
-    return _on_run_dir(run_status, args.run_dir)
+    def status(run_dir: Path) -> int:
+        plan, _ = load_run(run_dir)
+        code = print_ssh_status(run_dir, plan) if is_ssh_run(run_dir) else run_status(run_dir)
+        unfinished = [s.name for s in plan.stages if not RunDir(run_dir).stage(s.name).finished()]
+        lines = heartbeat_report(run_dir, unfinished)
+        if lines:
+            print("\n".join(lines))
+        return code
+
+    return _on_run_dir(status, args.run_dir)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
-    from dist_ft.launcher.slurm_jobs import run_cancel
+    from dist_ft.launcher.slurm_jobs import load_run, run_cancel
+    from dist_ft.launcher.ssh_control import is_ssh_run, ssh_cancel
 
-    return _on_run_dir(run_cancel, args.run_dir)
+    def cancel(run_dir: Path) -> int:
+        if is_ssh_run(run_dir):
+            return ssh_cancel(run_dir, load_run(run_dir)[0])
+        return run_cancel(run_dir)
+
+    return _on_run_dir(cancel, args.run_dir)
 
 
 def _on_run_dir(action, run_dir: str) -> int:

@@ -181,6 +181,10 @@ def _check_cluster(recipe: Recipe, shape: ModelShape | None, problems: list[Prob
                                 f"{sp} does not divide the world size {c.world_size} "
                                 f"({c.nodes} nodes x {c.ranks_per_node} ranks)",
                                 f"use a divisor of {c.world_size}"))
+    if c.hosts and len(c.hosts) != c.nodes:
+        problems.append(Problem("cluster.nodes", f"{c.nodes} node(s), but the {'hostfile' if c.hostfile else 'hosts'} "
+                                f"list(s) {len(c.hosts)} host(s) (one node per host)",
+                                f"set cluster.nodes: {len(c.hosts)}, or list {c.nodes} host(s)"))
     if sp > 1:
         _check_sequence_parallel(sp, shape, model.attn_implementation, problems)
     _check_tiled_mlp(model.tiled_mlp_tokens, shape, problems)

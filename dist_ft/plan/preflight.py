@@ -8,8 +8,9 @@ from pathlib import Path
 
 from dist_ft.recipe.config import Data, Recipe
 from dist_ft.recipe.data_files import data_path_problem
+from dist_ft.recipe.hostfile import parse_hostfile
 from dist_ft.recipe.model_shape import ModelShape, ShapeError, is_file, read_model_shape, resolve_model_dir
-from dist_ft.recipe.strict import Problem, RecipeError
+from dist_ft.recipe.strict import Invalid, Problem, RecipeError
 
 
 def resolve_data_path(entry: str, base: Path) -> str:
@@ -35,6 +36,9 @@ def resolve_recipe_paths(recipe: Recipe, base: Path) -> Recipe:
         changes["long_context"] = dataclasses.replace(recipe.long_context, data=fix(recipe.long_context.data))
     if recipe.finetune:
         changes["finetune"] = dataclasses.replace(recipe.finetune, data=fix(recipe.finetune.data))
+    if recipe.cluster.hostfile:
+        changes["cluster"] = dataclasses.replace(recipe.cluster, hostfile=resolve_data_path(recipe.cluster.hostfile,
+                                                                                            base))
     model_path = recipe.model.name_or_path
     if model_path and (model_path.startswith("package:") or _looks_local(model_path, base)):
         changes["model"] = dataclasses.replace(recipe.model, name_or_path=resolve_data_path(model_path, base))
@@ -67,6 +71,42 @@ def check_inputs(recipe: Recipe) -> None:
                                     "check the file name"))
     if problems:
         raise RecipeError(problems)
+
+
+def read_hosts(recipe: Recipe) -> Recipe:
+    """The recipe with `cluster.hosts` read from `cluster.hostfile` (where one is given), checked against
+    the cluster's ranks per node."""
+    c = recipe.cluster
+    if not c.hostfile:
+        return recipe
+    if c.hosts:
+        raise RecipeError([Problem("cluster.hosts", "both cluster.hosts and cluster.hostfile are set",
+                                   "keep one of them")])
+    try:
+        text = Path(c.hostfile).read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        why = getattr(err, "strerror", None) or str(err)
+        raise RecipeError([Problem("cluster.hostfile", f"cannot read {c.hostfile}: {why}",
+                                   "give an existing hostfile (`HOST slots=N` per line)")]) from None
+    try:
+        entries = parse_hostfile(text)
+    except ValueError as err:
+        raise RecipeError([Problem("cluster.hostfile", f"{c.hostfile}: {err}",
+                                   "one `HOST slots=N` per line; # starts a comment")]) from None
+    problems = [Problem("cluster.hostfile", f"{c.hostfile} line {e.line}: {e.host} has slots={e.slots} but "
+                        f"every node runs {c.ranks_per_node} rank(s) (cluster."
+                        f"{'gpus_per_node' if c.gpus_per_node else 'procs_per_node'})",
+                        f"set slots={c.ranks_per_node}, or change cluster."
+                        f"{'gpus_per_node' if c.gpus_per_node else 'procs_per_node'}")
+                for e in entries if e.slots is not None and e.slots != c.ranks_per_node]
+    if problems:
+        raise RecipeError(problems)
+    try:
+        cluster = dataclasses.replace(c, hosts=[e.host for e in entries])
+    except Invalid as err:  # a host listed twice (Cluster's own check)
+        raise RecipeError([Problem("cluster.hostfile", f"{c.hostfile}: {err.what}",
+                                   "one line per node")]) from None
+    return dataclasses.replace(recipe, cluster=cluster)
 
 
 def model_shape(recipe: Recipe) -> ModelShape | None:

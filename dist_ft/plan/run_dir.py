@@ -2,6 +2,8 @@
 
     RUN/plan.json  recipe.resolved.yaml  local.sh  nodes.sh  jobs.json   what the launcher renders and submits
     RUN/ds_config.<stage>.json  RUN/<stage>.sbatch                  one of each per stage
+    RUN/ssh.json  RUN/control/ssh.token  RUN/control/nodes/<stage>.node<N>.json   the ssh backend's record
+    RUN/heartbeats/<stage>/rank<N>.json                             each rank's (step, time), every few seconds
     RUN/logs/  RUN/control/<stage>.stop  RUN/data_cache/<stage>.jsonl  RUN/wandb/
     RUN/eval/<stage>/                                               `dist-ft eval` after a stage
     RUN/stages/<stage>/DONE  metrics.jsonl  loss.png  ranks/rank<N>.json
@@ -20,6 +22,7 @@ RECIPE_FILE = "recipe.resolved.yaml"
 LOCAL_SCRIPT = "local.sh"
 NODES_SCRIPT = "nodes.sh"  # one node's part of a multi-node run, for orchestrators other than SLURM
 JOBS_FILE = "jobs.json"
+SSH_FILE = "ssh.json"  # the ssh backend's record: hosts, launcher, each stage's state and attempt
 SUBDIRS = ("logs", "control", "stages")  # created with the run dir
 
 
@@ -118,6 +121,22 @@ class RunDir:
 
     def stage(self, name: str) -> StageDir:
         return StageDir(self.path / "stages" / name)
+
+    @property
+    def ssh_file(self) -> Path:
+        return self.path / SSH_FILE
+
+    @property
+    def ssh_token(self) -> Path:
+        """Written by `launch --backend ssh`; every host must read the same text back (a shared run dir)."""
+        return self.control / "ssh.token"
+
+    def node_record(self, stage: str, node_rank: int) -> Path:
+        """Written by the ssh node agent: its host, pid and start time."""
+        return self.control / "nodes" / f"{stage}.node{node_rank}.json"
+
+    def heartbeat(self, stage: str, rank: int) -> Path:
+        return self.path / "heartbeats" / stage / f"rank{rank}.json"
 
     def stop_file(self, stage: str) -> Path:
         """Touched (by the sbatch script on a signal, or by hand) to make a stage checkpoint and stop."""

@@ -51,7 +51,8 @@ def read_env(environ: Mapping[str, str] | None = None, cuda_available: bool | No
         rank=rank, local_rank=local_rank, world_size=world, local_world_size=local_world,
         backend="nccl" if cuda_available else "gloo",
         device=f"cuda:{local_rank}" if cuda_available else "cpu",
-        restart_count=pick("DIST_FT_RESTART_COUNT", "SLURM_RESTART_COUNT", default="0"),
+        restart_count=pick("DIST_FT_RESTART_COUNT", "SLURM_RESTART_COUNT", default="0")
+        + pick("TORCHELASTIC_RESTART_COUNT", default="0"),  # a requeued job's torchrun may restart too
         slurm_job_id=env.get("SLURM_JOB_ID"),
     )
 

@@ -5,6 +5,7 @@ Data flows one way: plan.json → model + data → DeepSpeed engine → loop →
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ from dist_ft.plan.schedule import lr_multiplier
 from . import engine as ds
 from .distributed import DistEnv, read_env
 from .early_stopping import Rule
+from .heartbeat import Heartbeat
 from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 from .loss import LanguageModelLoss, TokenMean, choose_head_kernel
 from .metrics import NullMetrics, RankZeroMetrics, mfu
@@ -46,9 +48,11 @@ class StageRun:
     evaluation: StageEvaluation
     metrics: Any = None
 
-    def train(self, state: LoopState) -> str:
+    def train(self, state: LoopState, heartbeat: Heartbeat | None = None) -> str:
         """The loop until the stage ends, stops or fails ("failed": a non-finite streak, said on stderr).
         A fresh stage that generates samples does so first: the model before this stage."""
+        if heartbeat:
+            heartbeat.follow(state)
         self.metrics = self._metrics(state.step)
         self.evaluation.metrics = self.metrics
         hooks = self._hooks(StopRequest(self.plan.run.stop_file(self.stage.name)))
@@ -130,20 +134,25 @@ class StageRun:
 def train_stage(plan: Plan, stage: StagePlan) -> int:
     env = read_env()
     ds.init_distributed(env, plan.cluster.collective_timeout_minutes)
+    # torchrun counts restarts per node (a node restarted for another's failure counts none): agree on the most
+    env = dataclasses.replace(env, restart_count=int(ds.all_reduce_max(float(env.restart_count))))
     folder = plan.run.stage(stage.name)
     if ds.broadcast_from_main(folder.done.exists() if env.is_main else None):  # one answer for all ranks
         env.say(f"[{stage.name}] already complete ({folder.done}); nothing to do")
         return 0
+    heartbeat = Heartbeat(plan.run.heartbeat(stage.name, env.rank), env.rank, env.restart_count)
     run, state = _build(plan, stage, env, folder)
     try:
-        outcome = run.train(state)
+        outcome = run.train(state, heartbeat)
         if outcome == "failed":
+            heartbeat.close("failed")
             return 1
         if outcome != "stopped":
             run.finish(state, outcome)
     finally:
         run.close()
     ds.barrier()
+    heartbeat.close(outcome)
     if outcome != "stopped" and env.is_main and plan.evaluation and plan.evaluation.after_each_stage:
         del run  # the export is reloaded for eval; the engine's optimizer state is no longer needed
         _release_accelerator_memory()

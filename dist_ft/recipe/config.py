@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from .hostfile import host_problem
 from .launch_script import env_key_problem
 from .model_shape import SHAPE_KEYS
 from .prompts import template_problem
@@ -701,8 +702,25 @@ class Cluster:
                                  "is 10): the other ranks wait in a barrier while rank 0 alone converts a "
                                  "checkpoint or exports a merged model, which takes longer on a big model.")
     job_name: str | None = spec(None, doc="Defaults to the recipe name.")
+    hostfile: str | None = spec(None, doc="ssh backend: DeepSpeed-style hostfile (`HOST slots=N` per line, # comments), "
+                                         "relative to the recipe; one node per host, in order (the first hosts "
+                                         "the rendezvous).")
+    hosts: list[str] = spec(factory=list, doc="ssh backend: the hosts, instead of a hostfile (`[node-a, node-b]`).")
+    ssh_options: list[str] = spec(factory=list, doc="Extra ssh arguments, e.g. `[-p, \"2222\", -F, ~/.ssh/cluster]`; "
+                                                    "ssh always runs with BatchMode=yes (no password prompts).")
 
     def __post_init__(self) -> None:
+        for i, host in enumerate(self.hosts):
+            if (why := host_problem(host)) is not None:
+                raise Invalid(f"hosts[{i}]", why, "use the host's name or address (an ~/.ssh/config alias works)")
+        if len(set(self.hosts)) != len(self.hosts):
+            raise Invalid("hosts", "lists a host twice", "one entry per node; ranks per node is procs_per_node")
+        for i, option in enumerate(self.ssh_options):
+            if not option or not _printable_line(option):
+                raise Invalid(f"ssh_options[{i}]", f"{option!r} is empty or contains a control character",
+                              "one ssh argument per entry, on one line")
+        if self.hostfile is not None and (not self.hostfile.strip() or not _printable_line(self.hostfile)):
+            raise Invalid("hostfile", f"{self.hostfile!r} is not a usable path", "give the hostfile's path")
         for name in ("partition", "account", "qos", "constraint", "mem", "job_name", "time_limit", "python"):
             value = getattr(self, name)
             if isinstance(value, str) and not _printable_line(value):

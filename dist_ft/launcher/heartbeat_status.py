@@ -1,0 +1,68 @@
+"""Reading the ranks' heartbeats (rank/heartbeat.py) for `dist-ft status` and the launchers' failure
+messages. A heartbeat is stale when it is older than STALE_BEATS intervals and the rank did not say it
+ended: the process is stopped, frozen, swapping or gone without a word."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from dist_ft.plan.run_dir import RunDir
+
+STALE_BEATS = 6
+MIN_STALE_S = 30.0
+
+
+def read_heartbeats(run: RunDir, stage: str) -> list[dict]:
+    folder = run.path / "heartbeats" / stage
+    out = []
+    for path in sorted(folder.glob("rank*.json")) if folder.is_dir() else []:
+        try:
+            row = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(row, dict) and isinstance(row.get("rank"), int) and isinstance(row.get("time"), (int, float)):
+            out.append(row)
+    return sorted(out, key=lambda r: r["rank"])
+
+
+def stale_after_s(row: dict) -> float:
+    interval = row.get("interval_s")
+    return max(MIN_STALE_S, STALE_BEATS * interval) if isinstance(interval, (int, float)) else MIN_STALE_S
+
+
+def is_stale(row: dict, now: float) -> bool:
+    return not row.get("ended") and now - row["time"] > stale_after_s(row)
+
+
+def describe(row: dict, now: float) -> str:
+    step = row.get("step")
+    where = f"rank {row['rank']} on {row.get('host', '?')} (pid {row.get('pid', '?')})"
+    at = f"step {step}" if step is not None else "before its first step"
+    age = now - row["time"]
+    if row.get("ended"):
+        return f"{where}: {row['ended']} at {at}"
+    state = f"STALE: no heartbeat for {age:.0f} s (stopped, frozen or killed)" if is_stale(row, now) else \
+        f"alive {age:.0f} s ago"
+    return f"{where}: {at}, {state}"
+
+
+def stale_lines(run: RunDir, stage: str, world_size: int | None = None, now: float | None = None) -> list[str]:
+    """One line per rank whose heartbeat is stale; empty when every rank beats (or none ever did)."""
+    now = time.time() if now is None else now
+    return ["stuck: " + describe(row, now) for row in read_heartbeats(run, stage) if is_stale(row, now)]
+
+
+def heartbeat_report(run_dir: Path, stages: list[str], now: float | None = None) -> list[str]:
+    """For `dist-ft status`: every rank of the stages that have heartbeats, stale ones flagged."""
+    now = time.time() if now is None else now
+    lines = []
+    for stage in stages:
+        rows = read_heartbeats(RunDir(run_dir), stage)
+        if not rows:
+            continue
+        stale = sum(is_stale(r, now) for r in rows)
+        lines.append(f"[{stage}] heartbeats: {len(rows)} rank(s)" + (f", {stale} STALE" if stale else ""))
+        lines += ["  " + describe(r, now) for r in rows]
+    return lines
