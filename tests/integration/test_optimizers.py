@@ -8,17 +8,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dist_ft.plan.schedule import lr_multiplier
 from tests.integration import optimizer_worker
-from tests.integration.training_helpers import free_port, metric_rows, rank_env, render, tiny_recipe, train
+from tests.integration.training_helpers import metric_rows, render, run_worker, tiny_recipe, train
 
 pytestmark = pytest.mark.integration
 
@@ -30,17 +26,8 @@ ON_CPU = {"adamw": "torch.optim.adamw.AdamW", "adam": "torch.optim.adam.Adam", "
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("optimizers") / "results.json"
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=1", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", str(Path(optimizer_worker.__file__)), str(out), *ON_CPU]
-    root = str(Path(__file__).resolve().parents[2])
-    proc = subprocess.Popen(argv, env={**rank_env(), "PYTHONPATH": root}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    assert proc.returncode == 0, output[-4000:]
+    run_worker(Path(optimizer_worker.__file__), [str(out), *ON_CPU], nproc=1, timeout=300,
+               what="building and stepping the optimizers hung")
     return json.loads(out.read_text())
 
 

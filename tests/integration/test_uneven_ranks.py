@@ -8,17 +8,13 @@ turns a hang into a failure)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from tests.integration import uneven_worker
-from tests.integration.training_helpers import free_port, rank_env
+from tests.integration.training_helpers import run_worker
 
 pytestmark = pytest.mark.integration
 
@@ -28,18 +24,8 @@ VARIANTS = ("dp-none.zero2", "dp-none.zero3", "dp-few.zero3", "lora-none.zero3",
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("uneven")
-    argv = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-            f"--master_port={free_port()}", str(Path(uneven_worker.__file__)), str(out), *VARIANTS]
-    root = str(Path(__file__).resolve().parents[2])  # the worker imports tests.integration.sp_worker
-    # Its own session, so that a hang takes torchrun's ranks down with it, not just torchrun.
-    proc = subprocess.Popen(argv, env={**rank_env(), "PYTHONPATH": root}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=360)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"ranks with uneven data hung: {proc.communicate()[0][-3000:]}")
-    assert proc.returncode == 0, output[-6000:]
+    run_worker(Path(uneven_worker.__file__), [str(out), *VARIANTS], nproc=2, timeout=360,
+               what="ranks with uneven data hung")
     return {variant: torch.load(out / f"{variant}.pt") for variant in VARIANTS}
 
 

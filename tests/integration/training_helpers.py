@@ -156,3 +156,20 @@ def _leveldb_records(data: bytes, block: int = 32768):
             yield pending + chunk
         elif kind == 0 and length == 0:
             break
+
+
+def run_worker(worker: Path, args: list[str], nproc: int, timeout: float, what: str) -> None:
+    """A test's own worker script under torchrun on `nproc` CPU ranks; fails the test on a non-zero exit or
+    after `timeout` (`what` names the hang). Its own session, so a hang takes torchrun's ranks down too."""
+    argv = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
+            f"--master_port={free_port()}", str(worker), *args]
+    root = str(Path(__file__).resolve().parents[2])  # workers import tests.integration.*
+    proc = subprocess.Popen(argv, env={**rank_env(), "PYTHONPATH": root}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError(f"{what}: {proc.communicate()[0][-3000:]}") from None
+    assert proc.returncode == 0, output[-6000:]
+

@@ -40,3 +40,13 @@ def test_builds_are_quiet_and_the_wheel_carries_the_assets(hook, project, tmp_pa
         names = set(zipfile.ZipFile(tmp_path / result.stdout.split()[-1]).namelist())
         assert {"dist_ft/ds_configs/zero3.json", "dist_ft/slurm_templates/stage.sbatch.tmpl",
                 "dist_ft/slurm_templates/local_cluster/up.sh"} <= names
+
+
+def test_test_modules_have_unique_basenames():
+    """The test folders are not packages: pytest imports each test module by its basename, so two files of
+    one name (tests/unit/x.py, tests/integration/x.py) stop the whole run at collection."""
+    from collections import Counter
+    from pathlib import Path
+
+    names = Counter(path.name for path in (Path(__file__).resolve().parents[1]).rglob("test_*.py"))
+    assert [name for name, count in names.items() if count > 1] == []
