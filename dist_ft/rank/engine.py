@@ -90,9 +90,13 @@ def token_mean_gradient_factor(ds_config: dict[str, Any], data_parallel: int, se
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], lr_lambda: Callable[[int], float],
-                 param_groups: list[dict[str, Any]], optimizer: torch.optim.Optimizer | None = None, mpu=None):
-    """The engine over the parameter groups (rank/optimizer.py): DeepSpeed builds the config's optimizer,
-    or takes `optimizer` when the config names none; `lr_lambda` scales every group's lr per step."""
+                 param_groups: list[dict[str, Any]] | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 mpu=None):
+    """The engine over the parameter groups (rank/optimizer.py; unset: one group of every trainable
+    parameter): DeepSpeed builds the config's optimizer, or takes `optimizer` when the config names none;
+    `lr_lambda` scales every group's lr per step."""
+    if param_groups is None:
+        param_groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=param_groups, optimizer=optimizer, config=ds_config, mpu=mpu,
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda))
