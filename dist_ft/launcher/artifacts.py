@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from dist_ft.durable import fsync_dir
 from dist_ft.plan.plan import Plan
 from dist_ft.plan.run_dir import LOCAL_SCRIPT, NODES_SCRIPT, PLAN_FILE, RECIPE_FILE, SUBDIRS
 from dist_ft.recipe.config import Recipe, to_dict
@@ -50,7 +51,7 @@ def write_run_dir(run_dir: Path, files: dict[str, str], force: bool = False) -> 
         _write_all(staging, files, run_dir)
         if fresh:
             os.rename(staging, run_dir)  # the whole run dir appears at once
-            _fsync_dir(run_dir.parent)
+            fsync_dir(run_dir.parent)
         else:
             _move_in(staging, run_dir, files)
     finally:
@@ -121,12 +122,4 @@ def _move_in(staging: Path, run_dir: Path, files: dict[str, str]) -> None:
         (run_dir / sub).mkdir(exist_ok=True)
     for name in sorted(files, key=lambda n: n == PLAN_FILE):
         os.replace(staging / name, run_dir / name)
-    _fsync_dir(run_dir)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(run_dir)

@@ -15,12 +15,12 @@ crash mid-write, or a damaged dist_ft.json, leaves the previous checkpoint in ch
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
+
+from dist_ft.durable import fsync_dir, fsync_tree, write_atomic
 
 META = "dist_ft.json"
 LATEST = "latest"
@@ -31,45 +31,6 @@ _TAG = re.compile(r"step_\d{8}")
 
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace path's content in one rename, the text on disk first. The temporary file gets a fresh
-    name created exclusively (mkstemp: O_EXCL, no links followed)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), 0o644)  # mkstemp's 0600 would hide it from the run's other readers
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Make the folder's entries (new and renamed names) durable."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.is_symlink():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        elif path.is_dir():
-            fsync_dir(path)
-    fsync_dir(folder)
 
 
 def clear_tag(folder: Path, tag: str) -> None:

@@ -3,8 +3,8 @@
 from types import SimpleNamespace
 
 from dist_ft.rank import engine as ds
-from dist_ft.rank.checkpoint import (commit, ensure_universal, latest_tag, resume_choice, tag_for, tag_folders,
-                                write_atomic)
+from dist_ft.durable import write_atomic
+from dist_ft.rank.checkpoint import commit, ensure_universal, latest_tag, resume_choice, tag_for, tag_folders
 from dist_ft.recipe.config import Checkpointing
 from dist_ft.rank.distributed import read_env
 from dist_ft.rank.loop import LoopState

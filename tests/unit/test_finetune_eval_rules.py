@@ -13,7 +13,8 @@ from dist_ft.evaluation.task_metrics import METRICS
 from dist_ft.launcher.summary import evaluation_lines
 from dist_ft.plan.run_dir import StageDir
 from dist_ft.rank import loop
-from dist_ft.rank.checkpoint import best_tag, commit, tag_for, tag_folders, write_atomic
+from dist_ft.durable import write_atomic
+from dist_ft.rank.checkpoint import best_tag, commit, tag_for, tag_folders
 from dist_ft.rank.early_stopping import Rule, judge
 from dist_ft.rank.loop import LoopConfig, LoopHooks, LoopState, run_loop
 from dist_ft.recipe.config import ANSWER_METRICS, recipe_from_dict
