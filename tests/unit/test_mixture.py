@@ -46,6 +46,9 @@ def test_sources_make_up_their_weights_share_of_the_rows(sources):
     assert report[1].taken > report[1].available  # B is up-sampled: its rows repeat
     b_rows = {key(r) for r in rows_of(sources, {"b": 1.0}, seed=1)[0]}  # B alone, packed as in the pair
     assert sum(key(r) in b_rows for r in train) == report[1].taken
+    scored_b = sum(sum(label != -100 for label in r["labels"]) for r in train if key(r) in b_rows)
+    scored_all = sum(sum(label != -100 for label in r["labels"]) for r in train)
+    assert report[1].scored_tokens == scored_b and report[0].scored_tokens == scored_all - scored_b > 0
 
 
 def test_the_mixture_is_a_function_of_data_and_seed(sources):

@@ -85,9 +85,15 @@ def mixture_rows(sources: Sequence[tuple[Sequence[str], float, str]], text_field
         taken = _draw(rows, round(total * weight / sum(weights)), random.Random(seed + 7919 * (index + 1)))
         mixed += taken
         report.append(SourceRows(tuple(map(str, paths)), weight, len(rows), len(taken),
-                                 sum(label != IGNORE_INDEX for row in taken for label in row["labels"])))
+                                 sum(_scored(row) for row in taken)))
     random.Random(seed).shuffle(mixed)
     return mixed, validation, bad, report
+
+
+def _scored(row: dict[str, list[int]]) -> int:
+    """The row's scored tokens (list.count runs in C: a mixture of millions of rows is counted in seconds)."""
+    labels = row["labels"]
+    return len(labels) - labels.count(IGNORE_INDEX)
 
 
 def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
