@@ -12,6 +12,7 @@ from dist_ft.plan.run_dir import RunDir
 
 STALE_BEATS = 6
 MIN_STALE_S = 30.0
+EXIT_SILENT_RANK = 124  # a launcher's status when its watch stopped a stage (as timeout(1) exits)
 
 
 def read_heartbeats(run: RunDir, stage: str) -> list[dict]:
@@ -52,6 +53,35 @@ def stale_lines(run: RunDir, stage: str, world_size: int | None = None, now: flo
     """One line per rank whose heartbeat is stale; empty when every rank beats (or none ever did)."""
     now = time.time() if now is None else now
     return ["stuck: " + describe(row, now) for row in read_heartbeats(run, stage) if is_stale(row, now)]
+
+
+class HangWatch:
+    """The launchers' watchdog for one attempt of a stage: names the first rank whose heartbeat has been
+    silent for longer than `after_s` (the recipe's collective timeout). A stopped or frozen rank stalls
+    the others in whatever collective comes next, and DeepSpeed's own process groups wait torch's default
+    30 minutes, not the recipe's timeout; the heartbeat does not depend on which collective it is.
+    Heartbeats older than the watch (a previous launch's) are not this attempt's and are ignored."""
+
+    def __init__(self, run: RunDir, stage: str, after_s: float, every_s: float = 5.0, since: float | None = None):
+        self.run, self.stage, self.after_s, self.every_s = run, stage, after_s, every_s
+        self.since = time.time() if since is None else since
+        self._next_look = 0.0
+
+    def silent_rank(self, now: float | None = None) -> dict | None:
+        """The first silent rank's heartbeat row (looked at every `every_s` at most), or None."""
+        now = time.time() if now is None else now
+        if now < self._next_look:
+            return None
+        self._next_look = now + self.every_s
+        return next((row for row in read_heartbeats(self.run, self.stage)
+                     if not row.get("ended") and row.get("started", 0) >= self.since
+                     and now - row["time"] > self.after_s), None)
+
+    def message(self, row: dict, now: float | None = None) -> str:
+        now = time.time() if now is None else now
+        return (f"dist-ft: rank {row['rank']} on {row.get('host', '?')} (pid {row.get('pid', '?')}) sent no "
+                f"heartbeat for {now - row['time']:.0f} s, more than the collective timeout "
+                f"({self.after_s:.0f} s): it is stopped, frozen or swapping; stopping the stage")
 
 
 def heartbeat_report(run_dir: Path, stages: list[str], now: float | None = None) -> list[str]:

@@ -17,6 +17,7 @@ import time
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.rank.stop import stop_grace_s
 from dist_ft.recipe.launch_script import training_python
+from .heartbeat_status import EXIT_SILENT_RANK, HangWatch, stale_lines
 
 
 def torchrun_command(plan: Plan, stage: StagePlan, python: str, port: int | None = None) -> list[str]:
@@ -79,12 +80,20 @@ def run_stages(plan: Plan, dry_run: bool) -> int:
         print(f"[{stage.name}] {shlex.join(torchrun_command(plan, stage, python, port))}", flush=True)
         if dry_run:
             continue
-        status = run_supervised(["bash", "-c", stage_script(plan, stage)], kill_after_s=2 * _grace(plan))
+        watch = HangWatch(plan.run, stage.name, after_s=collective_timeout_s(plan))
+        status = run_supervised(["bash", "-c", stage_script(plan, stage)], kill_after_s=2 * _grace(plan),
+                                watch=watch)
         if status != 0:
             print(f"error: stage {stage.name} failed with exit status {status}; later stages were not run. "
                   f"Re-run the same command to resume from its last checkpoint.", file=sys.stderr)
+            for line in stale_lines(plan.run, stage.name):
+                print("  " + line, file=sys.stderr)
             return status
     return 0
+
+
+def collective_timeout_s(plan: Plan) -> float:
+    return 60.0 * plan.cluster.collective_timeout_minutes
 
 
 def _grace(plan: Plan) -> float:
@@ -98,12 +107,14 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
-def run_supervised(argv: list[str], kill_after_s: float, env: dict[str, str] | None = None) -> int:
+def run_supervised(argv: list[str], kill_after_s: float, env: dict[str, str] | None = None,
+                   watch: HangWatch | None = None) -> int:
     """Run argv in a process group of its own and wait for it. SIGTERM, SIGINT or SIGHUP to this
     process is passed on as SIGTERM (the ranks checkpoint and stop); whatever is still running
     `kill_after_s` later, or at a second signal, gets SIGKILL. torchrun starts each rank in a session
     of its own, so the group is not enough: this process becomes their subreaper and, at the end,
-    kills every descendant it still has. Returns the exit status, or 128 + the signal received."""
+    kills every descendant it still has. A rank the watch finds silent stops the group as a signal
+    would. Returns the exit status, 128 + the signal received, or EXIT_SILENT_RANK."""
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
     received: list[int] = []
@@ -118,7 +129,7 @@ def run_supervised(argv: list[str], kill_after_s: float, env: dict[str, str] | N
 
     previous = {sig: signal.signal(sig, on_signal) for sig in FORWARDED}
     try:
-        status = _wait(proc, received, kill_after_s)
+        status = _wait(proc, received, kill_after_s, watch)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -126,13 +137,18 @@ def run_supervised(argv: list[str], kill_after_s: float, env: dict[str, str] | N
     return 128 + received[0] if received else status
 
 
-def _wait(proc: subprocess.Popen, received: list[int], kill_after_s: float) -> int:
-    deadline = None
+def _wait(proc: subprocess.Popen, received: list[int], kill_after_s: float, watch: HangWatch | None) -> int:
+    deadline, silent = None, None
     while True:
         try:
-            return proc.wait(timeout=0.2)
+            status = proc.wait(timeout=0.2)
+            return EXIT_SILENT_RANK if silent else status
         except subprocess.TimeoutExpired:
             pass
+        if watch is not None and silent is None and not received and (silent := watch.silent_rank()):
+            print(watch.message(silent), file=sys.stderr, flush=True)
+            _kill_group(proc.pid, signal.SIGTERM)
+            deadline = time.monotonic() + kill_after_s
         if received and deadline is None:
             deadline = time.monotonic() + kill_after_s
         if deadline is not None and (time.monotonic() > deadline or len(received) > 1):

@@ -101,8 +101,11 @@ def ssh_cancel(run_dir: Path, plan: Plan) -> int:
             print(f"[{name}] node {node.get('node_rank')} on {host}: {said}")
             status = status or (0 if result.returncode == 0 else 1)
     if _launcher_alive(record):
-        os.kill(record["launcher"]["pid"], signal.SIGTERM)
-        print(f"sent SIGTERM to the launcher (pid {record['launcher']['pid']})")
+        try:
+            os.kill(record["launcher"]["pid"], signal.SIGTERM)
+            print(f"sent SIGTERM to the launcher (pid {record['launcher']['pid']})")
+        except ProcessLookupError:
+            pass  # it saw its hosts stop and exited meanwhile
     print("the ranks checkpoint at their next step; `dist-ft launch` with the same recipe resumes from there")
     return status
 

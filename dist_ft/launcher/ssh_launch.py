@@ -28,7 +28,8 @@ from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.plan.run_dir import RunDir
 from dist_ft.recipe.hostfile import address
 from dist_ft.recipe.launch_script import training_python
-from .local_launch import _die_with_parent, _grace, kill_descendants, prelude
+from .heartbeat_status import EXIT_SILENT_RANK, HangWatch
+from .local_launch import _die_with_parent, _grace, collective_timeout_s, kill_descendants, prelude
 
 SSH_BASE = ("ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=15",
             "-o", "ServerAliveCountMax=4")
@@ -241,13 +242,15 @@ def _run_stage(plan: Plan, stage: StagePlan, rdzv: Rendezvous, attempt: int) -> 
             procs.append(subprocess.Popen(ssh_argv(plan, host, node_script(plan, stage, i, rdzv, attempt)),
                                           stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True, preexec_fn=_die_with_parent(os.getpid())))
-    return supervise_hosts(procs, hosts, kill_after_s=2 * _grace(plan) + 30)
+    watch = HangWatch(run, stage.name, after_s=collective_timeout_s(plan))
+    return supervise_hosts(procs, hosts, kill_after_s=2 * _grace(plan) + 30, watch=watch)
 
 
-def supervise_hosts(procs: list[subprocess.Popen], hosts: list[str], kill_after_s: float) -> tuple[int, str | None]:
-    """Wait for every host. A signal to the launcher, or a host that fails, closes every ssh's stdin (the
-    node agents stop their ranks, which checkpoint); what is still running `kill_after_s` later, or at
-    a second signal, is killed. Returns (status, first failed host)."""
+def supervise_hosts(procs: list[subprocess.Popen], hosts: list[str], kill_after_s: float,
+                    watch: HangWatch | None = None) -> tuple[int, str | None]:
+    """Wait for every host. A signal to the launcher, a host that fails, or a rank the watch finds silent
+    closes every ssh's stdin (the node agents stop their ranks, which checkpoint); what is still running
+    `kill_after_s` later, or at a second signal, is killed. Returns (status, first failed host)."""
     received: list[int] = []
 
     def on_signal(signum: int, _frame) -> None:
@@ -265,6 +268,9 @@ def supervise_hosts(procs: list[subprocess.Popen], hosts: list[str], kill_after_
             if failed is None:
                 failed = next(((p.returncode, h) for p, h in zip(procs, hosts)
                                if p.returncode not in (None, 0)), None)
+            if failed is None and watch is not None and (silent := watch.silent_rank()):
+                print(watch.message(silent), file=sys.stderr, flush=True)
+                failed = (EXIT_SILENT_RANK, silent.get("host") if silent.get("host") in hosts else None)
             if (received or failed) and stopping_since is None:
                 stopping_since = time.monotonic()
                 for p in procs:

@@ -75,12 +75,12 @@ def _stage_block(plan: Plan, s: StagePlan) -> str:
         f"    {_schedule(s)}",
         f"    ZeRO-{par.zero_stage}, {offload}, sequence-parallel {par.sequence_parallel}",
         f"    memory/rank: {_memory(s.memory)}",
-        f"    loss: {_loss(plan, s)}",
+        f"    loss: {stage_loss_path(plan, s)}",
     ]
     return "\n".join(lines) + "\n"
 
 
-def _loss(plan: Plan, s: StagePlan) -> str:
+def stage_loss_path(plan: Plan, s: StagePlan) -> str:
     micro_tokens = batching.tokens_per_rank_micro_batch(s.micro_batch_size, s.seq_len, plan.sp)
     return loss_path(s.method, plan.parallelism.zero_stage, plan.model.loss_kernel, plan.device == "cuda",
                      micro_tokens, plan.model.loss_chunk_tokens)

@@ -11,7 +11,8 @@ import time
 import pytest
 
 from dist_ft.cli import main
-from dist_ft.launcher.heartbeat_status import heartbeat_report, is_stale, stale_lines
+from dist_ft.launcher.heartbeat_status import EXIT_SILENT_RANK, HangWatch, heartbeat_report, is_stale, stale_lines
+from dist_ft.launcher.local_launch import run_supervised
 from dist_ft.launcher.ssh_launch import (EXIT_NO_RUN_DIR, Rendezvous, next_attempt, node_script, preflight_script,
                                          ssh_argv, supervise_hosts, torchrun_command)
 from dist_ft.plan.plan import Plan
@@ -183,6 +184,69 @@ def test_heartbeats_name_the_stale_rank_and_its_host(tmp_path, monkeypatch):
     assert not is_stale({**row, "time": now - 10, "interval_s": 5.0}, now)
     report = heartbeat_report(tmp_path, ["ctx", "sft"], now=now)
     assert report[0] == "[ctx] heartbeats: 2 rank(s), 1 STALE" and "stopped at step 4" in report[2]
+
+
+def _beat(run: RunDir, rank: int, age_s: float, started_ago_s: float = 0.0, **extra) -> None:
+    path = run.heartbeat("ctx", rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    now = time.time()
+    path.write_text(json.dumps({"rank": rank, "host": f"node-{rank}", "pid": 100 + rank, "step": 7,
+                                "started": now - started_ago_s, "time": now - age_s, **extra}))
+
+
+def test_the_hang_watch_names_the_first_rank_silent_longer_than_the_timeout(tmp_path):
+    run = RunDir(tmp_path)
+    watch = HangWatch(run, "ctx", after_s=60, every_s=0, since=time.time() - 100)
+    _beat(run, 0, age_s=1)
+    _beat(run, 1, age_s=59)
+    assert watch.silent_rank() is None
+    _beat(run, 1, age_s=61)
+    silent = watch.silent_rank()
+    assert silent["rank"] == 1 and silent["host"] == "node-1"
+    message = watch.message(silent)
+    assert "rank 1 on node-1 (pid 101) sent no heartbeat for 61 s" in message and "(60 s)" in message
+
+
+def test_the_hang_watch_ignores_ranks_that_ended_and_heartbeats_of_an_earlier_launch(tmp_path):
+    run = RunDir(tmp_path)
+    watch = HangWatch(run, "ctx", after_s=60, every_s=0)
+    _beat(run, 0, age_s=500, started_ago_s=900)  # a rank of the previous attempt, killed without a word
+    _beat(run, 1, age_s=120, ended="done")
+    assert watch.silent_rank() is None
+    assert HangWatch(run, "ctx", after_s=60, every_s=0, since=0).silent_rank()["rank"] == 0
+
+
+def test_the_hang_watch_looks_at_most_every_few_seconds(tmp_path):
+    run = RunDir(tmp_path)
+    watch = HangWatch(run, "ctx", after_s=1, every_s=3600, since=0)
+    assert watch.silent_rank() is None  # nothing yet; the next look is an hour away
+    _beat(run, 0, age_s=50)
+    assert watch.silent_rank() is None
+    assert watch.silent_rank(now=time.time() + 3601)["rank"] == 0
+
+
+def test_a_silent_rank_stops_every_host_and_names_its_host(tmp_path, capsys):
+    run = RunDir(tmp_path)
+    _beat(run, 1, age_s=90)
+    waits = "import sys; sys.stdin.read(); sys.exit(143)"
+    procs = [_host(waits), _host(waits)]
+    started = time.monotonic()
+    status, host = supervise_hosts(procs, ["node-0", "node-1"], kill_after_s=30,
+                                   watch=HangWatch(run, "ctx", after_s=60, every_s=0, since=0))
+    assert (status, host) == (EXIT_SILENT_RANK, "node-1") and time.monotonic() - started < 10
+    assert [p.returncode for p in procs] == [143, 143]
+    assert "rank 1 on node-1 (pid 101) sent no heartbeat for 90 s" in capsys.readouterr().err
+
+
+def test_the_local_backend_stops_torchrun_when_a_rank_falls_silent(tmp_path, capsys):
+    run = RunDir(tmp_path)
+    _beat(run, 0, age_s=90)
+    traps = "trap 'exit 143' TERM; sleep 60 & wait"
+    started = time.monotonic()
+    status = run_supervised(["bash", "-c", traps], kill_after_s=5,
+                            watch=HangWatch(run, "ctx", after_s=60, every_s=0, since=0))
+    assert status == EXIT_SILENT_RANK and time.monotonic() - started < 10
+    assert "rank 0 on node-0" in capsys.readouterr().err
 
 
 def test_status_of_an_ssh_run_shows_hosts_attempts_and_stale_ranks(tmp_path, recipe_file, capsys):
