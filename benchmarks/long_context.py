@@ -177,11 +177,16 @@ def measure_ours(run: Path, seq_len: int, args: argparse.Namespace) -> dict:
     steps = [row for row in rows if "step_time_s" in row]
     rank0 = json.loads(stage_dir.rank_info(0).read_text())
     exported = json.loads((stage_dir.export / "config.json").read_text())
-    model = read_plan(run).model
+    from dist_ft.plan.plan_report import stage_loss_path
+
+    plan = read_plan(run)
+    model = plan.model
     result = summarize([row["step_time_s"] for row in steps], max(row["peak_memory_gib"] for row in steps),
                        tokens_per_step(run), loss_step1=steps[0]["loss"], vocab_size=exported["vocab_size"],
                        num_params=rank0["param_elements_total"],
-                       attn_implementation=model.attn_implementation, loss_chunk_tokens=model.loss_chunk_tokens)
+                       attn_implementation=model.attn_implementation, loss_chunk_tokens=model.loss_chunk_tokens,
+                       plan_memory_gib=(plan.stages[0].memory or {}).get("total_gib"),
+                       loss_path=stage_loss_path(plan, plan.stages[0]))
     return _report(seq_len, "ours", result)
 
 
@@ -451,15 +456,15 @@ def format_machine(m: dict) -> str:
             f"transformers {m['transformers']}, accelerate {m['accelerate']}, dist-ft {m['dist_ft_git']}")
 
 
-COLUMNS = ["seq_len", "ours step s", "ours tok/s", "ours peak GiB", "HF step s", "HF tok/s", "HF peak GiB",
-           "mem ratio", "time ratio"]
+COLUMNS = ["seq_len", "ours step s", "ours tok/s", "ours peak GiB", "plan GiB (error)", "HF step s", "HF tok/s",
+           "HF peak GiB", "mem ratio", "time ratio"]
 
 
 def format_table(results: list[dict]) -> str:
     """Markdown, so it pastes into docs as is. Ratios are ours / baseline: below 1 is better."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" for _ in COLUMNS) + "|"]
     for r in results:
-        cells = [str(r["seq_len"]), *_cells(r["ours"]), *_cells(r["hf"]),
+        cells = [str(r["seq_len"]), *_cells(r["ours"]), _plan_cell(r["ours"]), *_cells(r["hf"]),
                  _number(r["mem_ratio"], "{:.2f}"), _number(r["time_ratio"], "{:.2f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -469,6 +474,14 @@ def _cells(result: dict) -> list[str]:
     if "error" in result:
         return [f"failed ({result['error']})", "failed", "failed"]
     return [f"{result['step_time_s']:.3f}", f"{result['tokens_per_s']:,.0f}", f"{result['peak_memory_gib']:.3f}"]
+
+
+def _plan_cell(ours: dict) -> str:
+    """The plan's per-rank memory estimate and how far the measured peak is from it."""
+    planned = ours.get("plan_memory_gib")
+    if "error" in ours or not planned:
+        return "-"
+    return f"{planned:.2f} ({ours['peak_memory_gib'] / planned - 1:+.0%})"
 
 
 def _number(value: float | None, fmt: str) -> str:
