@@ -73,7 +73,7 @@ class Profile:
 
 
 PROFILES = {
-    # ~35 minutes on 2 idle CPU cores, 27 of them pretraining the base until it plateaus.
+    # 63 minutes measured on 2 CPU cores (docs/extension-study.md), 48 of them pretraining the base until it plateaus.
     "full": Profile(hidden=256, intermediate=768, layers=4, heads=4, kv_heads=4, native=256, pretrain_steps=1200,
                     checkpoint_every=100, tokens_per_step=8192, pretrain_lr=3e-3, branch_tokens=327_680,
                     branch_lr=1e-3, heldout_files=16, passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_trials=10,
