@@ -63,6 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout", type=int, default=3600, help="seconds per training run before it counts as failed")
     p.add_argument("--work-dir", type=Path, help="keep run dirs and logs here (default: a temporary dir, removed)")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a recipe override for our side only (dist-ft render --set), e.g. the long-context "
+                        "levers: parallelism.sequence_parallel=2, model.tiled_mlp=true; repeatable. The baseline "
+                        "reuses our rendered DeepSpeed config: use levers that change it with --only ours")
+    p.add_argument("--only", choices=("both", "ours", "hf"), default="both",
+                   help="run one side only (probing each side's longest trainable seq_len)")
     args = p.parse_args(argv)
     if args.steps < 2:
         p.error("--steps must be at least 2: the first step is warm-up and is not timed")
@@ -115,7 +121,7 @@ def work_dir(path: Path | None):
 
 def settings(args: argparse.Namespace) -> dict:
     return {"lengths": args.lengths, "steps": args.steps, "timed_steps": args.steps - 1, "ranks": args.ranks,
-            "zero_stage": args.zero, "hf_rows": args.hf_rows, "omp_num_threads": omp_threads(args.ranks),
+            "zero_stage": args.zero, "hf_rows": args.hf_rows, "ours_overrides": args.overrides, "only": args.only, "omp_num_threads": omp_threads(args.ranks),
             "malloc_mmap_threshold": MALLOC_MMAP_THRESHOLD, "model": {**MODEL, "vocab_size": VOCAB},
             "dtype": "fp32", "data": DATA, "lr": LR}
 
@@ -131,8 +137,9 @@ def benchmark_length(seq_len: int, args: argparse.Namespace, work: Path, tokeniz
     except RuntimeError as err:
         failed = {"error": str(err)}
         return {"seq_len": seq_len, "ours": failed, "hf": failed, "mem_ratio": None, "time_ratio": None}
-    ours = measure_ours(run, seq_len, args)
-    hf = measure_baseline(run, seq_len, args)
+    skipped = {"error": "not run (--only)"}
+    ours = measure_ours(run, seq_len, args) if args.only != "hf" else skipped
+    hf = measure_baseline(run, seq_len, args) if args.only != "ours" else skipped
     if not keep and "error" not in ours and "error" not in hf:
         shutil.rmtree(folder, ignore_errors=True)  # checkpoints and exports: hundreds of MB per length
     return {"seq_len": seq_len, "ours": ours, "hf": hf, **ratios(ours, hf)}
@@ -157,7 +164,8 @@ def recipe(seq_len: int, args: argparse.Namespace, tokenizer: Path) -> dict:
 def render_run(folder: Path, seq_len: int, args: argparse.Namespace, tokenizer: Path) -> Path:
     path, run = folder / "recipe.yaml", folder / "run"
     path.write_text(yaml.safe_dump(recipe(seq_len, args, tokenizer), sort_keys=False))
-    result = subprocess.run([sys.executable, "-m", "dist_ft", "render", str(path), "--out", str(run)],
+    overrides = [arg for item in args.overrides for arg in ("--set", item)]
+    result = subprocess.run([sys.executable, "-m", "dist_ft", "render", str(path), "--out", str(run), *overrides],
                             cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"dist-ft render failed: {(result.stderr or result.stdout).strip()[-300:]}")
