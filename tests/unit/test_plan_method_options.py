@@ -151,3 +151,11 @@ def test_dist_ft_plan_prints_the_trainable_line(capsys, tmp_path):
     recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("data/tiny", f"{LAUNCH}/data/tiny"))
     assert main(["plan", str(recipe)]) == 0
     assert capsys.readouterr().out.count("    trainable: ") == 3
+
+
+def test_bitfit_on_a_model_without_biases_is_refused_at_plan_time():
+    """It used to pass the planner and fail on every rank once the model was built."""
+    problem = problems_of(["finetune.method=bitfit", "model.config.attention_bias=false"])["finetune.method"]
+    assert "has none" in problem.what and "lora" in problem.fix
+    plan = plan_of(["finetune.method=bitfit", "model.config.attention_bias=true"])
+    assert plan.stages[-1].method == "bitfit"
