@@ -198,10 +198,63 @@ def generate_ids(model, tokenizer, prompt_ids: list[int], sampling: Sampling, st
         own = model.generation_config.eos_token_id
         own = [] if own is None else [own] if isinstance(own, int) else list(own)
         kwargs["eos_token_id"] = own + [i for i in stop_ids if i not in own]
+    if _is_prompt_learning(model):
+        ids = decode_without_cache(model, input_ids, sampling, kwargs.get("eos_token_id"), streamer,
+                                   every_step=synced_gpus)
+        return tokenizer.decode(ids, skip_special_tokens=True)
     with torch.no_grad():
         ids = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                              **sampling.generate_kwargs(tokenizer), streamer=streamer, **kwargs)
     return tokenizer.decode(ids[0, input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def _is_prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(config is not None and config.is_prompt_learning)
+
+
+def decode_without_cache(model, input_ids, sampling: Sampling, eos_token_id=None, streamer=None,
+                         every_step: bool = False) -> list[int]:
+    """The answer's token ids from full forwards of the PeftModel, one per new token. peft's own generate
+    with transformers 5 ignores a prefix-tuning adapter (the answers are the base model's) and decodes a
+    prompt-tuning one wrongly from the second token on (its cache positions); the forward is what training,
+    evaluation and the export tests use. Without a cache each token costs a forward over the whole
+    sequence: fine for the short answers of evaluation. `every_step`: run all max_new_tokens forwards
+    (ranks decoding in lockstep under ZeRO-3 then issue the same collectives), then cut at the end token."""
+    import torch
+    from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
+                                                        TopKLogitsWarper, TopPLogitsWarper)
+
+    eos = eos_token_id if eos_token_id is not None else model.generation_config.eos_token_id
+    stops = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+    warpers = LogitsProcessorList()
+    if sampling.temperature > 0:
+        warpers.append(TemperatureLogitsWarper(sampling.temperature))
+        if sampling.top_k:
+            warpers.append(TopKLogitsWarper(sampling.top_k))
+        if sampling.top_p is not None and sampling.top_p < 1:
+            warpers.append(TopPLogitsWarper(sampling.top_p))
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+    sequence, answer = input_ids, []
+    with torch.no_grad():
+        for _ in range(sampling.max_new_tokens):
+            logits = model(input_ids=sequence, attention_mask=torch.ones_like(sequence)).logits[:, -1, :].float()
+            if sampling.temperature > 0:
+                scores = warpers(sequence, logits)
+                token = torch.multinomial(torch.softmax(scores, dim=-1), 1)
+            else:
+                token = logits.argmax(dim=-1, keepdim=True)
+            sequence = torch.cat([sequence, token.to(sequence.dtype)], dim=1)
+            answer.append(int(token))
+            if streamer is not None and not (stops & set(answer)):
+                streamer.put(token.cpu()[0])
+            if int(token) in stops and not every_step:
+                break
+    if streamer is not None:
+        streamer.end()
+    cut = next((i for i, t in enumerate(answer) if t in stops), len(answer))
+    return answer[:cut]
 
 
 def _has_bos(tokenizer, prompt: str) -> bool:
