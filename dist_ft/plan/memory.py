@@ -13,8 +13,8 @@ training dtype that backward keeps (measured on CPU, fp32: 0.8 B/element shared
 plus 4.0 B/element per layer kept).
 The loss runs the LM head over `loss_chunk_tokens` tokens at a time (dist_ft.rank.loss): the
 peak is one chunk's logits in the training dtype, their fp32 copy and its gradient; with more than
-one chunk outside ZeRO-3 the fused path also holds a trainable head's gradient in fp32 from forward
-to backward (full fine-tuning: vocab × hidden × 4 B).
+one chunk the fused path also holds a trainable head's gradient in fp32 from forward to backward
+(full fine-tuning: vocab × hidden × 4 B; under ZeRO-3 too, where it goes back through one call of the head).
 Prompt-learning methods (prefix/prompt/ptuning) go through transformers' own loss,
 which holds those for every token of the micro-batch.
 """

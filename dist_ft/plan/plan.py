@@ -467,7 +467,7 @@ def _memory(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool,
         on_gpu=bool(recipe.cluster.gpus_per_node),
         loss_chunk_tokens=None if method in VIRTUAL_TOKEN_METHODS else model.loss_chunk_tokens, packed=packed,
         offload_activations=model.offload_activations, mlp_tile_tokens=model.tiled_mlp_tokens,
-        head_gradient_buffer=method == "full" and par.zero_stage < 3 and model.loss_chunk_tokens
+        head_gradient_buffer=method == "full" and model.loss_chunk_tokens
         < batching.tokens_per_rank_micro_batch(micro, seq_len, par.sequence_parallel)))
 
 

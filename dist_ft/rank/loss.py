@@ -7,9 +7,10 @@ rows at a time. Each chunk's gradients (of its hidden rows and of the head's tra
 taken in forward while its logits exist, then the logits are dropped (`fused_head_loss_sum`, the
 fused linear cross-entropy idea): the head runs once per chunk and backward only scales the stored
 gradients. Peak logits memory is one chunk's fp32 logits and their gradient. Under ZeRO-3 the head's
-weight is whole only inside its own call, so each chunk runs under activation checkpointing instead
-and backward recomputes its logits (`chunked_head_loss_sum`). A micro-batch that fits one chunk keeps
-its logits for backward on either path: nothing is recomputed.
+weight is gathered once for all chunks and its gradient goes back to DeepSpeed through one ordinary
+call of the head (`gathered_fused_head_loss_sum`); a head with an adapter or a bias runs each chunk
+under activation checkpointing instead and backward recomputes its logits (`chunked_head_loss_sum`).
+A micro-batch that fits one chunk keeps its logits for backward on every path: nothing is recomputed.
 
 The objective is transformers' `ForCausalLMLoss` exactly: labels are shifted inside (position i is
 scored against labels[i + 1], the last position against nothing), -100 is ignored, the loss is the
@@ -18,7 +19,8 @@ holds a slice of the sequence with labels shifted beforehand (`shift_labels`), a
 whole group's (see sequence_parallel.py).
 
 Every module is reached through `__call__`, so ZeRO-3's hooks gather the decoder's and the LM
-head's partitioned weights as they run (the head again for each chunk recomputed in backward).
+head's partitioned weights as they run (the head again for each chunk recomputed in backward); the
+one gather outside a module call is deepspeed.zero.GatheredParameters, DeepSpeed's public API for it.
 dist_ft.plan.loss_path says in the plan which path each stage takes.
 
 `LanguageModelLoss` is what DeepSpeed wraps: `engine(**batch)` returns this loss through DeepSpeed's
@@ -164,9 +166,13 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
         return liger_head_loss_sum(hidden, targets, model)
     head = model.get_output_embeddings()
     chunks = _chunk_count(int((targets != IGNORE_INDEX).sum()), chunk_tokens, head)
-    if head_partitioned(head):  # ZeRO-3: the head's weight exists whole only inside its own call
-        return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens, chunks)
-    return fused_head_loss_sum(hidden, targets, head_logits(model), list(head.parameters()), chunk_tokens, chunks)
+    if not head_partitioned(head):
+        return fused_head_loss_sum(hidden, targets, head_logits(model), list(head.parameters()), chunk_tokens,
+                                   chunks)
+    if chunks > 1 and type(head) is torch.nn.Linear and head.bias is None:
+        return gathered_fused_head_loss_sum(hidden, targets, model, chunk_tokens, chunks)
+    # One chunk keeps its logits (nothing to recompute); an adapter or a bias on the head recomputes.
+    return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens, chunks)
 
 
 def _check_chunk_tokens(chunk_tokens: int) -> None:
@@ -217,29 +223,36 @@ def fused_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, logits_fn, 
     return total, targets.numel()
 
 
+def _fused_chunks(hidden, targets, logits_fn, chunk_tokens: int, chunks: int, trainable: list[torch.Tensor]):
+    """(summed loss, its gradient of `hidden` or None, fp32 gradients of `trainable`), chunk by chunk,
+    each chunk's logits dropped as soon as its gradients are taken."""
+    d_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
+    d_params = [torch.zeros_like(p, dtype=torch.float32) for p in trainable]
+    total = hidden.new_zeros((), dtype=torch.float32)
+    # The chunk's graph lives only inside this loop: keep its saved tensors where they are even
+    # under activation offload (whose hooks would copy every chunk's logits to the host and back).
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
+        for start in range(0, chunks * chunk_tokens, chunk_tokens):
+            rows = hidden[start:start + chunk_tokens].detach().requires_grad_(d_hidden is not None)
+            loss = _chunk_loss_sum(logits_fn, rows, targets[start:start + chunk_tokens])
+            wrt = ([rows] if d_hidden is not None else []) + trainable
+            grads = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt and loss.requires_grad else []
+            if d_hidden is not None and grads and grads[0] is not None:
+                d_hidden[start:start + chunk_tokens] = grads[0]
+            for acc, grad in zip(d_params, grads[1 if d_hidden is not None else 0:]):
+                if grad is not None:
+                    acc += grad
+            total = total + loss.detach()
+    return total, d_hidden, d_params
+
+
 class _FusedHeadLoss(torch.autograd.Function):
     """Forward computes the summed loss and, chunk by chunk, its gradients; backward only scales them."""
 
     @staticmethod
     def forward(ctx, hidden, targets, logits_fn, chunk_tokens, chunks, *params):
         trainable = [p for p in params if p.requires_grad]
-        d_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
-        d_params = [torch.zeros_like(p, dtype=torch.float32) for p in trainable]
-        total = hidden.new_zeros((), dtype=torch.float32)
-        # The chunk's graph lives only inside this loop: keep its saved tensors where they are even
-        # under activation offload (whose hooks would copy every chunk's logits to the host and back).
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_kept, _kept):
-            for start in range(0, chunks * chunk_tokens, chunk_tokens):
-                rows = hidden[start:start + chunk_tokens].detach().requires_grad_(d_hidden is not None)
-                loss = _chunk_loss_sum(logits_fn, rows, targets[start:start + chunk_tokens])
-                wrt = ([rows] if d_hidden is not None else []) + trainable
-                grads = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt and loss.requires_grad else []
-                if d_hidden is not None and grads and grads[0] is not None:
-                    d_hidden[start:start + chunk_tokens] = grads[0]
-                for acc, grad in zip(d_params, grads[1 if d_hidden is not None else 0:]):
-                    if grad is not None:
-                        acc += grad
-                total = total + loss.detach()
+        total, d_hidden, d_params = _fused_chunks(hidden, targets, logits_fn, chunk_tokens, chunks, trainable)
         ctx.trainable = [p.requires_grad for p in params]
         # d_hidden is an activation (activation offload may move it to the host); the weights' gradients
         # stay where gradients live: kept on ctx, not through the saved-tensor hooks.
@@ -254,6 +267,55 @@ class _FusedHeadLoss(torch.autograd.Function):
         scaled = iter([(g * grad_total).to(dtype) for g, dtype in zip(ctx.d_params, ctx.param_dtypes)])
         ctx.d_params = None
         return (d_hidden, None, None, None, None, *(next(scaled) if trains else None for trains in ctx.trainable))
+
+
+def gathered_fused_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, model: torch.nn.Module,
+                                 chunk_tokens: int, chunks: int) -> tuple[torch.Tensor, int]:
+    """`fused_head_loss_sum` for a bias-free Linear head that ZeRO-3 partitions.
+
+    The head's weight is gathered once for all chunks (deepspeed.zero.GatheredParameters: every rank
+    runs the same `chunks`, agreed beforehand, so the gathers match). Its gradient cannot be handed to
+    a partitioned parameter directly, so it goes back through one ordinary call of the head on the
+    identity (hidden-size rows): for y = x·Wᵀ, backward gives dW = dyᵀ·x, so dy = dWᵀ makes DeepSpeed's
+    own backward of that call deliver exactly the fused gradient to the partitioned weight, reduced and
+    partitioned as any other. The carrier costs one head pass over hidden-size rows, against a
+    recompute of every chunk."""
+    if not torch.is_grad_enabled():  # evaluation: nothing to differentiate
+        return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens, chunks)
+    head = model.get_output_embeddings()
+    hidden, targets, chunks = _scored_rows(hidden, targets, chunk_tokens, chunks)
+    carrier = None
+    if head.weight.requires_grad:  # a module call: ZeRO-3 gathers for it now and again for its backward
+        carrier = head(torch.eye(head.in_features, dtype=hidden.dtype, device=hidden.device))
+    total = _GatheredHeadLoss.apply(hidden, targets, model, chunk_tokens, chunks, carrier)
+    return total, targets.numel()
+
+
+class _GatheredHeadLoss(torch.autograd.Function):
+    """`_FusedHeadLoss` over the gathered head; backward sends the head's gradient through `carrier`."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, model, chunk_tokens, chunks, carrier):
+        import deepspeed
+
+        head = model.get_output_embeddings()
+        with deepspeed.zero.GatheredParameters([head.weight]):
+            weight = head.weight.detach().requires_grad_(carrier is not None)
+            logits_fn = head_logits(model, project=lambda rows: F.linear(rows, weight))
+            total, d_hidden, d_weight = _fused_chunks(hidden, targets, logits_fn, chunk_tokens, chunks,
+                                                      [weight] if carrier is not None else [])
+        ctx.save_for_backward(*([d_hidden] if d_hidden is not None else []))
+        ctx.has_hidden, ctx.hidden_dtype = d_hidden is not None, hidden.dtype
+        ctx.d_carrier = d_weight[0].t() if carrier is not None else None
+        ctx.carrier_dtype = None if carrier is None else carrier.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        d_hidden = (ctx.saved_tensors[0] * grad_total).to(ctx.hidden_dtype) if ctx.has_hidden else None
+        d_carrier = None if ctx.d_carrier is None else (ctx.d_carrier * grad_total).to(ctx.carrier_dtype)
+        ctx.d_carrier = None
+        return d_hidden, None, None, None, None, d_carrier
 
 
 def _kept(tensor: torch.Tensor) -> torch.Tensor:
@@ -318,9 +380,10 @@ def fused_head_problem(model: torch.nn.Module) -> str | None:
     return None
 
 
-def head_logits(model: torch.nn.Module):
-    """The LM head as the model's own forward applies it (tied weights are the same module)."""
-    head = model.get_output_embeddings()
+def head_logits(model: torch.nn.Module, project=None):
+    """The LM head as the model's own forward applies it (tied weights are the same module);
+    `project` stands in for the head's own call (the gathered weight under ZeRO-3)."""
+    head = project or model.get_output_embeddings()
     inner = _causal_lm(model)
     scale = getattr(inner, "logit_scale", None)  # Cohere multiplies the logits by a constant
     softcap = getattr(inner.config, "final_logit_softcapping", None)  # Gemma 2

@@ -48,6 +48,19 @@ def test_uneven_ranks_finish_with_the_unchunked_loss_and_gradients(variant, resu
     assert error / norm < 1e-5, f"gradient relative error {error / norm:.2e}"
 
 
+@pytest.mark.parametrize("variant", [v for v in VARIANTS if v.endswith("zero3")])
+def test_zero3_runs_the_head_once_when_it_is_a_plain_linear(variant, results):
+    """Under ZeRO-3 a plain head is gathered once for every chunk and its gradient goes back through
+    one call of the head (the carrier): two head calls per rank (transformers' forward calls it on no
+    rows), however many chunks it scores, on the rank that scores nothing too. LoRA on the head keeps
+    the recompute: each chunk twice."""
+    calls = results[variant]["head_calls"]
+    if variant.startswith("lora"):
+        assert min(calls) > 3, calls
+    else:
+        assert calls == [2, 2], calls
+
+
 def test_the_uneven_batches_really_are_uneven():
     """Rank 1 scores none (or 5) of the tokens rank 0 scores, across more than one chunk."""
     counts = {kind: [int((uneven_worker.rank_batch(kind, r)["labels"][:, 1:] != -100).sum()) for r in (0, 1)]

@@ -85,8 +85,11 @@ def run_variant(variant: str, env, out: Path) -> None:
     wrapped = LanguageModelLoss(model, sp_worker.CHUNK_TOKENS, sequence_parallel=sp, token_mean=token_mean)
     engine = ds.build_engine(wrapped, config, lambda step: 1.0, mpu=mpu)
     batch = sp_batch() if family == "sp" else rank_batch(kind, env.rank)
+    head_calls = []  # how the loss ran the head: once (fused, gathered) or per chunk, twice (recompute)
+    hook = engine.module.lm.get_output_embeddings().register_forward_hook(lambda *_: head_calls.append(1))
     loss = engine(**batch)
     engine.backward(loss)
+    hook.remove()
     grads = {name: safe_get_full_grad(p).detach().clone()
              for name, p in engine.module.lm.named_parameters() if p.requires_grad}
     engine.step()
@@ -96,8 +99,11 @@ def run_variant(variant: str, env, out: Path) -> None:
         engine(**batch)
     losses = [torch.zeros(1) for _ in range(env.world_size)]
     torch.distributed.all_gather(losses, loss.detach().float().reshape(1).cpu())
+    calls = [torch.zeros(1) for _ in range(env.world_size)]
+    torch.distributed.all_gather(calls, torch.tensor([float(len(head_calls))]))
     if env.is_main:
-        torch.save({"losses": [x.item() for x in losses], "grads": grads}, out / f"{variant}.pt")
+        torch.save({"losses": [x.item() for x in losses], "grads": grads,
+                    "head_calls": [int(x.item()) for x in calls]}, out / f"{variant}.pt")
     ds.barrier()
 
 
