@@ -73,8 +73,9 @@ class Profile:
 
 
 PROFILES = {
-    # 63 minutes measured on 2 CPU cores (docs/extension-study.md), 48 of them pretraining the base until it plateaus.
-    "full": Profile(hidden=256, intermediate=768, layers=4, heads=4, kv_heads=4, native=256, pretrain_steps=1200,
+    # Pretraining 800 steps: the 1200-step run (docs/extension-study.md) bought < 3.3 % per 100 steps after
+    # step 700 and 4.5 % over its last 300 steps, for 63 minutes in all; 800 steps keep the study under ~45.
+    "full": Profile(hidden=256, intermediate=768, layers=4, heads=4, kv_heads=4, native=256, pretrain_steps=800,
                     checkpoint_every=100, tokens_per_step=8192, pretrain_lr=3e-3, branch_tokens=327_680,
                     branch_lr=1e-3, heldout_files=16, passkey_depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_trials=10,
                     methods=("none", "linear", "yarn", "yarn-progressive", "theta"),
@@ -433,6 +434,39 @@ def comparison(study: Study) -> str:
     return "\n".join(lines)
 
 
+def between_branches(study: Study) -> str:
+    """The branches against each other after their stages, window by window, in the two extended bands:
+    each against `none` (trained at 4x with the base RoPE) and against `yarn`."""
+    profile = PROFILES[study.profile]
+    n, long = profile.native, profile.native * profile.factor
+    bands = ((n, f"{n}–{2 * n}"), (2 * n, f"{2 * n}–{long}"))
+    lines = ["| branch | against | " + " | ".join(f"@{long}: {label}" for _, label in bands) + " |",
+             "|---|---|" + "---|" * len(bands)]
+    for reference in ("none", "yarn"):
+        if reference not in study.trained:
+            continue
+        for name, result in study.trained.items():
+            if name == reference or name.endswith("@2x") or (reference == "yarn" and name == "none"):
+                continue
+            cells = []
+            for start, _ in bands:
+                mean, se, wins, count = paired(band(result, long, start), band(study.trained[reference], long, start))
+                cells.append(f"{100 * (math.exp(mean) - 1):+.1f}% ±{100 * se:.1f} ({wins}/{count} better)")
+            lines.append(f"| {name} | {reference} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plateau_table(study: Study) -> str:
+    """Held-out perplexity per pretraining checkpoint and its change over each interval."""
+    points = study.plateau
+    change = [""] + [f"{100 * (b['ppl'] / a['ppl'] - 1):+.1f} %" for a, b in zip(points, points[1:])]
+    return "\n".join(["| step | " + " | ".join(str(p["step"]) for p in points) + " |",
+                      "|---|" + "---|" * len(points),
+                      "| tokens (M) | " + " | ".join(f"{p['tokens'] / 1e6:.2f}" for p in points) + " |",
+                      "| held-out ppl | " + " | ".join(f"{p['ppl']:.2f}" for p in points) + " |",
+                      "| change over the interval | " + " | ".join(change) + " |"])
+
+
 def plots(study: Study, out: Path) -> list[Path]:
     import matplotlib
 
@@ -526,7 +560,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(study: Study, out: Path, docs: bool) -> int:
-    text = table(study) + "\n\n" + comparison(study)
+    text = "\n\n".join([plateau_table(study), table(study), comparison(study), between_branches(study)])
     (out / "table.md").write_text(text + "\n")
     pngs = plots(study, out)
     print(text)
