@@ -54,7 +54,9 @@ MALLOC_MMAP_THRESHOLD = "65536"
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--lengths", type=_lengths, default=[2048, 4096, 8192, 16384], help="comma-separated seq_lens")
-    p.add_argument("--steps", type=int, default=3, help="optimizer steps per run; the first is warm-up (>= 2)")
+    p.add_argument("--steps", type=int, default=3,
+                   help="optimizer steps per run; the first is warm-up and not timed unless it is the only one "
+                        "(1: probing the longest sequence, where one step is the measure)")
     p.add_argument("--ranks", type=int, default=1, help="CPU ranks (torchrun, gloo) per run")
     p.add_argument("--zero", type=int, choices=(1, 2, 3), default=2, help="ZeRO stage, the same for both")
     p.add_argument("--hf-rows", choices=("packed", "unpacked"), default="packed",
@@ -70,8 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", choices=("both", "ours", "hf"), default="both",
                    help="run one side only (probing each side's longest trainable seq_len)")
     args = p.parse_args(argv)
-    if args.steps < 2:
-        p.error("--steps must be at least 2: the first step is warm-up and is not timed")
+    if args.steps < 1:
+        p.error("--steps must be at least 1 (with 2 or more the first is warm-up and is not timed)")
     return args
 
 
@@ -120,7 +122,7 @@ def work_dir(path: Path | None):
 
 
 def settings(args: argparse.Namespace) -> dict:
-    return {"lengths": args.lengths, "steps": args.steps, "timed_steps": args.steps - 1, "ranks": args.ranks,
+    return {"lengths": args.lengths, "steps": args.steps, "timed_steps": max(1, args.steps - 1), "ranks": args.ranks,
             "zero_stage": args.zero, "hf_rows": args.hf_rows, "ours_overrides": args.overrides, "only": args.only, "omp_num_threads": omp_threads(args.ranks),
             "malloc_mmap_threshold": MALLOC_MMAP_THRESHOLD, "model": {**MODEL, "vocab_size": VOCAB},
             "dtype": "fp32", "data": DATA, "lr": LR}
@@ -152,13 +154,21 @@ def recipe(seq_len: int, args: argparse.Namespace, tokenizer: Path) -> dict:
         "name": f"bench-{seq_len}", "seed": 0,
         "model": {"config": {**MODEL, "vocab_size": VOCAB, "max_position_embeddings": seq_len},
                   "tokenizer": str(tokenizer), "dtype": "fp32"},
-        "long_context": {"tokens_per_step": seq_len * args.ranks, "data": {"paths": DATA},
+        "long_context": {"tokens_per_step": seq_len * data_parallel(args), "data": {"paths": DATA},
                          "stages": [{"name": STAGE, "seq_len": seq_len, "steps": args.steps, "lr": LR,
                                      "rope": {"type": "none"}, "micro_batch_size": 1}]},
         "cluster": {"nodes": 1, "gpus_per_node": 0, "procs_per_node": args.ranks},
         "parallelism": {"zero_stage": args.zero},
         "tracking": {"mode": "disabled"},
     }
+
+
+def data_parallel(args: argparse.Namespace) -> int:
+    """Ranks that hold different rows: a sequence-parallel group (`--set parallelism.sequence_parallel=N`)
+    shares one row, so one step stays one row per data-parallel rank."""
+    sp = [int(item.split("=", 1)[1]) for item in args.overrides
+          if item.split("=", 1)[0].strip() == "parallelism.sequence_parallel"]
+    return args.ranks // (sp[-1] if sp else 1)
 
 
 def render_run(folder: Path, seq_len: int, args: argparse.Namespace, tokenizer: Path) -> Path:
@@ -227,8 +237,8 @@ def tokens_per_step(run: Path) -> int:
 
 def summarize(times: list[float], peak_gib: float, tokens: int, **extra) -> dict:
     """Mean over the steps after the first: step 1 pays for lazy initialisation (DeepSpeed buckets,
-    allocator growth, kernel selection) in both frameworks."""
-    step = statistics.mean(times[1:])
+    allocator growth, kernel selection) in both frameworks. A single step is its own measure."""
+    step = statistics.mean(times[1:] or times)
     return {"step_time_s": step, "tokens_per_s": tokens / step, "peak_memory_gib": peak_gib,
             "step_times_s": times, **extra}
 
