@@ -7,8 +7,8 @@ rows at a time. Each chunk's gradients (of its hidden rows and of the head's tra
 taken in forward while its logits exist, then the logits are dropped (`fused_head_loss_sum`, the
 fused linear cross-entropy idea): the head runs once per chunk and backward only scales the stored
 gradients. Peak logits memory is one chunk's fp32 logits and their gradient. Under ZeRO-3 the head's
-weight is gathered once for all chunks and its gradient goes back to DeepSpeed through one ordinary
-call of the head (`gathered_fused_head_loss_sum`); a head with an adapter or a bias runs each chunk
+weight is gathered once for all chunks (`PartitionedHeadLoss`) and its gradient goes back to DeepSpeed
+through one ordinary call of the head (`gathered_fused_head_loss_sum`); a head with an adapter or a bias runs each chunk
 under activation checkpointing instead and backward recomputes its logits (`chunked_head_loss_sum`).
 A micro-batch that fits one chunk keeps its logits for backward on every path: nothing is recomputed.
 
@@ -19,8 +19,9 @@ holds a slice of the sequence with labels shifted beforehand (`shift_labels`), a
 whole group's (see sequence_parallel.py).
 
 Every module is reached through `__call__`, so ZeRO-3's hooks gather the decoder's and the LM
-head's partitioned weights as they run (the head again for each chunk recomputed in backward); the
-one gather outside a module call is deepspeed.zero.GatheredParameters, DeepSpeed's public API for it.
+head's partitioned weights as they run (the head again for each chunk recomputed in backward);
+`PartitionedHeadLoss` declares the head's weight as its external parameter, DeepSpeed's public API
+for a weight used outside its own module.
 dist_ft.plan.loss_path says in the plan which path each stage takes.
 
 `LanguageModelLoss` is what DeepSpeed wraps: `engine(**batch)` returns this loss through DeepSpeed's
@@ -98,6 +99,7 @@ class LanguageModelLoss(torch.nn.Module):
         self.token_mean = token_mean
         self.offload_activations = offload_activations
         self.offloaded_bytes = 0  # what the last forward kept in host memory
+        self.partitioned_head = PartitionedHeadLoss(lm)
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         """The mean loss of the whole batch; under sequence parallelism every rank of the group gets
@@ -112,12 +114,32 @@ class LanguageModelLoss(torch.nn.Module):
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         sp = self.sequence_parallel
         if sp is None and (self.token_mean is None or _adds_virtual_tokens(self.lm)):
-            return causal_lm_loss(self.lm, batch, self.chunk_tokens, self.head_kernel)
+            return causal_lm_loss(self.lm, batch, self.chunk_tokens, self.head_kernel, self.partitioned_head)
         if _adds_virtual_tokens(self.lm):
             raise ValueError("prompt-learning methods prepend virtual tokens, which sequence parallelism cannot split")
         total, count = causal_lm_loss_sum(self.lm, sp.shard(batch) if sp else batch, self.chunk_tokens,
-                                          self.head_kernel)
+                                          self.head_kernel, self.partitioned_head)
         return self.token_mean(total, count)
+
+
+class PartitionedHeadLoss(torch.nn.Module):
+    """The fused head loss under ZeRO-3, as a module of its own: the head's weight is registered as its
+    external parameter (deepspeed.zero.register_external_parameter, DeepSpeed's public hook for a weight
+    used outside its module), so DeepSpeed gathers it once when this module starts and releases it when it
+    ends, for every chunk together. Without ZeRO-3 the registration is an unused attribute."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        head = lm.get_output_embeddings()
+        self.usable = type(head) is torch.nn.Linear and head.bias is None
+        if self.usable:
+            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+            register_external_parameter(self, head.weight)
+
+    def forward(self, hidden: torch.Tensor, targets: torch.Tensor, model: torch.nn.Module, chunk_tokens: int,
+                chunks: int) -> torch.Tensor:
+        return gathered_fused_head_loss_sum(hidden, targets, model, chunk_tokens, chunks)
 
 
 STATE_PREFIX = "lm."
@@ -129,7 +151,7 @@ def unwrapped_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096,
-                   head_kernel: str = "chunked") -> torch.Tensor:
+                   head_kernel: str = "chunked", partitioned_head: PartitionedHeadLoss | None = None) -> torch.Tensor:
     """Mean next-token cross-entropy of `batch` (input_ids, labels or shift_labels, optional position_ids).
 
     `model` is a transformers causal LM, a peft model around one, or a DeepSpeed engine's `.module`.
@@ -140,15 +162,18 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor], chunk
         # forward and realign the labels there; re-implementing that is not worth it for methods
         # whose sequences are short fine-tuning rows. Their loss goes through transformers as is.
         return model(**batch, use_cache=False).loss
-    total, count = causal_lm_loss_sum(model, batch, chunk_tokens, head_kernel)
+    total, count = causal_lm_loss_sum(model, batch, chunk_tokens, head_kernel, partitioned_head)
     return total / count
 
 
 def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
-                       chunk_tokens: int = 4096, head_kernel: str = "chunked") -> tuple[torch.Tensor, int]:
+                       chunk_tokens: int = 4096, head_kernel: str = "chunked",
+                       partitioned_head: PartitionedHeadLoss | None = None) -> tuple[torch.Tensor, int]:
     """(sum of the token losses, number of scored tokens). `labels` are shifted here (position i is
     scored against labels[i + 1]); `shift_labels`, as transformers names them, already are: a
-    sequence-parallel slice needs the label of the token that starts the next rank's slice."""
+    sequence-parallel slice needs the label of the token that starts the next rank's slice.
+    `partitioned_head`: LanguageModelLoss's module for the fused loss under ZeRO-3 (without it a
+    partitioned head recomputes its chunks in backward)."""
     _check_chunk_tokens(chunk_tokens)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", SHIFT_LABELS)}
     # The whole model runs (not just its decoder) so that hooks on the root module fire: DeepSpeed's
@@ -169,8 +194,8 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     if not head_partitioned(head):
         return fused_head_loss_sum(hidden, targets, head_logits(model), list(head.parameters()), chunk_tokens,
                                    chunks)
-    if chunks > 1 and type(head) is torch.nn.Linear and head.bias is None:
-        return gathered_fused_head_loss_sum(hidden, targets, model, chunk_tokens, chunks)
+    if chunks > 1 and partitioned_head is not None and partitioned_head.usable and torch.is_grad_enabled():
+        return partitioned_head(hidden, targets, model, chunk_tokens, chunks), int((targets != IGNORE_INDEX).sum())
     # One chunk keeps its logits (nothing to recompute); an adapter or a bias on the head recomputes.
     return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens, chunks)
 
@@ -270,25 +295,22 @@ class _FusedHeadLoss(torch.autograd.Function):
 
 
 def gathered_fused_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, model: torch.nn.Module,
-                                 chunk_tokens: int, chunks: int) -> tuple[torch.Tensor, int]:
-    """`fused_head_loss_sum` for a bias-free Linear head that ZeRO-3 partitions.
+                                 chunk_tokens: int, chunks: int) -> torch.Tensor:
+    """`fused_head_loss_sum` for a bias-free Linear head that ZeRO-3 partitions; runs inside
+    `PartitionedHeadLoss`, where the head's weight is whole (every rank runs the same `chunks`, agreed
+    beforehand, so the gathers match). Returns the summed loss.
 
-    The head's weight is gathered once for all chunks (deepspeed.zero.GatheredParameters: every rank
-    runs the same `chunks`, agreed beforehand, so the gathers match). Its gradient cannot be handed to
-    a partitioned parameter directly, so it goes back through one ordinary call of the head on the
-    identity (hidden-size rows): for y = x·Wᵀ, backward gives dW = dyᵀ·x, so dy = dWᵀ makes DeepSpeed's
-    own backward of that call deliver exactly the fused gradient to the partitioned weight, reduced and
-    partitioned as any other. The carrier costs one head pass over hidden-size rows, against a
-    recompute of every chunk."""
-    if not torch.is_grad_enabled():  # evaluation: nothing to differentiate
-        return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens, chunks)
+    The weight's gradient cannot be handed to a partitioned parameter directly, so it goes back through
+    one ordinary call of the head on the identity (hidden-size rows): for y = x·Wᵀ, backward gives
+    dW = dyᵀ·x, so dy = dWᵀ makes DeepSpeed's own backward of that call deliver exactly the fused gradient
+    to the partitioned weight, reduced and partitioned as any other. The carrier costs one head pass over
+    hidden-size rows, against a recompute of every chunk."""
     head = model.get_output_embeddings()
     hidden, targets, chunks = _scored_rows(hidden, targets, chunk_tokens, chunks)
     carrier = None
-    if head.weight.requires_grad:  # a module call: ZeRO-3 gathers for it now and again for its backward
+    if head.weight.requires_grad:  # the weight is gathered already: this call adds no all-gather
         carrier = head(torch.eye(head.in_features, dtype=hidden.dtype, device=hidden.device))
-    total = _GatheredHeadLoss.apply(hidden, targets, model, chunk_tokens, chunks, carrier)
-    return total, targets.numel()
+    return _GatheredHeadLoss.apply(hidden, targets, model, chunk_tokens, chunks, carrier)
 
 
 class _GatheredHeadLoss(torch.autograd.Function):
@@ -296,14 +318,13 @@ class _GatheredHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, targets, model, chunk_tokens, chunks, carrier):
-        import deepspeed
-
-        head = model.get_output_embeddings()
-        with deepspeed.zero.GatheredParameters([head.weight]):
-            weight = head.weight.detach().requires_grad_(carrier is not None)
-            logits_fn = head_logits(model, project=lambda rows: F.linear(rows, weight))
-            total, d_hidden, d_weight = _fused_chunks(hidden, targets, logits_fn, chunk_tokens, chunks,
-                                                      [weight] if carrier is not None else [])
+        weight = model.get_output_embeddings().weight
+        if weight.numel() != getattr(weight, "ds_numel", weight.numel()):
+            raise RuntimeError("the LM head's weight is not gathered: run this inside PartitionedHeadLoss")
+        weight = weight.detach().requires_grad_(carrier is not None)
+        logits_fn = head_logits(model, project=lambda rows: F.linear(rows, weight))
+        total, d_hidden, d_weight = _fused_chunks(hidden, targets, logits_fn, chunk_tokens, chunks,
+                                                  [weight] if carrier is not None else [])
         ctx.save_for_backward(*([d_hidden] if d_hidden is not None else []))
         ctx.has_hidden, ctx.hidden_dtype = d_hidden is not None, hidden.dtype
         ctx.d_carrier = d_weight[0].t() if carrier is not None else None

@@ -18,7 +18,7 @@ from tests.integration.training_helpers import run_worker
 
 pytestmark = pytest.mark.integration
 
-VARIANTS = ("dp-none.zero2", "dp-none.zero3", "dp-few.zero3", "lora-none.zero3", "sp-none.zero3")
+VARIANTS = ("dp-none.zero2", "dp-none.zero3", "dp-few.zero3", "lora-none.zero3", "tied-none.zero3", "sp-none.zero3")
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ and rank 0 saves both ranks' losses and DeepSpeed's reduced gradients.
     torchrun --nproc_per_node 2 tests/integration/uneven_worker.py OUT_DIR VARIANT...
 
 Variants: `dp-none.zero{2,3}` (rank 1 scores nothing), `dp-few.zero3` (rank 1 scores 5 tokens),
-`lora-none.zero3` (LoRA on attention and the LM head), `sp-none.zero3` (one sequence over both
+`lora-none.zero3` (LoRA on attention and the LM head), `tied-none.zero3` (the head is the embedding),
+`sp-none.zero3` (one sequence over both
 ranks, its second half unscored: rank 1's slice scores nothing).
 """
 
@@ -63,6 +64,12 @@ def with_lora(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def build_model(variant: str) -> torch.nn.Module:
+    if variant.startswith("tied"):  # the LM head is the embedding: one parameter, two gradients
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(**sp_worker.TINY, attn_implementation="sdpa", tie_word_embeddings=True)
+        return LlamaForCausalLM(config).float().train()
     model = sp_worker.tiny_model("sdpa_varlen" if variant.startswith("sp") else "sdpa")
     return with_lora(model) if variant.startswith("lora") else model
 
@@ -80,6 +87,9 @@ def run_variant(variant: str, env, out: Path) -> None:
     mpu = ds.enable_sequence_parallel(model, 2, sp_worker.MICRO_BATCH) if sp_size == 2 else None
     config = sp_worker.ds_config(zero, env.world_size // sp_size)
     config["sequence_parallel_size"] = sp_size
+    # Tiny weights are persistent (never partitioned) under DeepSpeed's default threshold: partition them all,
+    # as a real model's are, so that the LM head is gathered for real.
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     sp = ds.sequence_parallel_group(mpu, config) if mpu else None
     token_mean = TokenMean(ds.token_mean_gradient_factor(config, env.world_size // sp_size, sp_size))
     wrapped = LanguageModelLoss(model, sp_worker.CHUNK_TOKENS, sequence_parallel=sp, token_mean=token_mean)
@@ -94,6 +104,8 @@ def run_variant(variant: str, env, out: Path) -> None:
              for name, p in engine.module.lm.named_parameters() if p.requires_grad}
     engine.step()
     ds.all_reduce_max(0.0)  # the loop's next collective, where the deadlocked rank used to wait
+    engine.backward(engine(**batch))  # a second step: ZeRO-3 now prefetches along the first step's trace
+    engine.step()
     engine.eval()
     with torch.no_grad():
         engine(**batch)
