@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, help="write the results as JSON here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a recipe override for our side only (dist-ft render --set), e.g. the long-context "
-                        "levers: parallelism.sequence_parallel=2, model.tiled_mlp=true; repeatable. The baseline "
+                        "levers: parallelism.sequence_parallel=2, model.tiled_mlp_tokens=4096; repeatable. The baseline "
                         "reuses our rendered DeepSpeed config: use levers that change it with --only ours")
     p.add_argument("--only", choices=("both", "ours", "hf"), default="both",
                    help="run one side only (probing each side's longest trainable seq_len)")
