@@ -110,3 +110,32 @@ def test_zero3_finetune_evaluates_samples_and_exports_the_best_checkpoint(tmp_pa
     assert [r["step"] for r in metric_rows(run, "sft") if "loss" in r] == list(range(1, 7)), "no step retrained"
     for name, tensor in load_file(stage / "export/adapter/adapter_model.safetensors").items():
         assert torch.equal(tensor, best[name]), name
+
+
+def test_zero3_prefix_tuning_samples_equal_the_exported_adapters_answers(tmp_path):
+    """Prefix tuning decodes with full forwards (no cache); under ZeRO-3 both ranks run all max_new_tokens
+    forwards of every answer in lockstep, wherever the answer ends. The samples the two ranks generated
+    at the last evaluation are the answers one process gives from the exported adapter."""
+    from dist_ft.evaluation.generate import Sampling, generate_ids, load_for_generation
+    from dist_ft.rank.data import prompt_ids
+
+    prompts = ["Add the two numbers.\n\n2 3", "Reverse the word.\n\nabc", "Name a colour."]
+    finetune = lora_finetune(method="prefix", steps=2)
+    finetune["options"] = {"num_virtual_tokens": 4}
+    finetune.update(eval_every=2, metrics=["loss"], samples={"prompts": prompts, "max_new_tokens": 12})
+    raw = tiny_recipe(zero=3, finetune=finetune, every=None)
+    raw.pop("long_context")
+    run = tmp_path / "run"
+    plan = render(raw, run)
+    train(run, "sft")
+    stage_dir = run / "stages/sft"
+    samples = [json.loads(line) for line in (stage_dir / "samples.jsonl").read_text().splitlines()]
+    last = [row["output"] for row in samples if row["step"] == 2]
+
+    model, tokenizer = load_for_generation(str(stage_dir / "export"), None, "fp32")
+    stage = plan.stages[-1]
+    stop = (tokenizer.eos_token_id,)
+    alone = [generate_ids(model, tokenizer, prompt_ids(p, tokenizer, stage.data_format, stage.template,
+                                                        stage.seq_len), Sampling(max_new_tokens=12), stop_ids=stop)
+             for p in prompts]
+    assert len(last) == len(prompts) and last == alone
