@@ -12,6 +12,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from dist_ft.plan.plan import Plan, StagePlan
@@ -108,13 +109,16 @@ PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
 
 
 def run_supervised(argv: list[str], kill_after_s: float, env: dict[str, str] | None = None,
-                   watch: HangWatch | None = None) -> int:
+                   watch: HangWatch | None = None, stop: threading.Event | None = None) -> int:
     """Run argv in a process group of its own and wait for it. SIGTERM, SIGINT or SIGHUP to this
     process is passed on as SIGTERM (the ranks checkpoint and stop); whatever is still running
     `kill_after_s` later, or at a second signal, gets SIGKILL. torchrun starts each rank in a session
     of its own, so the group is not enough: this process becomes their subreaper and, at the end,
     kills every descendant it still has. A rank the watch finds silent stops the group as a signal
-    would. Returns the exit status, 128 + the signal received, or EXIT_SILENT_RANK."""
+    would. `stop`, once set, is a stop request like the first signal but never counts as a second one
+    (the ssh node agent sets it when the launcher closes its stdin, which `dist-ft cancel` does at the same
+    moment as it signals the agent). Returns the exit status, 128 + the signal received (SIGTERM for a
+    `stop`), or EXIT_SILENT_RANK."""
     _prctl(PR_SET_CHILD_SUBREAPER, 1)
     proc = subprocess.Popen(argv, env=env, start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
     received: list[int] = []
@@ -129,22 +133,29 @@ def run_supervised(argv: list[str], kill_after_s: float, env: dict[str, str] | N
 
     previous = {sig: signal.signal(sig, on_signal) for sig in FORWARDED}
     try:
-        status = _wait(proc, received, kill_after_s, watch)
+        status, requested = _wait(proc, received, kill_after_s, watch, stop)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         kill_descendants()
-    return 128 + received[0] if received else status
+    return 128 + received[0] if received else 128 + signal.SIGTERM if requested else status
 
 
-def _wait(proc: subprocess.Popen, received: list[int], kill_after_s: float, watch: HangWatch | None) -> int:
-    deadline, silent = None, None
+def _wait(proc: subprocess.Popen, received: list[int], kill_after_s: float, watch: HangWatch | None,
+          stop: threading.Event | None) -> tuple[int, bool]:
+    """(exit status, whether `stop` stopped it)."""
+    deadline, silent, requested = None, None, False
     while True:
         try:
             status = proc.wait(timeout=0.2)
-            return EXIT_SILENT_RANK if silent else status
+            return (EXIT_SILENT_RANK if silent else status), requested
         except subprocess.TimeoutExpired:
             pass
+        if stop is not None and stop.is_set() and deadline is None and not received:
+            print("\ndist-ft: stop requested: stopping torchrun and its ranks (they checkpoint at the next step); "
+                  f"anything left in {kill_after_s:.0f} s is killed", file=sys.stderr, flush=True)
+            _kill_group(proc.pid, signal.SIGTERM)
+            deadline, requested = time.monotonic() + kill_after_s, True
         if watch is not None and silent is None and not received and (silent := watch.silent_rank()):
             print(watch.message(silent), file=sys.stderr, flush=True)
             _kill_group(proc.pid, signal.SIGTERM)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import socket
 import sys
 import threading
@@ -48,23 +47,26 @@ def main(argv: list[str] | None = None) -> int:
                                   "endpoint": args.endpoint}) + "\n")
     print(f"dist-ft node {args.node_rank} on {socket.gethostname()} (pid {os.getpid()}): {' '.join(cmd)}",
           flush=True)
-    threading.Thread(target=_stop_at_end_of_stdin, name="dist-ft-stdin", daemon=True).start()
+    stop = threading.Event()
+    threading.Thread(target=_stop_at_end_of_stdin, args=(stop,), name="dist-ft-stdin", daemon=True).start()
     # Each rendezvous round gets a fresh store for the workers: with torch's shared agent store, keys of the
     # previous round (the old ranks' gloo addresses) were read after an elastic restart ("connection refused").
     env = {**os.environ, HOST_ENV: args.host, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
-    status = run_supervised(cmd, kill_after_s=2 * _grace(plan), env=env)
+    status = run_supervised(cmd, kill_after_s=2 * _grace(plan), env=env, stop=stop)
     print(f"dist-ft node {args.node_rank}: torchrun exited with status {status}", flush=True)
     return status
 
 
-def _stop_at_end_of_stdin() -> None:
-    """The launcher holds our stdin open while it wants the stage to run."""
+def _stop_at_end_of_stdin(stop: threading.Event) -> None:
+    """The launcher holds our stdin open while it wants the stage to run. Its end is a stop request, not a
+    signal: `dist-ft cancel` SIGTERMs this agent and the launcher at once, and the launcher then closes
+    our stdin — as a second signal that would kill the ranks before their checkpoint."""
     try:
         while os.read(0, 4096):  # the raw fd: a buffered reader's lock would trouble the interpreter's exit
             pass
     except OSError:
         pass
-    os.kill(os.getpid(), signal.SIGTERM)
+    stop.set()
 
 
 if __name__ == "__main__":

@@ -118,24 +118,25 @@ def test_zero3_prefix_tuning_samples_equal_the_exported_adapters_answers(tmp_pat
     at the last evaluation are the answers one process gives from the exported adapter."""
     from dist_ft.evaluation.generate import Sampling, generate_ids, load_for_generation
     from dist_ft.rank.data import prompt_ids
+    from dist_ft.rank.stage_model import export_path
 
-    prompts = ["Add the two numbers.\n\n2 3", "Reverse the word.\n\nabc", "Name a colour."]
+    prompts = ["Add the two numbers.\n\n2 3", "Name a colour."]
     finetune = lora_finetune(method="prefix", steps=2)
     finetune["options"] = {"num_virtual_tokens": 4}
-    finetune.update(eval_every=2, metrics=["loss"], samples={"prompts": prompts, "max_new_tokens": 12})
-    raw = tiny_recipe(zero=3, finetune=finetune, every=None)
-    raw.pop("long_context")
+    finetune.update(eval_every=2, metrics=["loss"], samples={"prompts": prompts, "max_new_tokens": 8})
+    raw = tiny_recipe(zero=3, steps=1, finetune=finetune, every=None)  # one step: the adapter's base export
     run = tmp_path / "run"
     plan = render(raw, run)
+    train(run, "ctx")
     train(run, "sft")
     stage_dir = run / "stages/sft"
     samples = [json.loads(line) for line in (stage_dir / "samples.jsonl").read_text().splitlines()]
     last = [row["output"] for row in samples if row["step"] == 2]
 
-    model, tokenizer = load_for_generation(str(stage_dir / "export"), None, "fp32")
     stage = plan.stages[-1]
+    model, tokenizer = load_for_generation(str(export_path(plan, stage)), None, "fp32")
     stop = (tokenizer.eos_token_id,)
     alone = [generate_ids(model, tokenizer, prompt_ids(p, tokenizer, stage.data_format, stage.template,
-                                                        stage.seq_len), Sampling(max_new_tokens=12), stop_ids=stop)
+                                                        stage.seq_len), Sampling(max_new_tokens=8), stop_ids=stop)
              for p in prompts]
     assert len(last) == len(prompts) and last == alone

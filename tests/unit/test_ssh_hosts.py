@@ -290,3 +290,26 @@ def test_cancel_of_an_ssh_run_with_nothing_running(tmp_path, recipe_file, capsys
     (run_dir / "ssh.json").write_text(json.dumps({"backend": "ssh", "stages": {"x": {"state": "done"}}}))
     assert main(["cancel", str(run_dir)]) == 0
     assert "nothing to cancel" in capsys.readouterr().out
+
+
+def test_a_closed_stdin_and_a_signal_together_are_one_stop_not_a_kill(tmp_path):
+    """`dist-ft cancel` SIGTERMs the node agent and the launcher, which then closes the agent's stdin: the
+    agent must take the two as one stop request (the ranks checkpoint), not as the second signal that kills
+    at once. The child here needs 2 s after its SIGTERM to finish, as ranks reaching a step boundary do."""
+    import signal as sig
+    import threading
+
+    done = tmp_path / "checkpointed"
+    child = f"trap 'sleep 2; touch {done}; exit 143' TERM; sleep 60 & wait"
+    stop = threading.Event()
+
+    def request_twice() -> None:
+        time.sleep(1.0)
+        stop.set()  # the launcher closed stdin
+        time.sleep(0.3)
+        os.kill(os.getpid(), sig.SIGTERM)  # dist-ft cancel's own signal
+
+    threading.Thread(target=request_twice, daemon=True).start()
+    status = run_supervised(["bash", "-c", child], kill_after_s=30, stop=stop)
+    assert status == 128 + sig.SIGTERM
+    assert done.exists(), "the child was killed before it could finish its stop"
