@@ -16,8 +16,6 @@ from .finetune_options import (  # noqa: F401 - re-exported: the method's vocabu
     ANSWER_METRICS, BASE_CHANGING_INITS, EVAL_METRICS, LORA_FAMILY, LOSS_METRICS, MAX_NEW_TOKENS, MAX_SAMPLES,
     OPTION_METHODS, PEFT_ADAPTERS, PEFT_WITH_MODULES_TO_SAVE, VIRTUAL_TOKEN_METHODS, WARN_ONLY_OPTIONS,
     EarlyStopping, LoraBias, LoraInit, Method, MethodOptions, Samples, metric_direction)
-from .hostfile import host_problem
-from .launch_script import env_key_problem
 from .limits import (  # noqa: F401 - re-exported: the bounds are part of the recipe's vocabulary
     MAX_ADAPTER_SIZE, MAX_BATCH, MAX_EPOCHS, MAX_GPUS_PER_NODE, MAX_MICRO_BATCH, MAX_NAME, MAX_NODES,
     MAX_PROCS_PER_NODE, MAX_ROPE_FACTOR, MAX_ROPE_THETA, MAX_SEED, MAX_SEQ_LEN, MAX_STAGES, MAX_STEPS, MAX_TOKENS,
@@ -27,8 +25,11 @@ from .optimization import (  # noqa: F401 - re-exported: the sections are the re
     ADAM_FAMILY, FLOOR_SHORTHAND_DOC, OPTIMIZER_DEFAULTS, OPTIMIZER_DOC, SCHEDULER_DOC, WARMUP_SHORTHAND_DOC,
     Optimizer, Scheduler, effective_scheduler)
 from .prompts import template_problem
-from .recipe_yaml import MAX_DEPTH, parse_override, read_recipe
-from .strict import Invalid, Problem, RecipeError, build, spec
+from .raw_recipe import apply_overrides, to_dict  # noqa: F401 - re-exported: loading is the recipe's
+from .recipe_yaml import read_recipe
+from .run_sections import (  # noqa: F401 - re-exported: the sections are the recipe's
+    Checkpointing, Cluster, Evaluation, Parallelism, Tracking, printable_line)
+from .strict import Invalid, build, spec
 
 RopeType = Literal["none", "linear", "dynamic", "yarn", "llama3", "longrope"]
 PositionExtension = Literal["none", "interpolate", "copy", "init"]
@@ -376,141 +377,6 @@ class Finetune:
 
 
 @dataclass(frozen=True)
-class Cluster:
-    nodes: int = spec(1, min=1, max=MAX_NODES)
-    gpus_per_node: int = spec(0, min=0, max=MAX_GPUS_PER_NODE, doc="0 means CPU ranks (then procs_per_node).")
-    procs_per_node: int = spec(1, min=1, max=MAX_PROCS_PER_NODE, doc="CPU ranks per node when gpus_per_node is 0.")
-    gpu_memory_gb: float = spec(80.0, min=1.0, max=4096.0, doc="Per-GPU memory the plan must fit in.")
-    partition: str | None = spec(None, doc="SLURM partition.")
-    account: str | None = spec(None, doc="SLURM account.")
-    qos: str | None = spec(None, doc="SLURM QOS.")
-    time_limit: int | str | None = spec(None, doc="SLURM time: minutes (90), MM:SS, HH:MM:SS, D-HH, D-HH:MM:SS.")
-    constraint: str | None = spec(None, doc="SLURM --constraint (node features).")
-    mem: str | None = spec(None, doc="SLURM --mem, e.g. 0 or 480G.")
-    cpus_per_task: int | None = spec(None, min=1, max=4096)
-    exclusive: bool = spec(False, doc="Whole nodes (--exclusive).")
-    setup: list[str] = spec(factory=list, doc="Shell lines run before training (module load, venv activate).")
-    env: dict[str, str] = spec(factory=dict, doc="Environment for every rank (NCCL_*, ...).")
-    python: str | None = spec(None, doc="Interpreter the ranks train with (`PYTHON -m torch.distributed.run`), "
-                                        "a path or a name the setup lines put on PATH. Unset: the interpreter "
-                                        "that rendered the run, so its venv works without activation.")
-    rdzv_port: int | None = spec(None, min=1024, max=65535, doc="Rendezvous port. Unset: derived from the SLURM "
-                                                               "job id; a free port for local runs.")
-    signal_grace_s: int = spec(120, min=10, max=86400, doc="Seconds before the time limit to signal a checkpoint.")
-    requeue: bool = spec(True, doc="Requeue the job after a pre-limit checkpoint.")
-    max_restarts: int = spec(3, min=0, max=1000)
-    collective_timeout_minutes: int = spec(
-        60, min=1, max=1440, doc="How long a rank waits in a collective before the job fails (DeepSpeed's default "
-                                 "is 10): the other ranks wait in a barrier while rank 0 alone converts a "
-                                 "checkpoint or exports a merged model, which takes longer on a big model.")
-    job_name: str | None = spec(None, doc="Defaults to the recipe name.")
-    hostfile: str | None = spec(None, doc="ssh backend: DeepSpeed-style hostfile (`HOST slots=N` per line, # comments), "
-                                         "relative to the recipe; one node per host, in order (the first hosts "
-                                         "the rendezvous).")
-    hosts: list[str] = spec(factory=list, doc="ssh backend: the hosts, instead of a hostfile (`[node-a, node-b]`).")
-    ssh_options: list[str] = spec(factory=list, doc="Extra ssh arguments, e.g. `[-p, \"2222\", -F, ~/.ssh/cluster]`; "
-                                                    "ssh always runs with BatchMode=yes (no password prompts).")
-
-    def __post_init__(self) -> None:
-        for i, host in enumerate(self.hosts):
-            if (why := host_problem(host)) is not None:
-                raise Invalid(f"hosts[{i}]", why, "use the host's name or address (an ~/.ssh/config alias works)")
-        if len(set(self.hosts)) != len(self.hosts):
-            raise Invalid("hosts", "lists a host twice", "one entry per node; ranks per node is procs_per_node")
-        for i, option in enumerate(self.ssh_options):
-            if not option or not _printable_line(option):
-                raise Invalid(f"ssh_options[{i}]", f"{option!r} is empty or contains a control character",
-                              "one ssh argument per entry, on one line")
-        if self.hostfile is not None and (not self.hostfile.strip() or not _printable_line(self.hostfile)):
-            raise Invalid("hostfile", f"{self.hostfile!r} is not a usable path", "give the hostfile's path")
-        for name in ("partition", "account", "qos", "constraint", "mem", "job_name", "time_limit", "python"):
-            value = getattr(self, name)
-            if isinstance(value, str) and not _printable_line(value):
-                raise Invalid(name, f"{value!r} contains a line break or control character",
-                              "write it on one line; it becomes an #SBATCH directive or a script line")
-        if self.python is not None and not self.python.strip():
-            raise Invalid("python", "is empty", "unset it (the rendering interpreter) or name an interpreter")
-        for key in self.env:
-            if not key.isidentifier() or not key.isascii():
-                raise Invalid(f"env.{key}", "is not a valid environment variable name",
-                              "use letters, digits and '_' (not starting with a digit)")
-            if env_key_problem(key):
-                raise Invalid(f"env.{key}", env_key_problem(key),
-                              "choose another name; shell settings belong in `cluster.setup` lines")
-
-    @property
-    def ranks_per_node(self) -> int:
-        return self.gpus_per_node or self.procs_per_node
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.ranks_per_node
-
-
-@dataclass(frozen=True)
-class Parallelism:
-    zero_stage: Literal[1, 2, 3] = spec(2, doc="What DeepSpeed shards: 1 optimizer, 2 +gradients, 3 +weights.")
-    offload_optimizer: Literal["none", "cpu", "nvme"] = spec("none", doc="Optimizer states off the GPU (ZeRO 2/3).")
-    offload_params: Literal["none", "cpu", "nvme"] = spec("none", doc="Weights off the GPU (ZeRO 3).")
-    nvme_path: str | None = spec(None, doc="Local NVMe folder for nvme offload.")
-    sequence_parallel: int = spec(1, min=1, max=MAX_GPUS_PER_NODE * MAX_NODES,
-                                  doc="Ulysses degree: ranks sharing one sequence.")
-
-    def __post_init__(self) -> None:
-        if self.offload_params != "none" and self.zero_stage != 3:
-            raise Invalid("offload_params", "parameter offload needs ZeRO stage 3", "set `zero_stage: 3`")
-        if self.offload_optimizer != "none" and self.zero_stage == 1:
-            raise Invalid("offload_optimizer", "optimizer offload needs ZeRO stage 2 or 3", "set `zero_stage: 2`")
-        if "nvme" in (self.offload_optimizer, self.offload_params) and not self.nvme_path:
-            raise Invalid("nvme_path", "nvme offload needs a path", "set `nvme_path: /local/nvme`")
-
-
-@dataclass(frozen=True)
-class Tracking:
-    mode: Literal["online", "offline", "disabled", "auto"] = spec("auto", doc="auto: online with a key, else offline.")
-    project: str = spec("dist-ft", doc="W&B project.")
-    entity: str | None = spec(None, doc="W&B entity (team or user).")
-    group: str | None = spec(None, doc="Defaults to the recipe name: one group per pipeline.")
-    tags: list[str] = spec(factory=list, doc="W&B tags.")
-    run_name: str | None = spec(None, doc="W&B run name prefix (stage appended); defaults to the recipe name.")
-
-
-@dataclass(frozen=True)
-class Checkpointing:
-    every_steps: int | None = spec(None, min=1, max=MAX_STEPS,
-                                   doc="Also checkpoint every N steps (always at stage end).")
-    keep_last: int = spec(2, min=1, max=1000)
-    output_root: str = spec("runs", doc="Run dirs are created under this folder.")
-
-    def __post_init__(self) -> None:
-        if not _printable_line(self.output_root):
-            raise Invalid("output_root", "contains a line break or control character", "use a plain path")
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    after_each_stage: bool = spec(False, doc="Run `dist-ft eval` on each stage's export when it finishes "
-                                             "(results under RUN/eval/<stage>): what each stage bought.")
-    lengths: list[int] = spec(factory=lambda: [1024, 2048], doc="Perplexity window lengths (tokens).")
-    passkey_lengths: list[int] | None = spec(None, doc="Passkey prompt lengths; default: `lengths`.")
-    depths: list[float] = spec(factory=lambda: [0.0, 0.5, 1.0], doc="Relative needle depths in [0, 1].")
-    trials: int = spec(2, min=1, max=1000, doc="Passkeys per (length, depth) cell.")
-    windows: int = spec(4, min=1, max=1000, doc="Perplexity windows per length (the table shows their "
-                                                "range; one window is one passage of text, an anecdote).")
-    text: list[str] = spec(factory=list, doc="Held-out text files or folders; default: Python stdlib source.")
-
-    def __post_init__(self) -> None:
-        for name in ("lengths", "passkey_lengths"):
-            short = [n for n in getattr(self, name) or [] if n < 16]
-            if short:
-                raise Invalid(name, f"{short} are below 16 tokens", "use lengths of at least 16 tokens")
-            if any(n > MAX_SEQ_LEN for n in getattr(self, name) or []):
-                raise Invalid(name, f"has a length above {MAX_SEQ_LEN} tokens", "evaluate shorter lengths")
-        if any(not 0 <= d <= 1 for d in self.depths):
-            raise Invalid("depths", f"{self.depths} has a depth outside [0, 1]", "use fractions like 0, 0.5, 1")
-
-
-@dataclass(frozen=True)
 class Recipe:
     name: str = spec(doc="Run name; the run dir is output_root/name.")
     model: Model = spec(doc="What to train.")
@@ -545,15 +411,9 @@ def check_name(name: str) -> None:
                       "start with a letter or digit; then use ASCII letters, digits, '-', '_' and '.' only")
 
 
-def _printable_line(text: str) -> bool:
-    return all(ch.isprintable() for ch in text)
-
-
 def _short(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
-
-# ---- loading -------------------------------------------------------------------------
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return recipe_from_dict(apply_overrides(read_recipe(Path(path)), overrides))
@@ -561,54 +421,3 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 def recipe_from_dict(raw: dict) -> Recipe:
     return build(Recipe, raw)
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """Return a copy of `raw` with each `a.b.c=value` (YAML value) applied."""
-    import copy
-
-    out = copy.deepcopy(raw)
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        if not sep or not key:
-            raise RecipeError([Problem(key or item, "override is not of the form key=value",
-                                       "write e.g. --set cluster.nodes=4")])
-        if key.count(".") >= MAX_DEPTH:  # as deep as the YAML loader allows, so validation cannot recurse away
-            raise RecipeError([Problem(key[:80], f"the key is more than {MAX_DEPTH} levels deep", "check the key")])
-        _set_path(out, key.split("."), parse_override(key, text))
-    return out
-
-
-def _set_path(node: Any, keys: list[str], value: Any) -> None:
-    *parents, last = keys
-    for key in parents:
-        if isinstance(node, list):
-            node = node[_index(node, key, keys)]
-        else:
-            node = node.setdefault(key, {})
-            if not isinstance(node, (dict, list)):
-                raise RecipeError([Problem(".".join(keys), f"`{key}` is not a section", "check the path")])
-    if isinstance(node, list):
-        node[_index(node, last, keys)] = value
-    else:
-        node[last] = value
-
-
-def _index(node: list, key: str, keys: list[str]) -> int:
-    if not key.isdigit() or int(key) >= len(node):
-        raise RecipeError([Problem(".".join(keys), f"`{key}` is not an index of a {len(node)}-item list",
-                                   f"use 0..{len(node) - 1}")])
-    return int(key)
-
-
-def to_dict(obj: Any) -> Any:
-    """Plain data for YAML/JSON output (dataclasses → dicts)."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj

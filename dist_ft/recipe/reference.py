@@ -22,7 +22,7 @@ SECTIONS = [("(top level)", config.Recipe), ("model", config.Model), ("long_cont
 
 def reference() -> str:
     out = ["# Recipe reference", "",
-           "Generated from `dist_ft/recipe/config.py` by `python -m dist_ft.recipe.reference`; a test keeps it "
+           "Generated from `dist_ft/recipe/config.py` (and the section modules it re-exports) by `python -m dist_ft.recipe.reference`; a test keeps it "
            "current.",
            "Unknown keys are errors (with the nearest valid key suggested). `…rope` and `…data` appear in",
            "several places (`long_context.stages[].rope`, `long_context.progressive.rope`, `finetune.rope`;",
