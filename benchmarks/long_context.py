@@ -166,9 +166,11 @@ def recipe(seq_len: int, args: argparse.Namespace, tokenizer: Path) -> dict:
 def data_parallel(args: argparse.Namespace) -> int:
     """Ranks that hold different rows: a sequence-parallel group (`--set parallelism.sequence_parallel=N`)
     shares one row, so one step stays one row per data-parallel rank."""
-    sp = [int(item.split("=", 1)[1]) for item in args.overrides
-          if item.split("=", 1)[0].strip() == "parallelism.sequence_parallel"]
-    return args.ranks // (sp[-1] if sp else 1)
+    from dist_ft.recipe.config import apply_overrides
+
+    parallelism = [item for item in args.overrides if item.startswith("parallelism.")]  # the only section read
+    sp = apply_overrides({}, parallelism).get("parallelism", {}).get("sequence_parallel", 1)
+    return args.ranks // sp
 
 
 def render_run(folder: Path, seq_len: int, args: argparse.Namespace, tokenizer: Path) -> Path:
