@@ -126,16 +126,22 @@ class PartitionedHeadLoss(torch.nn.Module):
     """The fused head loss under ZeRO-3, as a module of its own: the head's weight is registered as its
     external parameter (deepspeed.zero.register_external_parameter, DeepSpeed's public hook for a weight
     used outside its module), so DeepSpeed gathers it once when this module starts and releases it when it
-    ends, for every chunk together. Without ZeRO-3 the registration is an unused attribute."""
+    ends, for every chunk together. The registration happens on first use, just before the module is
+    called, so a model ZeRO-3 does not partition never imports DeepSpeed for it."""
 
     def __init__(self, lm: torch.nn.Module) -> None:
         super().__init__()
         head = lm.get_output_embeddings()
         self.usable = type(head) is torch.nn.Linear and head.bias is None
-        if self.usable:
+        self._declared = None  # id() of the weight registered (the weight itself would become a parameter)
+
+    def declare(self, weight: torch.nn.Parameter) -> None:
+        """Register the partitioned head weight as this module's external parameter (once)."""
+        if self._declared != id(weight):
             from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-            register_external_parameter(self, head.weight)
+            register_external_parameter(self, weight)
+            self._declared = id(weight)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, model: torch.nn.Module, chunk_tokens: int,
                 chunks: int) -> torch.Tensor:
@@ -190,12 +196,14 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     if head_kernel == "liger":
         return liger_head_loss_sum(hidden, targets, model)
     head = model.get_output_embeddings()
-    chunks = _chunk_count(int((targets != IGNORE_INDEX).sum()), chunk_tokens, head)
+    scored = int((targets != IGNORE_INDEX).sum())
+    chunks = _chunk_count(scored, chunk_tokens, head)
     if not head_partitioned(head):
         return fused_head_loss_sum(hidden, targets, head_logits(model), list(head.parameters()), chunk_tokens,
                                    chunks)
     if chunks > 1 and partitioned_head is not None and partitioned_head.usable and torch.is_grad_enabled():
-        return partitioned_head(hidden, targets, model, chunk_tokens, chunks), int((targets != IGNORE_INDEX).sum())
+        partitioned_head.declare(head.weight)
+        return partitioned_head(hidden, targets, model, chunk_tokens, chunks), scored
     # One chunk keeps its logits (nothing to recompute); an adapter or a bias on the head recomputes.
     return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens, chunks)
 
@@ -288,8 +296,8 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        d_hidden = (ctx.saved_tensors[0] * grad_total).to(ctx.hidden_dtype) if ctx.has_hidden else None
-        scaled = iter([(g * grad_total).to(dtype) for g, dtype in zip(ctx.d_params, ctx.param_dtypes)])
+        d_hidden = _scaled(ctx.saved_tensors[0], grad_total, ctx.hidden_dtype) if ctx.has_hidden else None
+        scaled = iter([_scaled(g, grad_total, dtype) for g, dtype in zip(ctx.d_params, ctx.param_dtypes)])
         ctx.d_params = None
         return (d_hidden, None, None, None, None, *(next(scaled) if trains else None for trains in ctx.trainable))
 
@@ -333,10 +341,15 @@ class _GatheredHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total):
-        d_hidden = (ctx.saved_tensors[0] * grad_total).to(ctx.hidden_dtype) if ctx.has_hidden else None
-        d_carrier = None if ctx.d_carrier is None else (ctx.d_carrier * grad_total).to(ctx.carrier_dtype)
+        d_hidden = _scaled(ctx.saved_tensors[0], grad_total, ctx.hidden_dtype) if ctx.has_hidden else None
+        d_carrier = None if ctx.d_carrier is None else _scaled(ctx.d_carrier, grad_total, ctx.carrier_dtype)
         ctx.d_carrier = None
         return d_hidden, None, None, None, None, d_carrier
+
+
+def _scaled(gradient: torch.Tensor, grad_total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A gradient taken in forward (of the summed loss), times the loss's incoming gradient, in `dtype`."""
+    return (gradient * grad_total).to(dtype)
 
 
 def _kept(tensor: torch.Tensor) -> torch.Tensor:

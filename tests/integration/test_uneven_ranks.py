@@ -18,7 +18,8 @@ from tests.integration.training_helpers import run_worker
 
 pytestmark = pytest.mark.integration
 
-VARIANTS = ("dp-none.zero2", "dp-none.zero3", "dp-few.zero3", "lora-none.zero3", "tied-none.zero3", "sp-none.zero3")
+VARIANTS = ("dp-none.zero2", "dp-none.zero3", "dp-few.zero3", "lora-none.zero3", "frozen-none.zero3",
+            "tied-none.zero3", "sp-none.zero3")
 
 
 @pytest.fixture(scope="module")
@@ -52,11 +53,13 @@ def test_uneven_ranks_finish_with_the_unchunked_loss_and_gradients(variant, resu
 def test_zero3_runs_the_head_once_when_it_is_a_plain_linear(variant, results):
     """Under ZeRO-3 a plain head is gathered once for every chunk and its gradient goes back through
     one call of the head (the carrier): two head calls per rank (transformers' forward calls it on no
-    rows), however many chunks it scores, on the rank that scores nothing too. LoRA on the head keeps
-    the recompute: each chunk twice."""
+    rows), however many chunks it scores, on the rank that scores nothing too. A frozen head needs no
+    carrier: one call. LoRA on the head keeps the recompute: each chunk twice."""
     calls = results[variant]["head_calls"]
     if variant.startswith("lora"):
         assert min(calls) > 3, calls
+    elif variant.startswith("frozen"):
+        assert calls == [1, 1], calls
     else:
         assert calls == [2, 2], calls
 

@@ -9,7 +9,8 @@ and rank 0 saves both ranks' losses and DeepSpeed's reduced gradients.
     torchrun --nproc_per_node 2 tests/integration/uneven_worker.py OUT_DIR VARIANT...
 
 Variants: `dp-none.zero{2,3}` (rank 1 scores nothing), `dp-few.zero3` (rank 1 scores 5 tokens),
-`lora-none.zero3` (LoRA on attention and the LM head), `tied-none.zero3` (the head is the embedding),
+`lora-none.zero3` (LoRA on attention and the LM head), `frozen-none.zero3` (LoRA on attention only: the
+head is partitioned and frozen), `tied-none.zero3` (the head is the embedding),
 `sp-none.zero3` (one sequence over both
 ranks, its second half unscored: rank 1's slice scores nothing).
 """
@@ -24,6 +25,7 @@ import torch
 from tests.integration import sp_worker
 
 LORA_TARGETS = ["q_proj", "v_proj", "lm_head"]
+FROZEN_HEAD_TARGETS = ["q_proj", "v_proj"]
 
 
 def rank_batch(kind: str, rank: int) -> dict[str, torch.Tensor]:
@@ -52,11 +54,11 @@ def reference_batch(variant: str) -> dict[str, torch.Tensor]:
     return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
 
 
-def with_lora(model: torch.nn.Module) -> torch.nn.Module:
+def with_lora(model: torch.nn.Module, targets: list[str]) -> torch.nn.Module:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(2)
-    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, lora_dropout=0.0))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0))
     for name, param in model.named_parameters():  # non-zero B so that every LoRA weight gets a gradient
         if "lora_B" in name:
             torch.nn.init.normal_(param, std=0.02)
@@ -71,7 +73,9 @@ def build_model(variant: str) -> torch.nn.Module:
         config = LlamaConfig(**sp_worker.TINY, attn_implementation="sdpa", tie_word_embeddings=True)
         return LlamaForCausalLM(config).float().train()
     model = sp_worker.tiny_model("sdpa_varlen" if variant.startswith("sp") else "sdpa")
-    return with_lora(model) if variant.startswith("lora") else model
+    if variant.startswith("lora"):
+        return with_lora(model, LORA_TARGETS)
+    return with_lora(model, FROZEN_HEAD_TARGETS) if variant.startswith("frozen") else model
 
 
 def run_variant(variant: str, env, out: Path) -> None:
