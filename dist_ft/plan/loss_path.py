@@ -22,8 +22,9 @@ def loss_path(method: str, zero_stage: int, loss_kernel: str, on_gpu: bool, micr
         return (f"one chunk, no recompute: {micro_tokens} tokens per micro-batch fit in loss_chunk_tokens "
                 f"{chunk_tokens}, so the whole logits are small enough to keep")
     if zero_stage == 3:
-        return (f"{chunks} fused chunks of {chunk_tokens} tokens, no recompute: ZeRO-3 gathers the LM head once "
-                "for all chunks and its gradient goes back through one call of the head (an adapter or a bias "
-                "on the head: each chunk recomputed in backward instead)")
+        return (f"{chunks} fused chunks of {chunk_tokens} tokens, no recompute: ZeRO-3 gathers the LM head (and "
+                "a LoRA adapter on it) once for all chunks and each trainable weight's gradient goes back through "
+                "one call of its Linear (a trainable bias or DoRA magnitude on the head: each chunk recomputed in "
+                "backward instead)")
     return (f"{chunks} fused chunks of {chunk_tokens} tokens: each chunk's gradients are taken while its logits "
             "exist, no recompute")

@@ -7,9 +7,10 @@ rows at a time. Each chunk's gradients (of its hidden rows and of the head's tra
 taken in forward while its logits exist, then the logits are dropped (`fused_head_loss_sum`, the
 fused linear cross-entropy idea): the head runs once per chunk and backward only scales the stored
 gradients. Peak logits memory is one chunk's fp32 logits and their gradient. Under ZeRO-3 the head's
-weight is gathered once for all chunks (`PartitionedHeadLoss`) and its gradient goes back to DeepSpeed
-through one ordinary call of the head (`gathered_fused_head_loss_sum`); a head with an adapter or a bias runs each chunk
-under activation checkpointing instead and backward recomputes its logits (`chunked_head_loss_sum`).
+weights (a LoRA adapter's too) are gathered once for all chunks (`PartitionedHeadLoss`) and each trainable
+weight's gradient goes back to DeepSpeed through one ordinary call of its Linear
+(`gathered_fused_head_loss_sum`); a head with another trainable parameter (a bias, DoRA's magnitude) runs
+each chunk under activation checkpointing instead and backward recomputes its logits (`chunked_head_loss_sum`).
 A micro-batch that fits one chunk keeps its logits for backward on every path: nothing is recomputed.
 
 The objective is transformers' `ForCausalLMLoss` exactly: labels are shifted inside (position i is
@@ -20,7 +21,7 @@ whole group's (see sequence_parallel.py).
 
 Every module is reached through `__call__`, so ZeRO-3's hooks gather the decoder's and the LM
 head's partitioned weights as they run (the head again for each chunk recomputed in backward);
-`PartitionedHeadLoss` declares the head's weight as its external parameter, DeepSpeed's public API
+`PartitionedHeadLoss` declares the head's weights as its external parameters, DeepSpeed's public API
 for a weight used outside its own module.
 dist_ft.plan.loss_path says in the plan which path each stage takes.
 
@@ -99,7 +100,7 @@ class LanguageModelLoss(torch.nn.Module):
         self.token_mean = token_mean
         self.offload_activations = offload_activations
         self.offloaded_bytes = 0  # what the last forward kept in host memory
-        self.partitioned_head = PartitionedHeadLoss(lm)
+        self.partitioned_head = PartitionedHeadLoss()
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
         """The mean loss of the whole batch; under sequence parallelism every rank of the group gets
@@ -123,29 +124,29 @@ class LanguageModelLoss(torch.nn.Module):
 
 
 class PartitionedHeadLoss(torch.nn.Module):
-    """The fused head loss under ZeRO-3, as a module of its own: the head's weight is registered as its
-    external parameter (deepspeed.zero.register_external_parameter, DeepSpeed's public hook for a weight
-    used outside its module), so DeepSpeed gathers it once when this module starts and releases it when it
-    ends, for every chunk together. The registration happens on first use, just before the module is
+    """The fused head loss under ZeRO-3, as a module of its own: the head's weights are registered as its
+    external parameters (deepspeed.zero.register_external_parameter, DeepSpeed's public hook for a weight
+    used outside its module), so DeepSpeed gathers them once when this module starts and releases them when
+    it ends, for every chunk together. The registration happens on first use, just before the module is
     called, so a model ZeRO-3 does not partition never imports DeepSpeed for it."""
 
-    def __init__(self, lm: torch.nn.Module) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        head = lm.get_output_embeddings()
-        self.usable = type(head) is torch.nn.Linear and head.bias is None
-        self._declared = None  # id() of the weight registered (the weight itself would become a parameter)
+        self._declared: set[int] = set()  # id()s of the weights registered (a weight attribute would be a parameter)
 
-    def declare(self, weight: torch.nn.Parameter) -> None:
-        """Register the partitioned head weight as this module's external parameter (once)."""
-        if self._declared != id(weight):
+    def declare(self, head: torch.nn.Module) -> None:
+        """Register every parameter of the partitioned head as this module's external parameter (once)."""
+        new = [p for p in head.parameters() if id(p) not in self._declared]
+        if new:
             from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-            register_external_parameter(self, weight)
-            self._declared = id(weight)
+            for param in new:
+                register_external_parameter(self, param)
+                self._declared.add(id(param))
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, model: torch.nn.Module, chunk_tokens: int,
-                chunks: int) -> torch.Tensor:
-        return gathered_fused_head_loss_sum(hidden, targets, model, chunk_tokens, chunks)
+                chunks: int, carriers: list[torch.nn.Linear]) -> torch.Tensor:
+        return gathered_fused_head_loss_sum(hidden, targets, model, chunk_tokens, chunks, carriers)
 
 
 STATE_PREFIX = "lm."
@@ -201,10 +202,11 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     if not head_partitioned(head):
         return fused_head_loss_sum(hidden, targets, head_logits(model), list(head.parameters()), chunk_tokens,
                                    chunks)
-    if chunks > 1 and partitioned_head is not None and partitioned_head.usable and torch.is_grad_enabled():
-        partitioned_head.declare(head.weight)
-        return partitioned_head(hidden, targets, model, chunk_tokens, chunks), scored
-    # One chunk keeps its logits (nothing to recompute); an adapter or a bias on the head recomputes.
+    carriers = carried_linears(head)
+    if chunks > 1 and partitioned_head is not None and carriers is not None and torch.is_grad_enabled():
+        partitioned_head.declare(head)
+        return partitioned_head(hidden, targets, model, chunk_tokens, chunks, carriers), scored
+    # One chunk keeps its logits (nothing to recompute); a trainable bias or DoRA magnitude recomputes.
     return chunked_head_loss_sum(hidden, targets, head_logits(model), chunk_tokens, chunks)
 
 
@@ -260,7 +262,7 @@ def _fused_chunks(hidden, targets, logits_fn, chunk_tokens: int, chunks: int, tr
     """(summed loss, its gradient of `hidden` or None, fp32 gradients of `trainable`), chunk by chunk,
     each chunk's logits dropped as soon as its gradients are taken."""
     d_hidden = torch.zeros_like(hidden) if hidden.requires_grad else None
-    d_params = [torch.zeros_like(p, dtype=torch.float32) for p in trainable]
+    d_params: list[torch.Tensor | None] = [None] * len(trainable)  # the first chunk's gradient, then the sum
     total = hidden.new_zeros((), dtype=torch.float32)
     # The chunk's graph lives only inside this loop: keep its saved tensors where they are even
     # under activation offload (whose hooks would copy every chunk's logits to the host and back).
@@ -272,11 +274,12 @@ def _fused_chunks(hidden, targets, logits_fn, chunk_tokens: int, chunks: int, tr
             grads = torch.autograd.grad(loss, wrt, allow_unused=True) if wrt and loss.requires_grad else []
             if d_hidden is not None and grads and grads[0] is not None:
                 d_hidden[start:start + chunk_tokens] = grads[0]
-            for acc, grad in zip(d_params, grads[1 if d_hidden is not None else 0:]):
+            for i, grad in enumerate(grads[1 if d_hidden is not None else 0:]):
                 if grad is not None:
-                    acc += grad
+                    d_params[i] = grad.float() if d_params[i] is None else d_params[i].add_(grad)
             total = total + loss.detach()
-    return total, d_hidden, d_params
+    return total, d_hidden, [torch.zeros_like(p, dtype=torch.float32) if d is None else d
+                             for p, d in zip(trainable, d_params)]
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -302,49 +305,60 @@ class _FusedHeadLoss(torch.autograd.Function):
         return (d_hidden, None, None, None, None, *(next(scaled) if trains else None for trains in ctx.trainable))
 
 
-def gathered_fused_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, model: torch.nn.Module,
-                                 chunk_tokens: int, chunks: int) -> torch.Tensor:
-    """`fused_head_loss_sum` for a bias-free Linear head that ZeRO-3 partitions; runs inside
-    `PartitionedHeadLoss`, where the head's weight is whole (every rank runs the same `chunks`, agreed
-    beforehand, so the gathers match). Returns the summed loss.
+def carried_linears(head: torch.nn.Module) -> list[torch.nn.Linear] | None:
+    """The bias-free Linears whose weights are the head's trainable parameters (the head itself, or a LoRA
+    adapter's A and B; none for a frozen head), or None when some trainable parameter is not such a
+    weight (a bias, DoRA's magnitude): its gradient could not be carried (`gathered_fused_head_loss_sum`)."""
+    linears = []
+    for module in head.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad:
+                continue
+            if type(module) is not torch.nn.Linear or name != "weight" or module.bias is not None:
+                return None
+            linears.append(module)
+    return linears
 
-    The weight's gradient cannot be handed to a partitioned parameter directly, so it goes back through
-    one ordinary call of the head on the identity (hidden-size rows): for y = x·Wᵀ, backward gives
+
+def gathered_fused_head_loss_sum(hidden: torch.Tensor, targets: torch.Tensor, model: torch.nn.Module,
+                                 chunk_tokens: int, chunks: int, carriers: list[torch.nn.Linear]) -> torch.Tensor:
+    """`fused_head_loss_sum` for a head that ZeRO-3 partitions, whose trainable weights are `carriers`
+    (`carried_linears`); runs inside `PartitionedHeadLoss`, where the head's weights are whole (every rank
+    runs the same `chunks`, agreed beforehand, so the gathers match). Returns the summed loss.
+
+    A weight's gradient cannot be handed to a partitioned parameter directly, so it goes back through one
+    ordinary call of its Linear on the identity (in_features rows): for y = x·Wᵀ, backward gives
     dW = dyᵀ·x, so dy = dWᵀ makes DeepSpeed's own backward of that call deliver exactly the fused gradient
-    to the partitioned weight, reduced and partitioned as any other. The carrier costs one head pass over
-    hidden-size rows, against a recompute of every chunk."""
-    head = model.get_output_embeddings()
+    to the partitioned weight, reduced and partitioned as any other. A carrier costs one pass of its Linear
+    over in_features rows, against a recompute of every chunk."""
     hidden, targets, chunks = _scored_rows(hidden, targets, chunk_tokens, chunks)
-    carrier = None
-    if head.weight.requires_grad:  # the weight is gathered already: this call adds no all-gather
-        carrier = head(torch.eye(head.in_features, dtype=hidden.dtype, device=hidden.device))
-    return _GatheredHeadLoss.apply(hidden, targets, model, chunk_tokens, chunks, carrier)
+    # The weights are gathered already: these calls add no all-gather.
+    identities = [linear(torch.eye(linear.in_features, dtype=linear.weight.dtype, device=hidden.device))
+                  for linear in carriers]
+    return _GatheredHeadLoss.apply(hidden, targets, model, carriers, chunk_tokens, chunks, *identities)
 
 
 class _GatheredHeadLoss(torch.autograd.Function):
-    """`_FusedHeadLoss` over the gathered head; backward sends the head's gradient through `carrier`."""
+    """`_FusedHeadLoss` over the gathered head; backward sends each weight's gradient through its carrier."""
 
     @staticmethod
-    def forward(ctx, hidden, targets, model, chunk_tokens, chunks, carrier):
-        weight = model.get_output_embeddings().weight
-        if weight.numel() != getattr(weight, "ds_numel", weight.numel()):
-            raise RuntimeError("the LM head's weight is not gathered: run this inside PartitionedHeadLoss")
-        weight = weight.detach().requires_grad_(carrier is not None)
-        logits_fn = head_logits(model, project=lambda rows: F.linear(rows, weight))
-        total, d_hidden, d_weight = _fused_chunks(hidden, targets, logits_fn, chunk_tokens, chunks,
-                                                  [weight] if carrier is not None else [])
+    def forward(ctx, hidden, targets, model, carriers, chunk_tokens, chunks, *identities):
+        if any(p.numel() != getattr(p, "ds_numel", p.numel()) for p in model.get_output_embeddings().parameters()):
+            raise RuntimeError("the LM head's weights are not gathered: run this inside PartitionedHeadLoss")
+        total, d_hidden, d_weights = _fused_chunks(hidden, targets, head_logits(model), chunk_tokens, chunks,
+                                                   [linear.weight for linear in carriers])
         ctx.save_for_backward(*([d_hidden] if d_hidden is not None else []))
         ctx.has_hidden, ctx.hidden_dtype = d_hidden is not None, hidden.dtype
-        ctx.d_carrier = d_weight[0].t() if carrier is not None else None
-        ctx.carrier_dtype = None if carrier is None else carrier.dtype
+        ctx.d_carriers = [d.t() for d in d_weights]
+        ctx.carrier_dtypes = [identity.dtype for identity in identities]
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         d_hidden = _scaled(ctx.saved_tensors[0], grad_total, ctx.hidden_dtype) if ctx.has_hidden else None
-        d_carrier = None if ctx.d_carrier is None else _scaled(ctx.d_carrier, grad_total, ctx.carrier_dtype)
-        ctx.d_carrier = None
-        return d_hidden, None, None, None, None, d_carrier
+        d_carriers = [_scaled(d, grad_total, dtype) for d, dtype in zip(ctx.d_carriers, ctx.carrier_dtypes)]
+        ctx.d_carriers = None
+        return d_hidden, None, None, None, None, None, *d_carriers
 
 
 def _scaled(gradient: torch.Tensor, grad_total: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -414,10 +428,9 @@ def fused_head_problem(model: torch.nn.Module) -> str | None:
     return None
 
 
-def head_logits(model: torch.nn.Module, project=None):
-    """The LM head as the model's own forward applies it (tied weights are the same module);
-    `project` stands in for the head's own call (the gathered weight under ZeRO-3)."""
-    head = project or model.get_output_embeddings()
+def head_logits(model: torch.nn.Module):
+    """The LM head as the model's own forward applies it (tied weights are the same module)."""
+    head = model.get_output_embeddings()
     inner = _causal_lm(model)
     scale = getattr(inner, "logit_scale", None)  # Cohere multiplies the logits by a constant
     softcap = getattr(inner.config, "final_logit_softcapping", None)  # Gemma 2

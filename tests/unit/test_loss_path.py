@@ -14,7 +14,7 @@ from tests.unit.test_plan import plan_of
     (("full", 2, "chunked", False, 16384, 4096), "4 fused chunks of 4096 tokens"),
     (("full", 1, "auto", False, 4097, 4096), "2 fused chunks"),
     (("lora", 3, "auto", False, 16384, 4096), "4 fused chunks of 4096 tokens, no recompute: ZeRO-3 gathers"),
-    (("full", 3, "auto", True, 16384, 4096), "ZeRO-3 gathers the LM head once"),
+    (("full", 3, "auto", True, 16384, 4096), "ZeRO-3 gathers the LM head (and a LoRA adapter on it) once"),
     (("full", 2, "auto", True, 16384, 4096), "Liger's fused linear cross-entropy where liger-kernel is installed"),
     (("prompt", 2, "auto", False, 16384, 4096), "transformers' own loss"),
 ])
