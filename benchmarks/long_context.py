@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     print(format_machine(machine), flush=True)
     with work_dir(args.work_dir) as work:
         tokenizer = build_tokenizer(work / "tokenizer-32k")
-        results = [benchmark_length(seq_len, args, work, tokenizer, keep=args.work_dir is not None)
-                   for seq_len in args.lengths]
+        # The machine's speed drifts over minutes: every other length runs the baseline first.
+        results = [benchmark_length(seq_len, args, work, tokenizer, keep=args.work_dir is not None,
+                                    baseline_first=i % 2 == 1) for i, seq_len in enumerate(args.lengths)]
     print()
     print(format_table(results))
     print()
@@ -130,7 +131,8 @@ def settings(args: argparse.Namespace) -> dict:
 
 # ---- one seq_len: render, ours, baseline ----------------------------------------------------
 
-def benchmark_length(seq_len: int, args: argparse.Namespace, work: Path, tokenizer: Path, keep: bool) -> dict:
+def benchmark_length(seq_len: int, args: argparse.Namespace, work: Path, tokenizer: Path, keep: bool,
+                     baseline_first: bool = False) -> dict:
     folder = work / f"len{seq_len}"
     shutil.rmtree(folder, ignore_errors=True)  # a kept work dir from an earlier run: start clean
     folder.mkdir(parents=True)
@@ -138,10 +140,12 @@ def benchmark_length(seq_len: int, args: argparse.Namespace, work: Path, tokeniz
         run = render_run(folder, seq_len, args, tokenizer)
     except RuntimeError as err:
         failed = {"error": str(err)}
-        return {"seq_len": seq_len, "ours": failed, "hf": failed, "mem_ratio": None, "time_ratio": None}
+        return {"seq_len": seq_len, "ours": failed, "hf": failed, **ratios(failed, failed)}
     skipped = {"error": "not run (--only)"}
-    ours = measure_ours(run, seq_len, args) if args.only != "hf" else skipped
-    hf = measure_baseline(run, seq_len, args) if args.only != "ours" else skipped
+    measure = {"ours": lambda: measure_ours(run, seq_len, args) if args.only != "hf" else skipped,
+               "hf": lambda: measure_baseline(run, seq_len, args) if args.only != "ours" else skipped}
+    results = {side: measure[side]() for side in (("hf", "ours") if baseline_first else ("ours", "hf"))}
+    ours, hf = results["ours"], results["hf"]
     if not keep and "error" not in ours and "error" not in hf:
         shutil.rmtree(folder, ignore_errors=True)  # checkpoints and exports: hundreds of MB per length
     return {"seq_len": seq_len, "ours": ours, "hf": hf, **ratios(ours, hf)}
@@ -241,15 +245,16 @@ def summarize(times: list[float], peak_gib: float, tokens: int, **extra) -> dict
     """Mean over the steps after the first: step 1 pays for lazy initialisation (DeepSpeed buckets,
     allocator growth, kernel selection) in both frameworks. A single step is its own measure."""
     step = statistics.mean(times[1:] or times)
-    return {"step_time_s": step, "tokens_per_s": tokens / step, "peak_memory_gib": peak_gib,
-            "step_times_s": times, **extra}
+    return {"step_time_s": step, "step_time_median_s": statistics.median(times[1:] or times),
+            "tokens_per_s": tokens / step, "peak_memory_gib": peak_gib, "step_times_s": times, **extra}
 
 
 def ratios(ours: dict, hf: dict) -> dict:
     if "error" in ours or "error" in hf:
-        return {"mem_ratio": None, "time_ratio": None}
+        return {"mem_ratio": None, "time_ratio": None, "median_time_ratio": None}
     return {"mem_ratio": ours["peak_memory_gib"] / hf["peak_memory_gib"],
-            "time_ratio": ours["step_time_s"] / hf["step_time_s"]}
+            "time_ratio": ours["step_time_s"] / hf["step_time_s"],
+            "median_time_ratio": ours["step_time_median_s"] / hf["step_time_median_s"]}
 
 
 # ---- the baseline's inputs -----------------------------------------------------------------
