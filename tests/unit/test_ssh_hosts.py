@@ -4,6 +4,7 @@ several hosts, heartbeats. The real sshd runs are in tests/integration/test_ssh_
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
