@@ -183,11 +183,12 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     partitioned head recomputes its chunks in backward)."""
     _check_chunk_tokens(chunk_tokens)
     inputs = {k: v for k, v in batch.items() if k not in ("labels", SHIFT_LABELS)}
-    # The decoder runs, not the CausalLM's forward: that would call the LM head too (on no rows with an
-    # empty `logits_to_keep`), and under ZeRO-3 every call of the head all-gathers its weight. DeepSpeed's
-    # forward prologue/epilogue and ZeRO-3's per-step trace live on the module it wraps, LanguageModelLoss,
-    # whose forward this is; the decoder's own modules are reached through `__call__`, so their hooks fire.
-    hidden = _causal_lm(model).get_decoder()(**inputs, use_cache=False).last_hidden_state
+    # The whole model runs (not just its decoder) so that hooks on the root module fire: DeepSpeed's
+    # forward prologue/epilogue and ZeRO-3's per-step parameter trace reset live there. An empty
+    # `logits_to_keep` makes transformers skip the LM head; the last hidden state is the normed one.
+    no_positions = torch.empty(0, dtype=torch.long, device=batch["input_ids"].device)
+    out = model(**inputs, use_cache=False, output_hidden_states=True, logits_to_keep=no_positions)
+    hidden = out.hidden_states[-1]
     targets = batch.get(SHIFT_LABELS)
     if targets is None:
         targets = F.pad(batch["labels"], (0, 1), value=IGNORE_INDEX)[..., 1:]  # shifted as in ForCausalLMLoss
