@@ -19,7 +19,7 @@ from .loss import unwrapped_state_dict
 from .sequence_parallel import SequenceParallel, use_document_attention
 
 
-def init_distributed(env: DistEnv, timeout_minutes: int = 60) -> None:
+def init_distributed(env: DistEnv, timeout_minutes: float = 60.0) -> None:
     """The process group, with the recipe's collective timeout: the other ranks wait in a barrier while
     rank 0 alone converts or exports a checkpoint, which can outlast DeepSpeed's default 10 minutes."""
     if env.device.startswith("cuda"):

@@ -44,10 +44,12 @@ class Cluster:
     signal_grace_s: int = spec(120, min=10, max=86400, doc="Seconds before the time limit to signal a checkpoint.")
     requeue: bool = spec(True, doc="Requeue the job after a pre-limit checkpoint.")
     max_restarts: int = spec(3, min=0, max=1000)
-    collective_timeout_minutes: int = spec(
-        60, min=1, max=1440, doc="How long a rank waits in a collective before the job fails (DeepSpeed's default "
-                                 "is 10): the other ranks wait in a barrier while rank 0 alone converts a "
-                                 "checkpoint or exports a merged model, which takes longer on a big model.")
+    collective_timeout_minutes: float = spec(
+        60.0, min=0.25, max=1440, doc="How long a rank waits in a collective before the job fails (DeepSpeed's "
+                                      "default is 10): the other ranks wait in a barrier while rank 0 alone "
+                                      "converts a checkpoint or exports a merged model, which takes longer on a "
+                                      "big model. Also how long the launchers let a rank's heartbeat (every 5 s) "
+                                      "stay silent. Fractions are for tests; real runs want 10 or more.")
     job_name: str | None = spec(None, doc="Defaults to the recipe name.")
     hostfile: str | None = spec(None, doc="ssh backend: DeepSpeed-style hostfile (`HOST slots=N` per line, # comments), "
                                          "relative to the recipe; one node per host, in order (the first hosts "

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import time
 import pytest
 
 from tests.conftest import wait_for_pids
+from tests.helpers import alive, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -42,20 +42,6 @@ print("rank 1 enters the all-reduce", flush=True)
 dist.all_reduce(torch.ones(1))  # rank 0 never joins: blocked in C++ until the gloo timeout (30 min)
 print("all-reduce returned", flush=True)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_a_rank_stuck_in_a_collective_ends_after_the_grace_period(tmp_path):

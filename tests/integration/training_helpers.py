@@ -6,7 +6,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -20,10 +19,9 @@ from dist_ft.plan.plan import Plan
 from dist_ft.launcher.local_launch import descendants
 from dist_ft.launcher.summary import read_metrics
 from tests.conftest import LAUNCH, demo_raw
+from tests.helpers import free_port, tiny_llama
 
-TINY_CONFIG = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 128,
-               "vocab_size": 259, "rope_theta": 10000.0, "attention_bias": True}
+TINY_CONFIG = tiny_llama(max_position_embeddings=128, attention_bias=True)
 
 
 def tiny_recipe(zero: int = 2, steps: int = 6, every: int | None = 2, finetune: dict | None = None,
@@ -58,12 +56,6 @@ def render(raw: dict, run_dir: Path) -> Plan:
     recipe.write_text(yaml.safe_dump(copy.deepcopy(raw)))
     assert main(["render", str(recipe), "--out", str(run_dir)]) == 0
     return Plan.from_json((run_dir / "plan.json").read_text())
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def torchrun_argv(run_dir: Path, stage: str, nproc: int, port: int, nnodes: int = 1, node_rank: int = 0) -> list[str]:

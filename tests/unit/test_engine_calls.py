@@ -18,10 +18,11 @@ def test_the_collective_timeout_is_a_bounded_recipe_setting_passed_to_deepspeed(
     ds.init_distributed(read_env({}, cuda_available=False), 90)
     assert seen == {"dist_backend": "gloo", "timeout": datetime.timedelta(minutes=90)}
     recipe = str(LAUNCH / "demo.yaml")
-    assert main(["plan", recipe, "--set", "cluster.collective_timeout_minutes=0"]) == 2
-    assert "collective_timeout_minutes" in capsys.readouterr().err
+    for too_short in ("0", "0.1"):  # under three heartbeats: every rank would look frozen
+        assert main(["plan", recipe, "--set", f"cluster.collective_timeout_minutes={too_short}"]) == 2
+        assert "collective_timeout_minutes" in capsys.readouterr().err
     assert main(["render", recipe, "--out", str(tmp_path / "run")]) == 0
-    assert '"collective_timeout_minutes": 60' in (tmp_path / "run" / "plan.json").read_text()
+    assert '"collective_timeout_minutes": 60.0' in (tmp_path / "run" / "plan.json").read_text()
 
 
 class Writer:

@@ -18,10 +18,10 @@ from dist_ft.recipe.model_shape import shape_from_config
 from dist_ft.plan.plan import make_plan
 from dist_ft.rank.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 from tests.conftest import demo_raw
+from tests.helpers import tiny_llama
 
 NATIVE = 128
-TINY = dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=NATIVE, rope_theta=10000.0, vocab_size=BYTE_VOCAB_SIZE)
+TINY = tiny_llama(max_position_embeddings=NATIVE, vocab_size=BYTE_VOCAB_SIZE)
 QUICK = ["--lengths", "64,128", "--passkey-lengths", "512", "--depths", "0,1", "--trials", "1", "--windows", "1",
          "--dtype", "fp32"]
 

@@ -11,9 +11,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from dist_ft.cli import main
 from dist_ft.rank.tokenizer import byte_tokenizer
+from tests.helpers import llama_kwargs, tiny_llama
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, vocab_size=259)
+TINY = llama_kwargs(tiny_llama(rope_theta=None))
 PROMPT = "Reverse the word: rocket\n"
 
 

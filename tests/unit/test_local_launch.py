@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import LAUNCH, wait_for_pids
+from tests.helpers import alive
+
+# Starts the launcher and a fake torchrun with its ranks as real processes, and signals them.
+pytestmark = [pytest.mark.integration]
 
 DIST_FT = [sys.executable, "-m", "dist_ft"]
 
@@ -49,14 +53,6 @@ def launch(tmp_path: Path, *sets: str, env=None) -> subprocess.Popen:
         args += ["--set", item]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_setup_and_env_reach_the_ranks_in_the_sbatch_order(tmp_path):

@@ -9,9 +9,9 @@ from dist_ft.rank.data import pack_documents
 from dist_ft.rank.loss import causal_lm_loss
 from dist_ft.rank.methods import apply_method
 from dist_ft.rank.model import build_model
+from tests.helpers import tiny_llama
 
-TINY = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 259, "max_position_embeddings": 256}
+TINY = tiny_llama(rope_theta=None)
 EOS, PAD, SEQ_LEN = 257, 258, 40
 DOCUMENTS = [[(7 * i + 3 * j) % 250 for j in range(n)] for i, n in enumerate((9, 20, 5, 30))]
 

@@ -12,10 +12,9 @@ from dist_ft.evaluation.eval_model import RopeVariant, load_variant, resolve_tar
 from dist_ft.rank.methods import MethodError, apply_method, load_trained, save_trained, trainable_summary
 from dist_ft.rank.model import build_model, export_model_dir
 from dist_ft.rank.tokenizer import byte_tokenizer
+from tests.helpers import wide_llama
 
-TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 259, "max_position_embeddings": 256,
-        "attention_bias": True}
+TINY = wide_llama(rope_theta=None, attention_bias=True)
 COMMON = {"r": 4, "alpha": 8, "dropout": 0.0, "num_virtual_tokens": 4, "encoder_hidden_size": 32}
 BATCH = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
 

@@ -11,9 +11,9 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from dist_ft.rank.model import build_model, export_model_dir, load_tokenizer, resolve_attn_implementation, smollm2_gguf
 from dist_ft.rank.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
+from tests.helpers import wide_llama
 
-TINY = {"model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 128, "vocab_size": 259, "max_position_embeddings": 256}
+TINY = wide_llama(rope_theta=None)
 IDS = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
 
 

@@ -7,24 +7,15 @@ import pytest
 
 from dist_ft.cli import main
 from dist_ft.launcher.deepspeed_config import render_ds_config
-from dist_ft.plan.plan import Plan, make_plan
-from dist_ft.recipe.config import apply_overrides, recipe_from_dict
-from dist_ft.recipe.model_shape import shape_from_config
+from dist_ft.plan.plan import Plan
+from dist_ft.recipe.config import recipe_from_dict
 from dist_ft.recipe.strict import RecipeError
 from tests.conftest import LAUNCH, demo_raw
+from tests.helpers import plan_of, problems_of
 
 DEMO = str(LAUNCH / "demo.yaml")
 
 
-def plan_of(overrides=()) -> Plan:
-    recipe = recipe_from_dict(apply_overrides(demo_raw(), list(overrides)))
-    return make_plan(recipe, shape_from_config(recipe.model.config, "test"), "/tmp/run")
-
-
-def problems(overrides) -> dict:
-    with pytest.raises(RecipeError) as err:
-        plan_of(overrides)
-    return {p.path: p for p in err.value.problems}
 
 
 REFUSED = {
@@ -76,7 +67,7 @@ REFUSED = {
 @pytest.mark.parametrize("case", REFUSED, ids=list(REFUSED))
 def test_bad_values_are_refused_at_plan_time_with_the_dotted_path_and_a_fix(case, capsys):
     overrides, path, fix = REFUSED[case]
-    found = problems(overrides)
+    found = problems_of(overrides)
     assert path in found, found
     assert fix in found[path].fix + found[path].what, found[path]
     argv = ["plan", DEMO] + [a for o in overrides for a in ("--set", o)]

@@ -7,9 +7,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dist_ft.rank.optimizer import parameter_groups
+from tests.helpers import llama_kwargs, tiny_llama
 
-TINY = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            vocab_size=259, attention_bias=True, mlp_bias=True)
+TINY = llama_kwargs(tiny_llama(max_position_embeddings=None, rope_theta=None, attention_bias=True, mlp_bias=True))
 
 
 def tiny_llama() -> LlamaForCausalLM:

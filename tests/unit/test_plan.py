@@ -2,20 +2,15 @@
 
 import pytest
 
-from dist_ft.recipe.config import apply_overrides, recipe_from_dict
 from dist_ft.recipe.model_shape import CATALOGUE, shape_from_config
-from dist_ft.plan.plan import Plan, make_plan
+from dist_ft.plan.plan import Plan
 from dist_ft.recipe.strict import RecipeError
 from tests.conftest import demo_raw
+from tests.helpers import plan_of
 
 LLAMA8B = shape_from_config(CATALOGUE["meta-llama/Meta-Llama-3-8B"], "test")
 
 
-def plan_of(overrides=(), raw=None, shape="inline"):
-    recipe = recipe_from_dict(apply_overrides(raw or demo_raw(), list(overrides)))
-    if shape == "inline":
-        shape = shape_from_config(recipe.model.config, "test")
-    return make_plan(recipe, shape, "/tmp/run")
 
 
 def test_global_batch_is_micro_times_accum_times_dp_and_tokens_follow_the_recipe():

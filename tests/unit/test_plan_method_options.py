@@ -8,10 +8,10 @@ from dist_ft.cli import main
 from dist_ft.plan.method_options import trainable_params
 from dist_ft.plan.plan import make_plan
 from dist_ft.plan.plan_report import format_plan
-from dist_ft.recipe.config import MethodOptions, apply_overrides, recipe_from_dict
+from dist_ft.recipe.config import MethodOptions, recipe_from_dict
 from dist_ft.recipe.model_shape import CATALOGUE, shape_from_config
-from dist_ft.recipe.strict import RecipeError
 from tests.conftest import LAUNCH, demo_raw
+from tests.helpers import plan_of, problems_of
 
 
 def finetune_only() -> dict:
@@ -21,17 +21,6 @@ def finetune_only() -> dict:
     return raw
 
 
-def plan_of(overrides=(), shape="inline", raw=None):
-    recipe = recipe_from_dict(apply_overrides(raw or demo_raw(), list(overrides)))
-    if shape == "inline":
-        shape = shape_from_config(recipe.model.config, "test")
-    return make_plan(recipe, shape, "/tmp/run")
-
-
-def problems_of(overrides, shape="inline"):
-    with pytest.raises(RecipeError) as err:
-        plan_of(overrides, shape)
-    return {p.path: p for p in err.value.problems}
 
 
 @pytest.mark.parametrize("method, option, value, methods", [

@@ -21,11 +21,10 @@ from dist_ft.recipe.model_shape import shape_from_config
 from dist_ft.plan.plan import make_plan
 from dist_ft.rank.stage_model import build_stage_model
 from dist_ft.rank.tokenizer import byte_tokenizer
+from tests.helpers import tiny_llama
 
 ORIGINAL, SEQ_LEN, PROBE = 64, 128, 192  # probe at 3× the original window
-TINY = {"model_type": "llama", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
-        "num_key_value_heads": 2, "intermediate_size": 64, "vocab_size": 259, "max_position_embeddings": ORIGINAL,
-        "rope_theta": 10000.0}
+TINY = tiny_llama(max_position_embeddings=ORIGINAL)
 HALF_HEAD = TINY["hidden_size"] // TINY["num_attention_heads"] // 2
 LONGROPE = {"type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6][:HALF_HEAD],
             "long_factor": [1.0, 1.5, 2.5, 4.0][:HALF_HEAD]}

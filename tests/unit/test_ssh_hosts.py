@@ -141,6 +141,7 @@ def _host(script: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
 
 
+@pytest.mark.integration  # starts host processes
 def test_a_failing_host_closes_the_others_stdin_and_they_stop():
     """The node agents stop when their stdin ends: one failure takes the whole run down, promptly."""
     waits = "import sys; sys.stdin.read(); sys.exit(143)"
@@ -151,11 +152,13 @@ def test_a_failing_host_closes_the_others_stdin_and_they_stop():
     assert [p.returncode for p in procs] == [143, 7, 143]
 
 
+@pytest.mark.integration  # starts host processes
 def test_hosts_that_all_succeed_succeed():
     procs = [_host("import sys; sys.exit(0)") for _ in range(2)]
     assert supervise_hosts(procs, ["a", "b"], kill_after_s=5) == (0, None)
 
 
+@pytest.mark.integration  # starts host processes
 def test_a_host_ignoring_its_stdin_is_killed_after_the_grace():
     procs = [_host("raise SystemExit(1)"), _host("import time; time.sleep(60)")]
     started = time.monotonic()
@@ -226,6 +229,7 @@ def test_the_hang_watch_looks_at_most_every_few_seconds(tmp_path):
     assert watch.silent_rank(now=time.time() + 3601)["rank"] == 0
 
 
+@pytest.mark.integration  # starts host processes
 def test_a_silent_rank_stops_every_host_and_names_its_host(tmp_path, capsys):
     run = RunDir(tmp_path)
     _beat(run, 1, age_s=90)
@@ -239,6 +243,7 @@ def test_a_silent_rank_stops_every_host_and_names_its_host(tmp_path, capsys):
     assert "rank 1 on node-1 (pid 101) sent no heartbeat for 90 s" in capsys.readouterr().err
 
 
+@pytest.mark.integration  # starts host processes
 def test_the_local_backend_stops_torchrun_when_a_rank_falls_silent(tmp_path, capsys):
     run = RunDir(tmp_path)
     _beat(run, 0, age_s=90)
@@ -293,6 +298,7 @@ def test_cancel_of_an_ssh_run_with_nothing_running(tmp_path, recipe_file, capsys
     assert "nothing to cancel" in capsys.readouterr().out
 
 
+@pytest.mark.integration  # starts host processes
 def test_a_closed_stdin_and_a_signal_together_are_one_stop_not_a_kill(tmp_path):
     """`dist-ft cancel` SIGTERMs the node agent and the launcher, which then closes the agent's stdin: the
     agent must take the two as one stop request (the ranks checkpoint), not as the second signal that kills

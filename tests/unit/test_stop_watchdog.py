@@ -10,6 +10,9 @@ import time
 
 import pytest
 
+# Starts rank-like processes and signals them.
+pytestmark = [pytest.mark.integration]
+
 BLOCKED_RANK = """
 import sys, threading
 from pathlib import Path
