@@ -17,9 +17,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Callable
 
+import sys
+from typing import TYPE_CHECKING
+
 import torch
-from peft import (IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, PromptEncoderConfig, PromptTuningConfig,
-                  get_peft_model, prepare_model_for_kbit_training)
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from dist_ft.recipe.config import BASE_CHANGING_INITS, MethodOptions
@@ -27,8 +28,21 @@ from dist_ft.recipe.strict import RecipeError, build
 from .model import export_model_dir, keep_4bit_trainable
 
 
+if TYPE_CHECKING:
+    from peft import PeftModel
+
+# peft (and the bitsandbytes it imports) is imported by the methods that wrap a model, not at module
+# import: it adds about 1.2 s of CPU to every rank's start-up, and full training never needs it.
+
+
 class MethodError(ValueError):
     """A method cannot apply to this model or with these options."""
+
+
+def is_peft_model(model: torch.nn.Module) -> bool:
+    """Whether `model` is a peft wrapper; one can exist only once something imported peft."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def apply_method(model: PreTrainedModel, method: str, opts: MethodOptions | Mapping[str, Any] | None = None, *,
@@ -83,6 +97,8 @@ def _full(model: PreTrainedModel, o: MethodOptions) -> PreTrainedModel:
 
 def _lora(model: PreTrainedModel, o: MethodOptions, *, use_dora: bool = False,
           modules_to_save: list[str] = ()) -> PeftModel:
+    from peft import LoraConfig, get_peft_model
+
     init = o.init_lora_weights
     if init in BASE_CHANGING_INITS:
         if getattr(model, "is_loaded_in_4bit", False):
@@ -140,6 +156,8 @@ def _qlora(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
     if not getattr(model, "is_loaded_in_4bit", False):
         raise MethodError("qlora needs a 4-bit base model: build it with build_model(..., quantize_4bit=True)")
     # Checkpointing is the trainer's decision, not a side effect of preparing the base.
+    from peft import prepare_model_for_kbit_training
+
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     keep_4bit_trainable(model)
     return _lora(model.train(), o)
@@ -155,6 +173,8 @@ def _longlora(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
 
 
 def _prefix(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
+    from peft import PrefixTuningConfig, get_peft_model
+
     return get_peft_model(model, PrefixTuningConfig(
         num_virtual_tokens=o.num_virtual_tokens, prefix_projection=o.prefix_projection,
         encoder_hidden_size=o.encoder_hidden_size if o.prefix_projection else None,
@@ -162,11 +182,15 @@ def _prefix(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
 
 
 def _prompt(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
+    from peft import PromptTuningConfig, get_peft_model
+
     return get_peft_model(model, PromptTuningConfig(num_virtual_tokens=o.num_virtual_tokens,
                                                     modules_to_save=o.modules_to_save, task_type="CAUSAL_LM"))
 
 
 def _ptuning(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
+    from peft import PromptEncoderConfig, get_peft_model
+
     return get_peft_model(model, PromptEncoderConfig(num_virtual_tokens=o.num_virtual_tokens,
                                                      encoder_hidden_size=o.encoder_hidden_size,
                                                      encoder_reparameterization_type=o.encoder_reparameterization_type,
@@ -174,6 +198,8 @@ def _ptuning(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
 
 
 def _ia3(model: PreTrainedModel, o: MethodOptions) -> PeftModel:
+    from peft import IA3Config, get_peft_model
+
     return get_peft_model(model, IA3Config(target_modules=o.target_modules, feedforward_modules=o.feedforward_modules,
                                            modules_to_save=o.modules_to_save, task_type="CAUSAL_LM"))
 
@@ -314,7 +340,7 @@ def save_trained(model: torch.nn.Module, out_dir: str | Path, *, tokenizer: PreT
     directory instead; the merged model is no longer an adapter, so call it last.
     """
     out = Path(out_dir)
-    if not isinstance(model, PeftModel):
+    if not is_peft_model(model):
         return export_model_dir(model, tokenizer, out)
     if not merge:
         model.save_pretrained(out)
@@ -339,4 +365,6 @@ def load_trained(path: str | Path, *, base_model: PreTrainedModel | None = None,
         return AutoModelForCausalLM.from_pretrained(path)
     if base_model is None:
         raise MethodError(f"{path} holds an adapter; pass the base model it was trained on")
+    from peft import PeftModel
+
     return PeftModel.from_pretrained(base_model, path, is_trainable=trainable)

@@ -11,7 +11,7 @@ from dist_ft.recipe.config import TORCH_DTYPE_NAMES, VIRTUAL_TOKEN_METHODS
 from . import engine as ds
 from .attention import SDPA_VARLEN
 from .distributed import DistEnv
-from .methods import apply_method, load_trained, save_trained
+from .methods import apply_method, is_peft_model, load_trained, save_trained
 from .model import build_model, export_model_dir, load_tokenizer, resolve_attn_implementation
 from .tiled_mlp import tile_mlps
 
@@ -78,7 +78,7 @@ def export_stage(plan: Plan, stage: StagePlan, engine, tokenizer, env: DistEnv) 
     model = engine.module.lm
     zero3 = ds.is_zero3(engine)
     out = plan.run.stage(stage.name)
-    if _is_adapter(model):
+    if is_peft_model(model):
         trainable = [p for p in model.parameters() if p.requires_grad]
         with ds.gathered(trainable, enabled=zero3):
             if env.is_main:
@@ -97,10 +97,6 @@ def export_path(plan: Plan, stage: StagePlan) -> Path:
     return plan.run.stage(stage.name).model()
 
 
-def _is_adapter(model: torch.nn.Module) -> bool:
-    from peft import PeftModel
-
-    return isinstance(model, PeftModel)
 
 
 def _export_merged(plan: Plan, stage: StagePlan, adapter_dir: Path, out: Path, tokenizer) -> None:

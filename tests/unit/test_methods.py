@@ -170,3 +170,28 @@ def test_merging_a_prompt_adapter_is_refused(tmp_path):
     model = apply_method(tiny_base(), "prompt", OPTS)
     with pytest.raises(MethodError, match="LoRA family"):
         save_trained(model, tmp_path, merge=True)
+
+
+PEFT_ON_DEMAND = """
+import sys
+from dist_ft.rank import trainer
+from dist_ft.rank.methods import apply_method
+from dist_ft.rank.model import build_model
+model = build_model(name_or_path=None, config_overrides={config!r}, attn_implementation="sdpa")
+apply_method(model, "full")
+print("after full:", "peft" in sys.modules, "bitsandbytes" in sys.modules)
+apply_method(model, "lora", {{"r": 4, "alpha": 8}})
+print("after lora:", "peft" in sys.modules)
+"""
+
+
+@pytest.mark.integration  # a fresh interpreter: what a rank imports at start-up
+def test_a_rank_imports_peft_only_for_a_method_that_wraps_the_model():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run([sys.executable, "-c", PEFT_ON_DEMAND.format(config=TINY)], cwd=ROOT, check=True,
+                         capture_output=True, text=True).stdout.splitlines()
+    assert [line for line in out if line.startswith("after")] == ["after full: False False", "after lora: True"]
