@@ -130,19 +130,13 @@ class PartitionedHeadLoss(torch.nn.Module):
     it ends, for every chunk together. The registration happens on first use, just before the module is
     called, so a model ZeRO-3 does not partition never imports DeepSpeed for it."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self._declared: set[int] = set()  # id()s of the weights registered (a weight attribute would be a parameter)
-
     def declare(self, head: torch.nn.Module) -> None:
-        """Register every parameter of the partitioned head as this module's external parameter (once)."""
-        new = [p for p in head.parameters() if id(p) not in self._declared]
-        if new:
-            from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+        """Register every parameter of the partitioned head as this module's external parameter. DeepSpeed
+        keys them by id, so registering a parameter again changes nothing."""
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
 
-            for param in new:
-                register_external_parameter(self, param)
-                self._declared.add(id(param))
+        for param in head.parameters():
+            register_external_parameter(self, param)
 
     def forward(self, hidden: torch.Tensor, targets: torch.Tensor, model: torch.nn.Module, chunk_tokens: int,
                 chunks: int, carriers: list[torch.nn.Linear]) -> torch.Tensor:
@@ -197,9 +191,10 @@ def causal_lm_loss_sum(model: torch.nn.Module, batch: dict[str, torch.Tensor],
     if head_kernel == "liger":
         return liger_head_loss_sum(hidden, targets, model)
     head = model.get_output_embeddings()
+    partitioned = head_partitioned(head)
     scored = int((targets != IGNORE_INDEX).sum())
-    chunks = _chunk_count(scored, chunk_tokens, head)
-    if not head_partitioned(head):
+    chunks = _chunk_count(scored, chunk_tokens, head, partitioned)
+    if not partitioned:
         return fused_head_loss_sum(hidden, targets, head_logits(model), list(head.parameters()), chunk_tokens,
                                    chunks)
     carriers = carried_linears(head)
@@ -215,14 +210,14 @@ def _check_chunk_tokens(chunk_tokens: int) -> None:
         raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
 
 
-def _chunk_count(scored: int, chunk_tokens: int, head: torch.nn.Module) -> int:
+def _chunk_count(scored: int, chunk_tokens: int, head: torch.nn.Module, partitioned: bool) -> int:
     """How many chunks this rank runs the head over. Under ZeRO-3 every call of the head all-gathers
     its weight, a collective: all ranks must make the same number of calls whatever they score, so
     they agree on the largest count and the ranks with less run empty chunks. At least one chunk
     runs, even empty, so that the loss stays connected to every trainable parameter: each rank's
     backward must produce (zero) gradients for DeepSpeed's reductions to match."""
     chunks = max(1, -(-scored // chunk_tokens))
-    if not head_partitioned(head):
+    if not partitioned:
         return chunks
     agreed = torch.tensor([chunks], dtype=torch.int64, device=next(head.parameters()).device)
     torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MAX)
