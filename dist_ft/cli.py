@@ -89,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("export", help="after training: fold a stage's adapter into its base (--merge)")
+    p.add_argument("run_dir", help="run dir written by render/launch")
+    p.add_argument("--stage", help="the stage (default: the last finished fine-tuning stage)")
+    p.add_argument("--merge", action="store_true", required=True,
+                   help="write a full model: base + adapter, RoPE scaling in config.json")
+    p.add_argument("--out", help="where to write it (default: RUN/stages/STAGE/export/merged)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("generate", help="sample an export (model, adapter, run dir) with transformers' generate")
     from dist_ft.evaluation.generate import add_arguments as add_generate_arguments
     add_generate_arguments(p)
@@ -222,6 +230,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dist_ft.rank.trainer import train_stage
 
     return train_stage(plan, stage)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    run = RunDir(Path(args.run_dir))
+    if not run.plan_file.is_file():
+        print(f"error: {args.run_dir} is not a run dir (no {run.plan_file.name}); give the folder "
+              "`dist-ft launch` wrote", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    plan = Plan.from_json(run.plan_file.read_text())
+    stage = _stage_to_export(plan, args.stage)
+    if stage is None:
+        return EXIT_BAD_INPUT
+    _quiet_libraries(False)
+    from dist_ft.rank.stage_model import merge_stage_adapter
+
+    out = merge_stage_adapter(plan, stage, Path(args.out) if args.out else plan.run.stage(stage.name).merged)
+    print(f"[{stage.name}] merged {plan.run.stage(stage.name).adapter} into its base: {out}")
+    return 0
+
+
+def _stage_to_export(plan: Plan, name: str | None):
+    """The named stage, or the last finished one that trained an adapter; None after saying why."""
+    if name is not None:
+        known = [s.name for s in plan.stages]
+        if name not in known:
+            print(f"error: no stage {name!r} in this run; its stages: {', '.join(known)}", file=sys.stderr)
+            return None
+        return plan.stage(name)
+    finished = [s for s in plan.stages if (plan.run.stage(s.name).adapter / "adapter_config.json").is_file()]
+    if not finished:
+        print("error: no stage of this run has an adapter to merge yet (finished LoRA-family stages have "
+              "stages/STAGE/export/adapter)", file=sys.stderr)
+        return None
+    return finished[-1]
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from dist_ft.recipe.config import TORCH_DTYPE_NAMES, VIRTUAL_TOKEN_METHODS
 from . import engine as ds
 from .attention import SDPA_VARLEN
 from .distributed import DistEnv
-from .methods import apply_method, is_peft_model, load_trained, save_trained
+from .methods import MethodError, apply_method, is_peft_model, load_trained, save_trained
 from .model import build_model, export_model_dir, load_tokenizer, resolve_attn_implementation
 from .tiled_mlp import tile_mlps
 
@@ -97,6 +97,22 @@ def export_path(plan: Plan, stage: StagePlan) -> Path:
     return plan.run.stage(stage.name).model()
 
 
+
+
+def merge_stage_adapter(plan: Plan, stage: StagePlan, out: Path) -> Path:
+    """`dist-ft export --merge`: the finished stage's adapter folded into its base, at any time after
+    training; RoPE scaling and context length in config.json as the stage trained them."""
+    adapter = plan.run.stage(stage.name).adapter
+    if not (adapter / "adapter_config.json").is_file():
+        raise SystemExit(f"error: stage {stage.name} has no adapter at {adapter} (method {stage.method}"
+                         f"{'' if plan.run.stage(stage.name).done.exists() else ', not finished'}): "
+                         "only a finished adapter stage can be merged")
+    tokenizer = stage_tokenizer(plan)
+    try:
+        _export_merged(plan, stage, adapter, out, tokenizer)
+    except MethodError as err:
+        raise SystemExit(f"error: stage {stage.name}: {err}") from None
+    return out
 
 
 def _export_merged(plan: Plan, stage: StagePlan, adapter_dir: Path, out: Path, tokenizer) -> None:

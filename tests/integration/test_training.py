@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from dist_ft.cli import main
 from tests.integration.training_helpers import (
     free_port, kill_when, latest_step, lora_finetune, losses, metric_rows, rank_env, render, start, tiny_recipe,
     torchrun_argv, train, wandb_history)
@@ -197,6 +198,17 @@ def test_every_method_trains_and_its_export_reloads_with_the_same_eval_loss(meth
     assert len(rows) == 2 and all(math.isfinite(r["loss"]) for r in rows)
     engine_eval = [r["eval_loss"] for r in metric_rows(run, "sft") if "eval_loss" in r][-1]
     assert reloaded_eval_loss(plan, run, "sft") == pytest.approx(engine_eval, abs=1e-5)
+    if method == "lora":  # merged after training, without merge_adapter in the recipe
+        merged = tmp_path / "merged"
+        assert main(["export", str(run), "--merge", "--out", str(merged)]) == 0
+        config = json.loads((merged / "config.json").read_text())
+        trained_with = json.loads((run / "stages/ctx/export/config.json").read_text())["rope_parameters"]
+        assert config["rope_parameters"] == trained_with and trained_with["rope_type"] == "yarn"
+        assert not (merged / "adapter_config.json").exists()
+        assert reloaded_eval_loss(plan, run, "sft", path=merged) == pytest.approx(engine_eval, abs=1e-5)
+    if method == "prompt":
+        with pytest.raises(SystemExit, match="LoRA family"):
+            main(["export", str(run), "--merge"])
 
 
 def test_nonfinite_losses_stop_the_stage_with_the_last_good_checkpoint_intact(tmp_path):
