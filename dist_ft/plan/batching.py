@@ -1,7 +1,8 @@
 """The batch arithmetic of a run: the one place each derived number is computed.
 
 The plan, the DeepSpeed config, each rank's data stream and the trainer's world-size change on
-resume all call these functions, so no two of them can disagree (tests/unit/test_one_source.py).
+resume all call these functions, so no two of them can disagree (tests/unit/test_plan_contract.py
+spies on them).
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ CATALOGUE: dict[str, dict[str, Any]] = {
 GGUF_NAMES = {"SmolLM2-135M-Instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 # What transformers' config classes assume when config.json leaves a key out (checked against transformers by
-# tests/unit/test_model_layout.py). Other model types: tied embeddings, no biases, head_dim = hidden / heads.
+# tests/unit/test_trainable_count.py). Other model types: tied embeddings, no biases, head_dim = hidden / heads.
 CONFIG_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False},
     "mistral": {"tie_word_embeddings": False},

@@ -30,7 +30,7 @@ MIN_GAIN = 30.0  # exact-match points, as asserted since the 24-step version
 
 def smollm2_dir(out: Path) -> Path:
     """SmolLM2 dequantized from its GGUF once (~25 s) into an HF folder the ranks and `generate` load in
-    about a second; the same weights exactly (FACTS.md: the fp32 export reloads bit for bit)."""
+    about a second; the same weights exactly (an fp32 export of a GGUF-loaded model reloads bit for bit)."""
     model = build_model(name_or_path=str(smollm2_gguf().parent), gguf_file=SMOLLM2_GGUF, attn_implementation="sdpa")
     return export_model_dir(model, load_tokenizer(str(smollm2_gguf().parent), SMOLLM2_GGUF), out)
 
