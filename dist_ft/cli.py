@@ -1,4 +1,4 @@
-"""`dist-ft` command line: plan, render, launch (launcher side) and train (rank side)."""
+"""`dist-ft` command line: plan, prepare, render, launch (launcher side) and train (rank side)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     p = recipe_command("plan", "validate a recipe and print the resolved plan")
     p.add_argument("--json", action="store_true", help="print plan.json instead of the table")
     p.set_defaults(func=cmd_plan)
+
+    p = recipe_command("prepare", "tokenize every data source of every stage once into token stores (data.cache_dir) "
+                                  "that the ranks memory-map; reuses stores that exist")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: the usable cores)")
+    p.add_argument("--out", help="run dir, as for launch (only where the error messages point)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_prepare)
 
     p = recipe_command("render", "write the run dir (plan, DeepSpeed configs, sbatch scripts); submit nothing")
     p.add_argument("--out", help="run dir (default: checkpointing.output_root/name)")
@@ -134,6 +141,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import json
+
+    from dist_ft.launcher.prepare import format_summary, load_plan_tokenizer, prepare
+    from dist_ft.store import DataError
+
+    _, plan = _load_plan(args)
+    try:
+        summary = prepare(plan, load_plan_tokenizer(plan), workers=args.workers)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
+    return 0
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     recipe, plan = _load_plan(args)
     files = render_files(recipe, plan)
@@ -153,6 +176,15 @@ def cmd_launch(args: argparse.Namespace) -> int:
     files = render_files(recipe, plan)
     write_run_dir(Path(plan.run_dir), files, force=args.force)
     print(f"run dir: {plan.run_dir}")
+    if not args.dry_run:  # ranks never tokenize: build the missing stores here (for SLURM: on this machine)
+        from dist_ft.launcher.prepare import ensure_prepared
+        from dist_ft.store import DataError
+
+        try:
+            ensure_prepared(plan)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if args.backend == "slurm":
         from dist_ft.launcher.slurm_jobs import submit_stages
 

@@ -27,7 +27,9 @@ def resolve_recipe_paths(recipe: Recipe, base: Path) -> Recipe:
     and only the launcher resolves `package:` names."""
     def fix(data: Data) -> Data:
         sources = [dataclasses.replace(s, paths=[resolve_data_path(p, base) for p in s.paths]) for s in data.sources]
+        cache = resolve_data_path(data.cache_dir, base) if data.cache_dir else None  # default: make_plan
         return dataclasses.replace(data, paths=[resolve_data_path(p, base) for p in data.paths], sources=sources,
+                                   cache_dir=cache,
                                    validation_paths=[resolve_data_path(p, base) for p in data.validation_paths],
                                    test_paths=[resolve_data_path(p, base) for p in data.test_paths])
 

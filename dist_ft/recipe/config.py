@@ -150,6 +150,9 @@ class Data:
     test_paths: list[str] = spec(factory=list, doc="Test files or folders, read like `paths`: evaluated once "
                                                    "after the stage, on the exported weights (test_metrics.json).")
     seed: int = spec(0, min=0, max=MAX_SEED, doc="Added to the recipe seed for shuffling and the validation split.")
+    cache_dir: str | None = spec(None, doc="Folder of the token stores `dist-ft prepare` writes and the ranks "
+                                           "memory-map (default: checkpointing.output_root/token_store); shared "
+                                           "by runs and recipes with the same sources and tokenizer.")
 
     def __post_init__(self) -> None:
         for name in ("paths", "validation_paths", "test_paths"):

@@ -12,9 +12,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from dist_ft.rank.tokenizer import chat_template
-from dist_ft.recipe.prompts import CHAT_TEMPLATE, drops_input, instruction_prompt, uses_chat_template
-from .pack import IGNORE_INDEX
+from dist_ft.recipe.prompts import CHAT_TEMPLATE, chat_template, drops_input, instruction_prompt, uses_chat_template
+from .format import IGNORE_INDEX
 from .read import BadRows
 
 FORMATS = ("instruction", "chat", "text")
