@@ -290,7 +290,7 @@ class Finetune:
     name: str = spec("finetune", doc="Stage name.")
     method: Method = spec("lora", doc="Which parameters train and how the model is wrapped.")
     options: MethodOptions = spec(factory=MethodOptions, doc="Method options (see finetune.options).")
-    format: Literal["text", "instruction", "chat"] = spec("instruction", doc="text: loss on all tokens; instruction: instruction/input/output rows; chat: messages rows.")
+    format: Literal["text", "instruction", "chat"] = spec("instruction", doc="text: loss on all tokens; instruction: instruction/input/output rows; chat: messages rows (or ShareGPT `conversations`).")
     template: str | None = spec(None, doc="instruction rows: `alpaca`, `chat_template` (the tokenizer's) or a "
                                           "format string with {instruction} and {input}; unset: the tokenizer's "
                                           "chat template if it has one, else alpaca. chat rows: a Jinja chat "

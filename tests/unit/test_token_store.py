@@ -229,3 +229,17 @@ def test_worker_processes_write_the_same_store(tokenizer, tmp_path):
     two, _ = build_store(spec, tokenizer, tmp_path / "two", workers=2, progress=False)
     assert np.array_equal(one.tokens, two.tokens) and np.array_equal(one.offsets, two.offsets)
     assert one.manifest["key"] == two.manifest["key"]
+
+
+def test_sharegpt_rows_are_chat_rows(tokenizer):
+    from dist_ft.store.sft import sft_example
+
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}]
+    sharegpt = {"conversations": [{"from": "system", "value": "be brief"}, {"from": "human", "value": "hi"},
+                                  {"from": "gpt", "value": "hello"}]}
+    assert sft_example(sharegpt, tokenizer, "chat", None, 512) == sft_example({"messages": messages}, tokenizer,
+                                                                             "chat", None, 512) is not None
+    bad = BadRows()
+    assert sft_example({"conversations": [{"from": "bot", "value": "x"}]}, tokenizer, "chat", None, 512,
+                       bad=bad) is None and bad.counts == {"bad_messages": 1}
