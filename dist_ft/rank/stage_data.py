@@ -84,6 +84,8 @@ def _mixture_report(mixture: list[SourceRows]) -> str:
     return "".join(f"\n    source {i} ({', '.join(Path(p).name for p in s.paths)}): weight {s.weight:g}, "
                    f"{s.taken} of {s.available} rows{' (up-sampled)' if s.taken > s.available else ''}, "
                    f"{100 * s.scored_tokens / total:.1f}% of the tokens"
+                   + (f", {100 * s.long_share:.1f}% of its own in long documents" if s.long_share is not None
+                      else "")
                    for i, s in enumerate(mixture))
 
 
@@ -100,7 +102,9 @@ def _documents(source, data, stage: StagePlan, tokenizer, seed: int, rebuild: st
     store = open_source(source_spec(source.paths, data, stage.phase, None, None), tokenizer, Path(data.cache_dir),
                         rebuild)
     bad.merge(_prepare_bad(store))
-    packed = PackedDocuments(store, stage.seq_len, seed=seed, long_docs=source.long_documents, bad=bad)
+    up = source.upsample_long
+    packed = PackedDocuments(store, stage.seq_len, seed=seed, long_docs=source.long_documents, bad=bad,
+                             upsample=(up.min_tokens, up.factor) if up else None)
     if not len(packed):
         raise DataError(f"no rows left to train on from {', '.join(source.paths)}: {bad}")
     return packed

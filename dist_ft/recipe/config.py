@@ -116,6 +116,13 @@ MAX_SOURCES = 64
 
 
 @dataclass(frozen=True)
+class UpsampleLong:
+    min_tokens: int = spec(min=1, max=MAX_SEQ_LEN, doc="Documents of at least this many tokens count as long.")
+    factor: int = spec(min=1, max=1000, doc="Each long document appears this many times in the source's shuffled "
+                                            "documents (1: as is).")
+
+
+@dataclass(frozen=True)
 class Source:
     paths: list[str] = spec(doc="Local files or directories of this source (jsonl, json, parquet, txt).")
     weight: float = spec(1.0, min=1e-6, max=1e6, doc="Share of the stage's training rows relative to the other "
@@ -123,6 +130,9 @@ class Source:
                                                    "(up-sampling), fewer leaves some out.")
     long_documents: Literal["split", "truncate", "skip", "only"] = spec(
         "split", doc="Documents over seq_len: split, truncate or skip them; `only`: keep only those, split.")
+    upsample_long: UpsampleLong | None = spec(None, doc="Raise long documents' share inside this source (its weight, "
+                                                        "i.e. the domain mixture, is unchanged); the realised share "
+                                                        "of tokens in long documents is reported per stage.")
 
     def __post_init__(self) -> None:
         if not self.paths:

@@ -23,8 +23,8 @@ import numpy as np
 from tqdm import tqdm
 
 from dist_ft.durable import fsync_dir, write_atomic
-from .format import (DOCUMENTS, EXAMPLES, FORMAT_VERSION, IGNORE_INDEX, MANIFEST, MASK, OFFSETS, PROMPTS, TOKENS, StoreError,
-                     TokenStore, open_store, token_dtype)
+from .format import (DOCUMENTS, EXAMPLES, FORMAT_VERSION, IGNORE_INDEX, MANIFEST, MASK, OFFSETS, PROMPTS, TOKENS,
+                     StoreError, TokenStore, open_store, token_dtype)
 from .key import SourceSpec, content_key, source_stamps, stale_files, store_path, tokenizer_fingerprint
 from .read import BadRows, DataError, iter_documents, read_records
 from .sft import sft_example

@@ -140,7 +140,9 @@ def test_a_stage_loads_its_mixture_and_reports_it(sources, tmp_path):
 
     raw = demo_raw()
     raw["long_context"]["data"] = {"sources": [{"paths": sources["a"], "weight": 1},
-                                               {"paths": sources["b"], "weight": 3}], "validation_fraction": 0.1,
+                                               {"paths": sources["b"], "weight": 3,
+                                                "upsample_long": {"min_tokens": 100, "factor": 2}}],
+                                   "validation_fraction": 0.1,
                                    "cache_dir": str(tmp_path / "stores")}
     raw["long_context"]["progressive"].update(start=64, target=128, growth=2)
     raw["long_context"]["tokens_per_step"] = 256
@@ -153,4 +155,5 @@ def test_a_stage_loads_its_mixture_and_reports_it(sources, tmp_path):
     data = load_stage_data(plan, plan.stages[0], env, byte_tokenizer(),
                            {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1})
     assert "source 0 (a): weight 1" in data.report and "source 1 (b): weight 3" in data.report
+    assert "100.0% of its own in long documents" in data.report.split("source 1")[1]
     assert data.validation and next(data.train)["input_ids"].shape == (2, 64)

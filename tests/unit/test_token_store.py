@@ -243,3 +243,21 @@ def test_sharegpt_rows_are_chat_rows(tokenizer):
     bad = BadRows()
     assert sft_example({"conversations": [{"from": "bot", "value": "x"}]}, tokenizer, "chat", None, 512,
                        bad=bad) is None and bad.counts == {"bad_messages": 1}
+
+
+def test_upsampling_long_documents_raises_their_share_inside_a_source(tokenizer, tmp_path):
+    data = tmp_path / "mixed"
+    data.mkdir()
+    for i in range(30):  # 30 short documents of 20 tokens, 5 long ones of 200
+        (data / f"s{i}.txt").write_text(f"short {i:03d} documents.")
+    for i in range(5):
+        (data / f"l{i}.txt").write_text(f"long {i} " + "x" * 193)
+    store, _ = build_store(SourceSpec(DOCUMENTS, (str(data),)), tokenizer, tmp_path / "s", progress=False)
+    plain = PackedDocuments(store, 64, seed=1, long_docs="split", bad=BadRows())
+    assert plain.long_share(100) == pytest.approx(5 * 200 / (5 * 200 + 30 * 20))
+    same = PackedDocuments(store, 64, seed=1, long_docs="split", bad=BadRows(), upsample=(100, 1))
+    assert list(same) == list(plain)
+    up = PackedDocuments(store, 64, seed=1, long_docs="split", bad=BadRows(), upsample=(100, 4))
+    assert up.long_share(100) == pytest.approx(4 * 5 * 200 / (4 * 5 * 200 + 30 * 20))
+    copies = np.bincount(up.order, minlength=store.count)
+    assert sorted(copies.tolist()) == [1] * 30 + [4] * 5 and up.total == 30 * 21 + 20 * 201

@@ -8,5 +8,6 @@ from dist_ft.store.read import BadRows, DataError, read_documents, read_records
 from dist_ft.store.sft import FORMATS, answer_examples, prompt_ids, sft_example
 
 __all__ = ["FORMATS", "IGNORE_INDEX", "LONG_DOC_POLICIES", "BadRows", "BatchStream", "DataError", "SourceRows",
-           "collate", "mixture_rows", "pack_documents", "pack_examples", "pretraining_rows", "read_documents", "read_records", "sft_example",
+           "collate", "mixture_rows", "pack_documents", "pack_examples", "pretraining_rows", "read_documents",
+           "read_records", "sft_example",
            "sft_rows", "split_rows", "tokenize_documents", "answer_examples", "prompt_ids"]

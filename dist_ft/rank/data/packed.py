@@ -30,14 +30,18 @@ class PackedDocuments(Sequence):
     """Rows of `seq_len` from a documents store, in the order of the documents shuffled with `seed`.
 
     `long_docs` as pack_documents (split, truncate, skip) plus "only": keep the documents at least
-    seq_len tokens long, split. What is cut or left out is counted in `bad`."""
+    seq_len tokens long, split. What is cut or left out is counted in `bad`. `upsample` (min_tokens,
+    factor): each document of at least min_tokens appears `factor` times among those shuffled."""
 
-    def __init__(self, store: TokenStore, seq_len: int, *, seed: int, long_docs: str, bad: BadRows) -> None:
+    def __init__(self, store: TokenStore, seq_len: int, *, seed: int, long_docs: str, bad: BadRows,
+                 upsample: tuple[int, int] | None = None) -> None:
         if long_docs not in (*LONG_DOC_POLICIES, "only"):
             raise ValueError(f"long_docs must be one of {LONG_DOC_POLICIES + ('only',)}, got {long_docs!r}")
         self.store, self.seq_len = store, seq_len
         self.eos, self.pad = store.manifest["eos_id"], store.manifest["pad_id"]
-        order = shuffled(store.count, seed)
+        self.upsample = upsample
+        order = _candidates(store, upsample)[shuffled(store.count + _extra(store, upsample), seed)] \
+            if upsample and upsample[1] > 1 else shuffled(store.count, seed)
         lengths = store.lengths()[order]
         self.order, lengths = self._policy(order, lengths, long_docs, bad)
         cut = (lengths + 1 > seq_len) if long_docs == "truncate" else np.zeros(len(lengths), bool)
@@ -79,12 +83,27 @@ class PackedDocuments(Sequence):
             row.add(piece + [self.eos] * (stop > take), None)
         return row.padded(self.seq_len, self.pad)
 
+    def long_share(self, min_tokens: int) -> float:
+        """The share of this source's tokens that come from documents of at least min_tokens tokens."""
+        long = self.store.lengths()[self.order] >= min_tokens
+        return float(self.take[long].sum() / max(1, self.take.sum()))
+
     def scored(self, rows: np.ndarray) -> int:
         """Tokens with a label in `rows`: real tokens less one per segment (its first label is -100)."""
         low = rows * self.seq_len
         high = np.minimum(low + self.seq_len, self.total)
         inside = np.searchsorted(self.starts, high, side="left") - np.searchsorted(self.starts, low, side="right")
         return int(((high - low) - (1 + inside)).sum())
+
+
+def _candidates(store: TokenStore, upsample: tuple[int, int]) -> np.ndarray:
+    """Every document once, then factor - 1 more copies of each long one."""
+    long = np.flatnonzero(store.lengths() >= upsample[0])
+    return np.concatenate([np.arange(store.count), np.tile(long, upsample[1] - 1)])
+
+
+def _extra(store: TokenStore, upsample: tuple[int, int]) -> int:
+    return int((store.lengths() >= upsample[0]).sum()) * (upsample[1] - 1)
 
 
 class PackedExamples(Sequence):
@@ -144,7 +163,8 @@ class _RowBuilder:
     def padded(self, seq_len: int, pad: int) -> Row:
         # as pack._Row: padding after every real token, positions continuing the last segment, label -100
         missing, start = seq_len - len(self.ids), self.positions[-1] + 1
-        return {"input_ids": self.ids + [pad] * missing, "position_ids": self.positions + list(range(start, start + missing)),
+        return {"input_ids": self.ids + [pad] * missing,
+                "position_ids": self.positions + list(range(start, start + missing)),
                 "labels": self.labels + [IGNORE_INDEX] * missing}
 
 

@@ -42,6 +42,7 @@ class SourceRows:
     available: int
     taken: int
     scored_tokens: int
+    long_share: float | None = None  # with upsample_long: the share of its tokens in long documents
 
 
 def mix(sources: Sequence[tuple[Sequence[str], float, PackedDocuments]], seed: int,
@@ -64,7 +65,8 @@ def mix(sources: Sequence[tuple[Sequence[str], float, PackedDocuments]], seed: i
         taken = draw(rows, round(total * weight / sum(weights)), random.Random(seed + 7919 * (index + 1)))
         mixed += [(index, row) for row in taken]
         report.append(SourceRows(tuple(map(str, paths)), weight, len(rows), len(taken),
-                                 packed.scored(np.asarray(taken, np.int64))))
+                                 packed.scored(np.asarray(taken, np.int64)),
+                                 packed.long_share(packed.upsample[0]) if packed.upsample else None))
     random.Random(seed).shuffle(mixed)
     return _set(parts, mixed), _set(parts, held), report
 
