@@ -37,6 +37,7 @@ def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_co
     mixture: list[SourceRows] = []
     rebuild = f"dist-ft prepare {plan.run.recipe_file}"
     bad = BadRows()
+    efficiency: list[float] = []  # fine-tuning rows: real tokens / row tokens, per store read
 
     def rows_of(paths) -> RowSet:
         """Rows from files as this stage reads its training data (validation and test files too)."""
@@ -46,7 +47,9 @@ def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_co
         if spec.kind == DOCUMENTS:
             packed = PackedDocuments(store, stage.seq_len, seed=seed, long_docs=data.long_documents, bad=bad)
         else:
-            packed = PackedExamples(store, stage.seq_len, seed=seed, packing=data.packing, bad=bad)
+            packed = PackedExamples(store, stage.seq_len, seed=seed, packing=data.packing, bad=bad,
+                                    method=data.packing_method)
+            efficiency.append(packed.efficiency)
         if not len(packed):
             raise DataError(f"no rows left to train on from {', '.join(map(str, paths))}: {bad}")
         return RowSet.of(packed)
@@ -74,7 +77,8 @@ def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_co
     stream = BatchStream(train, micro, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
     return StageData(train=stream, validation=validation, dp_rank=dp_rank, dp_size=dp_size,
                      steps_per_epoch=batching.steps_per_epoch(len(train), per_step),
-                     report=_report(stage, len(train), len(validation), len(test), bad) + _mixture_report(mixture),
+                     report=_report(stage, len(train), len(validation), len(test), bad) + _mixture_report(mixture)
+                     + (f"; packing efficiency {100 * efficiency[0]:.1f}%" if efficiency else ""),
                      eval_copies=micro if sp > 1 else 1, test=test)
 
 

@@ -152,6 +152,9 @@ class Data:
     hub_split: str = spec("train", doc="Split of the hub dataset.")
     text_field: str = spec("text", doc="Field holding the text in json/jsonl/parquet rows.")
     packing: bool = spec(True, doc="Pack documents into full rows (per-document positions, no cross attention).")
+    packing_method: Literal["next_fit", "best_fit_decreasing"] = spec(
+        "next_fit", doc="Fine-tuning: how examples fill rows (never split): next_fit keeps the shuffled order; "
+                        "best_fit_decreasing packs tighter (fewer rows; the efficiency is reported).")
     long_documents: Literal["split", "truncate", "skip"] = spec("split", doc="What to do with documents over seq_len.")
     validation_fraction: float = spec(0.0, min=0.0, max=0.5, doc="Share of the rows held out for validation "
                                                                   "(seeded); or give `validation_paths`.")

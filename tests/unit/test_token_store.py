@@ -261,3 +261,30 @@ def test_upsampling_long_documents_raises_their_share_inside_a_source(tokenizer,
     assert up.long_share(100) == pytest.approx(4 * 5 * 200 / (4 * 5 * 200 + 30 * 20))
     copies = np.bincount(up.order, minlength=store.count)
     assert sorted(copies.tolist()) == [1] * 30 + [4] * 5 and up.total == 30 * 21 + 20 * 201
+
+
+PAD = 258  # the byte tokenizer's pad id; no example ends with it
+
+
+def segments(row):
+    """(ids, labels) of each segment of a row (positions restart at 0), the row's padding left out."""
+    real = len(row["input_ids"])
+    while row["input_ids"][real - 1] == PAD:
+        real -= 1
+    starts = [i for i, p in enumerate(row["position_ids"][:real]) if p == 0] + [real]
+    pieces = [(tuple(row["input_ids"][a:b]), tuple(row["labels"][a:b])) for a, b in zip(starts, starts[1:])]
+    return [(ids, labels) for ids, labels in pieces if any(label != -100 for label in labels)]
+
+
+def test_best_fit_decreasing_packs_every_example_whole_into_fewer_rows(tokenizer, tmp_path):
+    spec = SourceSpec(EXAMPLES, (INSTRUCTIONS,), "text", "instruction", "chat_template")
+    store, _ = build_store(spec, tokenizer, tmp_path, progress=False)
+    next_fit = PackedExamples(store, 256, seed=5, packing=True, bad=BadRows())
+    best = PackedExamples(store, 256, seed=5, packing=True, bad=BadRows(), method="best_fit_decreasing")
+    assert len(best) < len(next_fit) and best.efficiency > next_fit.efficiency
+    assert best.efficiency == pytest.approx(int(store.lengths().sum()) / (256 * len(best)))
+    # every example once, whole, its own segment: attention (positions restart) never crosses examples
+    assert sorted(s for row in best for s in segments(row)) == sorted(s for row in next_fit for s in segments(row))
+    assert len(sorted(s for row in best for s in segments(row))) == store.count
+    lower_bound = -(-int(store.lengths().sum()) // 256)
+    assert len(best) <= 11 / 9 * lower_bound + 1

@@ -8,6 +8,7 @@ concatenation (each with its EOS), positions restarting at each document and at 
 
 from __future__ import annotations
 
+import bisect
 import random
 from collections.abc import Sequence
 
@@ -109,9 +110,11 @@ def _extra(store: TokenStore, upsample: tuple[int, int]) -> int:
 class PackedExamples(Sequence):
     """Rows of `seq_len` from an examples store: the stage's seq_len rules (a prompt that fills it drops the
     example, a longer one is cut), the examples shuffled with `seed`, then packed next-fit (or one per
-    row), never split. Labels are the tokens where the store's mask says trained."""
+    row; or best-fit decreasing, `method`), never split. Labels are the tokens where the store's mask says
+    trained."""
 
-    def __init__(self, store: TokenStore, seq_len: int, *, seed: int, packing: bool, bad: BadRows) -> None:
+    def __init__(self, store: TokenStore, seq_len: int, *, seed: int, packing: bool, bad: BadRows,
+                 method: str = "next_fit") -> None:
         self.store, self.seq_len, self.pad = store, seq_len, store.manifest["pad_id"]
         lengths, prompts = store.lengths(), np.asarray(store.prompt_lengths)
         fits = prompts < seq_len
@@ -120,7 +123,16 @@ class PackedExamples(Sequence):
         kept = np.flatnonzero(fits)
         self.order = kept[shuffled(len(kept), seed)]
         self.take = np.minimum(lengths[self.order], seq_len)
-        self.bounds = np.asarray(_next_fit(self.take.tolist(), seq_len, packing), dtype=np.int64)
+        if packing and method == "best_fit_decreasing":
+            self.members, bounds = _best_fit_decreasing(self.take, seq_len)
+        else:
+            self.members, bounds = np.arange(len(self.take)), _next_fit(self.take.tolist(), seq_len, packing)
+        self.bounds = np.asarray(bounds, dtype=np.int64)
+
+    @property
+    def efficiency(self) -> float:
+        """Real tokens / row tokens: what packing left as padding."""
+        return float(self.take.sum() / max(1, len(self) * self.seq_len))
 
     def __len__(self) -> int:
         return len(self.bounds) - 1
@@ -129,7 +141,7 @@ class PackedExamples(Sequence):
         if not 0 <= index < len(self):
             raise IndexError(index)
         row = _RowBuilder()
-        for j in range(int(self.bounds[index]), int(self.bounds[index + 1])):
+        for j in self.members[int(self.bounds[index]):int(self.bounds[index + 1])].tolist():
             first = int(self.store.offsets[self.order[j]])
             span = slice(first, first + int(self.take[j]))
             ids = self.store.tokens[span].astype(np.int64)
@@ -146,6 +158,34 @@ def _next_fit(lengths: list[int], seq_len: int, packing: bool) -> list[int]:
             used = 0
         used += length
     return bounds + [len(lengths)] if lengths else bounds
+
+
+def _best_fit_decreasing(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, list[int]]:
+    """(examples grouped by row, row boundaries): longest first, each into the open row it fills best
+    (the least room left that still fits), else a new row. Never worse than first-fit decreasing's bound
+    (11/9 of the optimum + 6/9 rows). O(n log n + n * distinct room values)."""
+    rows: list[list[int]] = []
+    by_room: dict[int, list[int]] = {}  # room left -> rows with that room
+    rooms: list[int] = []  # the distinct rooms with a row, sorted
+    for example in np.argsort(-lengths, kind="stable").tolist():
+        need = int(lengths[example])
+        at = bisect.bisect_left(rooms, need)
+        if at < len(rooms):
+            room = rooms[at]
+            row = by_room[room].pop()
+            if not by_room[room]:
+                del by_room[room], rooms[at]
+        else:
+            room, row = seq_len, len(rows)
+            rows.append([])
+        rows[row].append(example)
+        left = room - need
+        if left not in by_room:
+            by_room[left] = []
+            bisect.insort(rooms, left)
+        by_room[left].append(row)
+    bounds = np.cumsum([0] + [len(r) for r in rows]).tolist()
+    return np.asarray([e for r in rows for e in r], dtype=np.int64), bounds
 
 
 class _RowBuilder:
