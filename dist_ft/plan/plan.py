@@ -25,9 +25,10 @@ from .method_options import check_options
 from .rope import addressable_length, rope_parameters, scaled_context
 from .run_dir import RunDir, ds_config_name, sbatch_name, token_store_root
 
-PLAN_VERSION = 3  # 2: the recipe's sections typed, derived numbers (dp, sp, world size) no longer stored;
+PLAN_VERSION = 4  # 2: the recipe's sections typed, derived numbers (dp, sp, world size) no longer stored;
 # 3: each stage's optimizer and (effective) scheduler replace min_lr, warmup_steps and schedule; fine-tuning's
 #    evaluation (metrics, samples, early_stopping) replaced early_stopping_patience
+# 4: ranks read token stores: each stage's data.cache_dir is set (absolute)
 MAX_MICRO_TOKENS = 32768  # beyond this a bigger micro-batch buys no throughput, only memory
 TIGHT_FRACTION = 0.85
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from dist_ft.plan.preflight import resolve_data_path
 from dist_ft.rank.data import BatchStream, mixture_rows, pretraining_rows, sft_rows
@@ -288,3 +289,32 @@ def test_best_fit_decreasing_packs_every_example_whole_into_fewer_rows(tokenizer
     assert len(sorted(s for row in best for s in segments(row))) == store.count
     lower_bound = -(-int(store.lengths().sum()) // 256)
     assert len(best) <= 11 / 9 * lower_bound + 1
+
+
+def test_a_rank_without_its_store_stops_naming_the_prepare_command(tmp_path):
+    from dist_ft.cli import main
+    from dist_ft.plan.plan import Plan
+    from dist_ft.rank.distributed import read_env
+    from dist_ft.rank.stage_data import load_stage_data
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("data/tiny", f"{LAUNCH}/data/tiny"))
+    assert main(["render", str(recipe), "--out", str(tmp_path / "run"),
+                 "--set", f"checkpointing.output_root={tmp_path}"]) == 0
+    plan = Plan.from_json((tmp_path / "run" / "plan.json").read_text())
+    assert plan.stage("sft").data.cache_dir == str(tmp_path / "token_store")
+    resolved = yaml.safe_load((tmp_path / "run" / "recipe.resolved.yaml").read_text())
+    assert resolved["finetune"]["data"]["cache_dir"] == str(tmp_path / "token_store")  # prepare from anywhere
+    with pytest.raises(SystemExit) as stop:
+        load_stage_data(plan, plan.stage("sft"), read_env({}, cuda_available=False), byte_tokenizer(),
+                        {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
+    assert str(stop.value) == (f"error: [sft] the token store {tmp_path}/token_store/{store_path_name(plan)} is "
+                               f"missing: run `dist-ft prepare {tmp_path}/run/recipe.resolved.yaml`")
+
+
+def store_path_name(plan) -> str:
+    from dist_ft.store.sources import stage_specs
+
+    stage = plan.stage("sft")
+    spec = stage_specs(stage.data, stage.phase, stage.data_format, stage.template)[0]
+    return store_path(Path("."), spec, tokenizer_fingerprint(byte_tokenizer())).name
