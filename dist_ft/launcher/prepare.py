@@ -18,7 +18,7 @@ import numpy as np
 
 from dist_ft.durable import write_atomic
 from dist_ft.plan.plan import Plan, StagePlan
-from dist_ft.store import SourceSpec, StoreError, TokenStore, build_store, open_source
+from dist_ft.store import DOCUMENTS, SourceSpec, StoreError, TokenStore, build_store, open_source
 from dist_ft.store.sources import hub_file, stage_specs
 
 
@@ -52,13 +52,13 @@ def missing_stores(plan: Plan, tokenizer: Any) -> list[str]:
 
 def prepare(plan: Plan, tokenizer: Any, *, workers: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Build what is missing, reuse the rest; the summary (also written to each cache dir)."""
-    workers = workers or default_workers()
     for stage in plan.stages:
         if stage.data.hub_dataset and not stage.data.paths and not stage.data.sources:
             export_hub_dataset(stage.data)
     stores = []
     for need in needed_stores(plan):
-        store, built = build_store(need.spec, tokenizer, need.root, workers=workers, progress=progress)
+        store, built = build_store(need.spec, tokenizer, need.root, workers=workers or default_workers(need.spec),
+                                   progress=progress)
         stores.append(_summary(need, store, built))
     summary = {"stores": stores}
     for root in {Path(s["path"]).parent for s in stores}:
@@ -66,10 +66,11 @@ def prepare(plan: Plan, tokenizer: Any, *, workers: int | None = None, progress:
     return summary
 
 
-def default_workers() -> int:
-    """Worker processes for tokenizing: the cores this process may use (a fast tokenizer's batch call is
-    already threaded; a pool adds the Python work of turning its output into arrays)."""
-    return max(1, len(os.sched_getaffinity(0)))
+def default_workers(spec: SourceSpec) -> int:
+    """Tokenizer processes: documents go through a fast tokenizer's batch call, which already runs on every
+    core (a pool measured no faster: docs/data.md); fine-tuning rows are rendered and tokenized piece by
+    piece in Python, so they get a process per usable core."""
+    return 1 if spec.kind == DOCUMENTS else max(1, len(os.sched_getaffinity(0)))
 
 
 def export_hub_dataset(data) -> Path:

@@ -21,10 +21,14 @@ Row = dict[str, list[int]]
 
 
 def shuffled(count: int, seed: int) -> np.ndarray:
-    """The order `random.Random(seed).shuffle` gives a list of `count` items (the in-memory path's order)."""
-    order = list(range(count))
-    random.Random(seed).shuffle(order)
-    return np.asarray(order, dtype=np.int64)
+    """The order `random.Random(seed).shuffle` gives a list of `count` items (the in-memory path's order):
+    its Fisher-Yates loop, run on an int64 array rather than a list of `count` Python ints."""
+    order = np.arange(count, dtype=np.int64)
+    randbelow = random.Random(seed)._randbelow  # what Random.shuffle draws with
+    for i in range(count - 1, 0, -1):
+        j = randbelow(i + 1)
+        order[i], order[j] = order[j], order[i]
+    return order
 
 
 class PackedDocuments(Sequence):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .packed import PackedDocuments, RowSet
+from .packed import PackedDocuments, RowSet, shuffled
 
 
 def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
@@ -30,8 +30,11 @@ def draw(rows: list, count: int, rng: random.Random) -> list:
 
 def split_set(rows: RowSet, fraction: float, seed: int) -> tuple[RowSet, RowSet]:
     """split_rows over a RowSet's positions: the same choice as over a list of its rows."""
-    train, held_out = split_rows(list(range(len(rows))), fraction, seed)
-    return rows.pick(train), rows.pick(held_out)
+    if not fraction:
+        return rows, rows.pick([])
+    order = shuffled(len(rows), seed + 1)
+    count = max(1, int(len(rows) * fraction))
+    return rows.pick(order[count:]), rows.pick(order[:count])
 
 
 @dataclass(frozen=True)
