@@ -3,14 +3,14 @@ their own files), test rows, the rank's resumable batch stream and the bad-data 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dist_ft.plan import batching
 from dist_ft.plan.plan import Plan, StagePlan
-from dist_ft.store import DOCUMENTS, BadRows, DataError, StoreError, TokenStore, open_source
+from dist_ft.store import DOCUMENTS, BadRows, DataError, SourceSpec, StoreError, TokenStore, open_source
 from dist_ft.store.sources import source_spec, training_paths
 from .data import BatchStream
 from .data.packed import PackedDocuments, PackedExamples, RowSet
@@ -34,38 +34,20 @@ def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_co
     """The stage's rows from its token stores (built by `dist-ft prepare`; a rank never tokenizes)."""
     data = stage.data
     seed = data.seed + plan.seed
+    reader = _StoreReader(plan, stage, tokenizer, seed)
     mixture: list[SourceRows] = []
-    rebuild = f"dist-ft prepare {plan.run.recipe_file}"
-    bad = BadRows()
-    efficiency: list[float] = []  # fine-tuning rows: real tokens / row tokens, per store read
-
-    def rows_of(paths) -> RowSet:
-        """Rows from files as this stage reads its training data (validation and test files too)."""
-        spec = source_spec(paths, data, stage.phase, stage.data_format, stage.template)
-        store = open_source(spec, tokenizer, Path(data.cache_dir), rebuild)
-        bad.merge(_prepare_bad(store))
-        if spec.kind == DOCUMENTS:
-            packed = PackedDocuments(store, stage.seq_len, seed=seed, long_docs=data.long_documents, bad=bad)
-        else:
-            packed = PackedExamples(store, stage.seq_len, seed=seed, packing=data.packing, bad=bad,
-                                    method=data.packing_method)
-            efficiency.append(packed.efficiency)
-        if not len(packed):
-            raise DataError(f"no rows left to train on from {', '.join(map(str, paths))}: {bad}")
-        return RowSet.of(packed)
-
     try:
         if data.sources:  # split per source before drawing: a repeated row never lands on both sides
-            sources = [(s.paths, s.weight, _documents(s, data, stage, tokenizer, seed + i, rebuild, bad))
-                       for i, s in enumerate(data.sources)]
+            sources = [(s.paths, s.weight, reader.source(s, seed + i)) for i, s in enumerate(data.sources)]
             train, validation, mixture = mix(sources, seed, data.validation_fraction)
         else:
-            train, validation = split_set(rows_of(training_paths(data)), data.validation_fraction, seed)
+            train, validation = split_set(reader.rows(training_paths(data)), data.validation_fraction, seed)
         if data.validation_paths:
-            validation = rows_of(data.validation_paths)
-        test = rows_of(data.test_paths) if data.test_paths else []
+            validation = reader.rows(data.validation_paths)
+        test = reader.rows(data.test_paths) if data.test_paths else []
     except (DataError, StoreError) as err:
         raise SystemExit(f"error: [{stage.name}] {err}") from None
+    bad, efficiency = reader.bad, reader.efficiency
     sp = plan.sp
     dp_size = batching.data_parallel_size(env.world_size, sp)
     dp_rank = batching.data_parallel_rank(env.rank, sp)
@@ -101,17 +83,46 @@ def _report(stage: StagePlan, train: int, validation: int, test: int, bad: BadRo
     return head + (f"; skipped or changed: {bad}" if bad.total else "; no bad rows")
 
 
-def _documents(source, data, stage: StagePlan, tokenizer, seed: int, rebuild: str, bad: BadRows) -> PackedDocuments:
-    """One mixture source's rows, packed with its own long_documents policy and seed."""
-    store = open_source(source_spec(source.paths, data, stage.phase, None, None), tokenizer, Path(data.cache_dir),
-                        rebuild)
-    bad.merge(_prepare_bad(store))
-    up = source.upsample_long
-    packed = PackedDocuments(store, stage.seq_len, seed=seed, long_docs=source.long_documents, bad=bad,
-                             upsample=(up.min_tokens, up.factor) if up else None)
-    if not len(packed):
-        raise DataError(f"no rows left to train on from {', '.join(source.paths)}: {bad}")
-    return packed
+class _StoreReader:
+    """Opens a stage's stores and packs their rows, gathering the bad rows (prepare's and packing's)."""
+
+    def __init__(self, plan: Plan, stage: StagePlan, tokenizer, seed: int) -> None:
+        self.stage, self.tokenizer, self.seed = stage, tokenizer, seed
+        self.rebuild = f"dist-ft prepare {plan.run.recipe_file}"
+        self.bad = BadRows()
+        self.efficiency: list[float] = []  # fine-tuning rows: real tokens / row tokens, per store read
+
+    def _open(self, paths) -> tuple[SourceSpec, TokenStore]:
+        stage = self.stage
+        spec = source_spec(paths, stage.data, stage.phase, stage.data_format, stage.template)
+        store = open_source(spec, self.tokenizer, Path(stage.data.cache_dir), self.rebuild)
+        self.bad.merge(_prepare_bad(store))
+        return spec, store
+
+    def rows(self, paths) -> RowSet:
+        """Rows from files as this stage reads its training data (validation and test files too)."""
+        data, seq_len = self.stage.data, self.stage.seq_len
+        spec, store = self._open(paths)
+        if spec.kind == DOCUMENTS:
+            packed = PackedDocuments(store, seq_len, seed=self.seed, long_docs=data.long_documents, bad=self.bad)
+        else:
+            packed = PackedExamples(store, seq_len, seed=self.seed, packing=data.packing, bad=self.bad,
+                                    method=data.packing_method)
+            self.efficiency.append(packed.efficiency)
+        return RowSet.of(self._some(packed, paths))
+
+    def source(self, source, seed: int) -> PackedDocuments:
+        """One mixture source's rows, packed with its own long_documents policy and seed."""
+        _, store = self._open(source.paths)
+        up = source.upsample_long
+        return self._some(PackedDocuments(store, self.stage.seq_len, seed=seed, long_docs=source.long_documents,
+                                          bad=self.bad, upsample=(up.min_tokens, up.factor) if up else None),
+                          source.paths)
+
+    def _some(self, packed, paths):
+        if not len(packed):
+            raise DataError(f"no rows left to train on from {', '.join(map(str, paths))}: {self.bad}")
+        return packed
 
 
 def _prepare_bad(store: TokenStore) -> BadRows:
