@@ -318,3 +318,35 @@ def store_path_name(plan) -> str:
     stage = plan.stage("sft")
     spec = stage_specs(stage.data, stage.phase, stage.data_format, stage.template)[0]
     return store_path(Path("."), spec, tokenizer_fingerprint(byte_tokenizer())).name
+
+
+def test_a_hub_dataset_is_exported_by_prepare_and_read_by_the_ranks_from_the_store(tmp_path, monkeypatch):
+    """prepare is the only step that touches the hub (here a stand-in for the download); the rank reads the
+    exported rows' store and never calls load_dataset."""
+    import datasets
+
+    from dist_ft.cli import main
+    from dist_ft.plan.plan import Plan
+    from dist_ft.rank.distributed import read_env
+    from dist_ft.rank.stage_data import load_stage_data
+
+    rows = [{"instruction": f"add {i} and {i}", "output": str(2 * i)} for i in range(40)]
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: calls.append((name, split)) or
+                        datasets.Dataset.from_list(rows))
+    recipe = tmp_path / "recipe.yaml"
+    raw = yaml.safe_load((LAUNCH / "demo.yaml").read_text())
+    del raw["long_context"], raw["evaluation"]
+    raw["finetune"]["data"] = {"hub_dataset": "org/adding", "hub_split": "train", "validation_fraction": 0.1}
+    raw["checkpointing"]["output_root"] = str(tmp_path)
+    recipe.write_text(yaml.safe_dump(raw))
+    args = [str(recipe), "--out", str(tmp_path / "run")]
+    assert main(["render", *args]) == 0 and main(["prepare", *args, "--workers", "1"]) == 0
+    assert calls == [("org/adding", "train")]
+    assert (tmp_path / "token_store" / "hub" / "org__adding.train.jsonl").read_text().count("\n") == 40
+    assert main(["prepare", *args]) == 0 and len(calls) == 1  # exported once, the store reused
+    monkeypatch.setattr(datasets, "load_dataset", None)  # a rank that tried would fail
+    plan = Plan.from_json((tmp_path / "run" / "plan.json").read_text())
+    data = load_stage_data(plan, plan.stage("sft"), read_env({}, cuda_available=False), byte_tokenizer(),
+                           {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
+    assert len(data.validation) >= 1 and next(data.train)["input_ids"].shape == (1, 256)
