@@ -19,7 +19,11 @@ import numpy as np
 from dist_ft.durable import write_atomic
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.store import DOCUMENTS, SourceSpec, StoreError, TokenStore, build_store, open_source
+from dist_ft.store.key import source_stamps
 from dist_ft.store.sources import hub_file, stage_specs
+
+
+SMALL_SOURCE_BYTES = 16 << 20  # below this, worker processes cost more to start than they save
 
 
 @dataclass
@@ -69,8 +73,11 @@ def prepare(plan: Plan, tokenizer: Any, *, workers: int | None = None, progress:
 def default_workers(spec: SourceSpec) -> int:
     """Tokenizer processes: documents go through a fast tokenizer's batch call, which already runs on every
     core (a pool measured no faster: docs/data.md); fine-tuning rows are rendered and tokenized piece by
-    piece in Python, so they get a process per usable core."""
-    return 1 if spec.kind == DOCUMENTS else max(1, len(os.sched_getaffinity(0)))
+    piece in Python, so they get a process per usable core — unless they are small enough that starting the
+    processes would take longer than the work."""
+    if spec.kind == DOCUMENTS or sum(size for _, size, _ in source_stamps(spec)) < SMALL_SOURCE_BYTES:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)))
 
 
 def export_hub_dataset(data) -> Path:

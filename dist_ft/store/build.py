@@ -61,9 +61,10 @@ def build_store(spec: SourceSpec, tokenizer: Any, root: Path, *, workers: int = 
     tmp.mkdir()
     try:
         writer = _Writer(tmp, token_dtype(len(tokenizer)), spec.kind == EXAMPLES)
-        with writer, tqdm(desc=f"tokenizing {spec.describe()}", unit="tok", unit_scale=True, file=sys.stderr,
-                          disable=not progress, mininterval=1.0) as bar:
-            bad = _tokenize_into(writer, spec, tokenizer, workers, bar)
+        # progress in bytes of the source files (so it has an ETA), the tokens/s beside it
+        with writer, tqdm(desc=f"tokenizing {spec.describe()}", total=sum(s[1] for s in stamps), unit="B",
+                          unit_scale=True, file=sys.stderr, disable=not progress, mininterval=1.0) as bar:
+            bad = _tokenize_into(writer, spec, tokenizer, workers, _Progress(bar))
         if not writer.count:
             raise DataError(f"no usable {spec.kind} in {', '.join(spec.paths)}: {bad}")
         manifest = {"format_version": FORMAT_VERSION, "key": content_key(spec, fingerprint, stamps),
@@ -137,23 +138,36 @@ def _bucket(lengths: np.ndarray) -> np.ndarray:
     return np.ceil(np.log2(np.maximum(lengths, 1))).astype(np.int64)
 
 
-def _tokenize_into(writer: _Writer, spec: SourceSpec, tokenizer: Any, workers: int, bar: tqdm) -> BadRows:
+class _Progress:
+    """The bar advances by the characters read (about the bytes of the files); tokens/s in its postfix."""
+
+    def __init__(self, bar: tqdm) -> None:
+        self.bar, self.tokens, self.start = bar, 0, time.perf_counter()
+
+    def update(self, chars: int, tokens: int) -> None:
+        self.tokens += tokens
+        self.bar.set_postfix_str(f"{self.tokens / max(1e-9, time.perf_counter() - self.start) / 1e6:.2f}M tok/s",
+                                 refresh=False)
+        self.bar.update(chars)
+
+
+def _tokenize_into(writer: _Writer, spec: SourceSpec, tokenizer: Any, workers: int, bar: _Progress) -> BadRows:
     bad = BadRows()
     if spec.kind == DOCUMENTS:
         chunks, encode, args = _chunks(iter_documents(spec.paths, spec.text_field, bad), len), encode_texts, ()
     else:
         chunks, encode = _chunks(_example_rows(spec, bad), lambda row: len(str(row))), encode_rows
         args = (spec.fmt, spec.template, spec.text_field)
-    for result in _mapped(encode, chunks, args, tokenizer, workers):
+    for result, chars in _mapped(encode, chunks, args, tokenizer, workers):
         if spec.kind == DOCUMENTS:
             writer.add(result)
-            bar.update(sum(map(len, result)))
+            bar.update(chars, sum(map(len, result)))
         else:
             examples, chunk_bad = result
             bad.merge(chunk_bad)
             if examples:
                 writer.add([e[0] for e in examples], [e[1] for e in examples], [e[2] for e in examples])
-                bar.update(sum(len(e[0]) for e in examples))
+            bar.update(chars, sum(len(e[0]) for e in examples))
     return bad
 
 
@@ -167,16 +181,17 @@ def _example_rows(spec: SourceSpec, bad: BadRows) -> Iterator[dict]:
             bad.add("not_an_object", repr(row)[:120])
 
 
-def _chunks(items: Iterable[Any], size: Callable[[Any], int]) -> Iterator[list[Any]]:
+def _chunks(items: Iterable[Any], size: Callable[[Any], int]) -> Iterator[tuple[list[Any], int]]:
+    """(records, their characters) of at most CHUNK_RECORDS records or about CHUNK_CHARS characters."""
     chunk, chars = [], 0
     for item in items:
         chunk.append(item)
         chars += size(item)
         if len(chunk) >= CHUNK_RECORDS or chars >= CHUNK_CHARS:
-            yield chunk
+            yield chunk, chars
             chunk, chars = [], 0
     if chunk:
-        yield chunk
+        yield chunk, chars
 
 
 # ---- tokenizing, in this process or a pool of them -----------------------------------------------
@@ -208,20 +223,23 @@ def encode_rows(rows: list[dict], fmt: str, template: str | None, text_field: st
     return examples, bad
 
 
-def _mapped(encode: Callable, chunks: Iterator[list], args: tuple, tokenizer: Any, workers: int) -> Iterator[Any]:
-    """encode(chunk, *args) for every chunk, in order; with workers > 1 in a process pool that never holds
-    more than 2 chunks per worker (the reader waits for the tokenizers, memory does not grow)."""
+def _mapped(encode: Callable, chunks: Iterator[tuple[list, int]], args: tuple, tokenizer: Any,
+            workers: int) -> Iterator[tuple[Any, int]]:
+    """(encode(chunk, *args), its characters) for every chunk, in order; with workers > 1 in a process pool
+    that never holds more than 2 chunks per worker (the reader waits for the tokenizers: flat memory)."""
     if workers <= 1:
-        for chunk in chunks:
-            yield encode(chunk, *args, tokenizer)
+        for chunk, chars in chunks:
+            yield encode(chunk, *args, tokenizer), chars
         return
     # spawn, not fork: a fast tokenizer's thread pool does not survive a fork
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=_start_worker,
                              initargs=(tokenizer,)) as pool:
-        pending: deque[Future] = deque()
-        for chunk in chunks:
-            pending.append(pool.submit(encode, chunk, *args))
+        pending: deque[tuple[Future, int]] = deque()
+        for chunk, chars in chunks:
+            pending.append((pool.submit(encode, chunk, *args), chars))
             if len(pending) >= 2 * workers:
-                yield pending.popleft().result()
+                future, done = pending.popleft()
+                yield future.result(), done
         while pending:
-            yield pending.popleft().result()
+            future, done = pending.popleft()
+            yield future.result(), done
