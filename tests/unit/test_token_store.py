@@ -19,7 +19,7 @@ import yaml
 from dist_ft.plan.preflight import resolve_data_path
 from dist_ft.rank.data import BatchStream, mixture_rows, pretraining_rows, sft_rows
 from dist_ft.rank.data.packed import PackedDocuments, PackedExamples, RowSet
-from dist_ft.rank.data.select import mix, split_set
+from dist_ft.rank.data.select import mix, split_rows, split_set
 from dist_ft.rank.tokenizer import byte_tokenizer
 from dist_ft.store import (DOCUMENTS, EXAMPLES, BadRows, SourceSpec, StoreError, build_store, open_source,
                            store_path, tokenizer_fingerprint)
@@ -100,6 +100,8 @@ def test_a_stream_from_the_memory_map_serves_the_same_batches_at_any_world_size(
     rows = RowSet.of(PackedDocuments(demo_store, 512, seed=0, long_docs="split", bad=BadRows()))
     train, validation = split_set(rows, 0.1, 0)
     assert len(validation) == 85 and not set(validation.row) & set(train.row)
+    old_train, old_validation = split_rows(list(range(len(rows))), 0.1, 0)  # the in-memory path's split
+    assert train.row.tolist() == old_train and validation.row.tolist() == old_validation
     one = BatchStream(train, 2, seed=1)
     two = [BatchStream(train, 1, seed=1, dp_rank=r, dp_size=2) for r in range(2)]
     for _ in range(3):
