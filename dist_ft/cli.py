@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dist_ft.launcher.artifacts import RunDirConflict, render_files, write_run_dir
 from dist_ft.launcher.local_launch import run_stages
+from dist_ft.launcher.slurm import needs_prepare_job
 from dist_ft.plan.plan import Plan, make_plan
 from dist_ft.plan.plan_report import format_plan
 from dist_ft.plan.preflight import check_inputs, model_shape, read_hosts, resolve_recipe_paths
@@ -176,7 +177,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     files = render_files(recipe, plan)
     write_run_dir(Path(plan.run_dir), files, force=args.force)
     print(f"run dir: {plan.run_dir}")
-    if not args.dry_run:  # ranks never tokenize: build the missing stores here (for SLURM: on this machine)
+    in_a_job = args.backend == "slurm" and needs_prepare_job(plan)  # data.prepare: job: prepare.sbatch does it
+    if not args.dry_run and not in_a_job:  # ranks never tokenize: build the missing stores here
         from dist_ft.launcher.prepare import ensure_prepared
         from dist_ft.store import DataError
 

@@ -2,6 +2,7 @@
 
     RUN/plan.json  recipe.resolved.yaml  local.sh  nodes.sh  jobs.json   what the launcher renders and submits
     RUN/ds_config.<stage>.json  RUN/<stage>.sbatch                  one of each per stage
+    RUN/prepare.sbatch                                              with data.prepare: job (SLURM)
     RUN/ssh.json  RUN/control/ssh.token  RUN/control/nodes/<stage>.node<N>.json   the ssh backend's record
     RUN/heartbeats/<stage>/rank<N>.json                             each rank's (step, time), every few seconds
     RUN/logs/  RUN/control/<stage>.stop  RUN/wandb/
@@ -26,6 +27,7 @@ LOCAL_SCRIPT = "local.sh"
 NODES_SCRIPT = "nodes.sh"  # one node's part of a multi-node run, for orchestrators other than SLURM
 JOBS_FILE = "jobs.json"
 SSH_FILE = "ssh.json"  # the ssh backend's record: hosts, launcher, each stage's state and attempt
+PREPARE_SBATCH = "prepare.sbatch"  # with data.prepare: job, the CPU job the first stage depends on
 SUBDIRS = ("logs", "control", "stages")  # created with the run dir
 TOKEN_STORE = "token_store"
 
@@ -115,6 +117,10 @@ class RunDir:
     def recipe_file(self) -> Path:
         """The resolved recipe: what `dist-ft prepare` reads to (re)build the run's token stores."""
         return self.path / RECIPE_FILE
+
+    @property
+    def prepare_sbatch(self) -> Path:
+        return self.path / PREPARE_SBATCH
 
     @property
     def jobs_file(self) -> Path:

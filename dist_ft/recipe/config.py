@@ -163,6 +163,10 @@ class Data:
     test_paths: list[str] = spec(factory=list, doc="Test files or folders, read like `paths`: evaluated once "
                                                    "after the stage, on the exported weights (test_metrics.json).")
     seed: int = spec(0, min=0, max=MAX_SEED, doc="Added to the recipe seed for shuffling and the validation split.")
+    prepare: Literal["launcher", "job"] = spec(
+        "launcher", doc="Where `launch --backend slurm` runs `dist-ft prepare`: on the submitting machine "
+                        "(launcher), or as a CPU job (prepare.sbatch) that the first stage waits for (afterok). "
+                        "The local and ssh backends always prepare where they run.")
     cache_dir: str | None = spec(None, doc="Folder of the token stores `dist-ft prepare` writes and the ranks "
                                            "memory-map (default: checkpointing.output_root/token_store); shared "
                                            "by runs and recipes with the same sources and tokenizer.")
