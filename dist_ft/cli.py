@@ -138,7 +138,12 @@ def _check_run_dir_path(run_dir: Path, field: str) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     _, plan = _load_plan(args)
-    print(plan.to_json() if args.json else format_plan(plan))
+    if args.json:
+        print(plan.to_json())
+        return 0
+    from dist_ft.launcher.prepare import data_budget
+
+    print(format_plan(plan) + "\n" + "\n".join(data_budget(plan)))
     return 0
 
 

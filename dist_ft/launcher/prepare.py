@@ -18,7 +18,8 @@ import numpy as np
 
 from dist_ft.durable import write_atomic
 from dist_ft.plan.plan import Plan, StagePlan
-from dist_ft.store import DOCUMENTS, SourceSpec, StoreError, TokenStore, build_store, open_source
+from dist_ft.store import (DOCUMENTS, DataError, SourceSpec, StoreError, TokenStore, build_store, open_source,
+                            open_store)
 from dist_ft.store.key import source_stamps
 from dist_ft.store.sources import hub_file, stage_specs
 
@@ -144,3 +145,42 @@ def ensure_prepared(plan: Plan) -> None:
     if missing_stores(plan, tokenizer):
         print("preparing token stores (dist-ft prepare) ...", file=sys.stderr)
         print(format_summary(prepare(plan, tokenizer)))
+
+
+# ---- the data budget `dist-ft plan` prints ---------------------------------------------------------
+
+def data_budget(plan: Plan) -> list[str]:
+    """Per store: the source files, whether a store of them exists (for any tokenizer: plan loads none) and
+    what it holds; per stage reading it, the tokens it trains on as passes over the store and how many
+    documents reach its seq_len."""
+    lines = ["data (token stores in " + ", ".join(sorted({str(n.root) for n in needed_stores(plan)})) + "):"]
+    for need in needed_stores(plan):
+        try:
+            stamps = source_stamps(need.spec)
+        except (DataError, OSError):
+            lines.append(f"  {need.spec.describe()}: not on this machine yet (a hub dataset: prepare exports it)")
+            continue
+        found = _existing(need)
+        size = sum(size for _, size, _ in stamps) / 2**20
+        state = "no store yet: `dist-ft prepare` builds it" if found is None else \
+            f"store {found.path.name}: {found.count} {found.manifest['kind']}, {found.manifest['tokens']} tokens" + \
+            (" (stale: files changed)" if found.manifest["sources"] != stamps else "")
+        lines.append(f"  {need.spec.describe()}: {len(stamps)} files, {size:.1f} MiB; {state}")
+        for stage in need.stages if found is not None else []:
+            lengths, budget = found.lengths(), (stage.steps or 0) * stage.tokens_per_step
+            passes = f"{budget / max(1, found.manifest['tokens']):.2f} passes" if budget else "epochs"
+            lines.append(f"    {stage.name}: trains {budget or 'by'} {'tokens = ' + passes if budget else passes}; "
+                         f"{int((lengths >= stage.seq_len).sum())} {found.manifest['kind']} reach seq_len {stage.seq_len}")
+    return lines
+
+
+def _existing(need: _Needed) -> TokenStore | None:
+    """A whole store of this spec under the cache dir, built with whichever tokenizer."""
+    wanted = {**need.spec.__dict__, "paths": list(need.spec.paths)}
+    for manifest in sorted(need.root.glob(f"{need.spec.kind}-*/manifest.json")):
+        try:
+            if json.loads(manifest.read_text()).get("spec") == wanted:
+                return open_store(manifest.parent, "dist-ft prepare")
+        except (OSError, ValueError, StoreError):
+            continue
+    return None

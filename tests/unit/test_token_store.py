@@ -352,3 +352,20 @@ def test_a_hub_dataset_is_exported_by_prepare_and_read_by_the_ranks_from_the_sto
     data = load_stage_data(plan, plan.stage("sft"), read_env({}, cuda_available=False), byte_tokenizer(),
                            {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
     assert len(data.validation) >= 1 and next(data.train)["input_ids"].shape == (1, 256)
+
+
+def test_the_plan_shows_the_data_budget_before_and_after_prepare(tmp_path, capsys):
+    from dist_ft.cli import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("data/tiny", f"{LAUNCH}/data/tiny"))
+    args = [str(recipe), "--set", f"checkpointing.output_root={tmp_path}"]
+    assert main(["plan", *args]) == 0
+    before = capsys.readouterr().out
+    assert f"data (token stores in {tmp_path}/token_store):" in before
+    assert before.count("no store yet: `dist-ft prepare` builds it") == 2
+    assert main(["prepare", *args, "--workers", "1"]) == 0 and main(["plan", *args]) == 0
+    after = capsys.readouterr().out.split("data (token stores")[-1]
+    assert "34 documents, 435651 tokens" in after and "240 examples, 16296 tokens" in after
+    assert "ctx512: trains 49152 tokens = 0.11 passes; 34 documents reach seq_len 512" in after
+    assert "ctx1k: trains 49152 tokens = 0.11 passes; 32 documents reach seq_len 1024" in after
