@@ -74,10 +74,18 @@ def build_store(spec: SourceSpec, tokenizer: Any, root: Path, *, workers: int = 
                     "sources": stamps, "bad_rows": dict(bad.counts), "bad_examples": bad.examples,
                     "length_histogram": writer.histogram(), "files": writer.sizes()}
         write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1))  # last: the store is whole from here
-        _move_into_place(tmp, path)
+        if not _same_store_there(path, manifest["key"]):  # another prepare may have finished it meanwhile
+            _move_into_place(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return open_source(spec, tokenizer, root, "dist-ft prepare"), True
+
+
+def _same_store_there(path: Path, key: str) -> bool:
+    try:
+        return open_store(path, "dist-ft prepare").manifest["key"] == key
+    except (StoreError, OSError):
+        return False
 
 
 def _move_into_place(tmp: Path, path: Path) -> None:
