@@ -185,6 +185,10 @@ def render_run(folder: Path, seq_len: int, args: argparse.Namespace, tokenizer: 
                             cwd=REPO, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"dist-ft render failed: {(result.stderr or result.stdout).strip()[-300:]}")
+    result = subprocess.run([sys.executable, "-m", "dist_ft", "prepare", str(path), "--out", str(run), *overrides],
+                            cwd=REPO, capture_output=True, text=True)  # the ranks read token stores
+    if result.returncode != 0:
+        raise RuntimeError(f"dist-ft prepare failed: {(result.stderr or result.stdout).strip()[-300:]}")
     return run
 
 

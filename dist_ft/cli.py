@@ -1,4 +1,4 @@
-"""`dist-ft` command line: plan, render, launch (launcher side) and train (rank side)."""
+"""`dist-ft` command line: plan, prepare, render, launch (launcher side) and train (rank side)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from dist_ft.launcher.artifacts import RunDirConflict, render_files, write_run_dir
 from dist_ft.launcher.local_launch import run_stages
+from dist_ft.launcher.slurm import needs_prepare_job
 from dist_ft.plan.plan import Plan, make_plan
 from dist_ft.plan.plan_report import format_plan
 from dist_ft.plan.preflight import check_inputs, model_shape, read_hosts, resolve_recipe_paths
@@ -58,6 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     p = recipe_command("plan", "validate a recipe and print the resolved plan")
     p.add_argument("--json", action="store_true", help="print plan.json instead of the table")
     p.set_defaults(func=cmd_plan)
+
+    p = recipe_command("prepare", "tokenize every data source of every stage once into token stores (data.cache_dir) "
+                                  "that the ranks memory-map; reuses stores that exist")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: the usable cores)")
+    p.add_argument("--out", help="run dir, as for launch (only where the error messages point)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cmd_prepare)
 
     p = recipe_command("render", "write the run dir (plan, DeepSpeed configs, sbatch scripts); submit nothing")
     p.add_argument("--out", help="run dir (default: checkpointing.output_root/name)")
@@ -138,7 +146,28 @@ def _check_run_dir_path(run_dir: Path, field: str) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     _, plan = _load_plan(args)
-    print(plan.to_json() if args.json else format_plan(plan))
+    if args.json:
+        print(plan.to_json())
+        return 0
+    from dist_ft.launcher.prepare import data_budget
+
+    print(format_plan(plan) + "\n" + "\n".join(data_budget(plan)))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    import json
+
+    from dist_ft.launcher.prepare import format_summary, load_plan_tokenizer, prepare
+    from dist_ft.store import DataError
+
+    _, plan = _load_plan(args)
+    try:
+        summary = prepare(plan, load_plan_tokenizer(plan), workers=args.workers)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
     return 0
 
 
@@ -161,6 +190,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
     files = render_files(recipe, plan)
     write_run_dir(Path(plan.run_dir), files, force=args.force)
     print(f"run dir: {plan.run_dir}")
+    in_a_job = args.backend == "slurm" and needs_prepare_job(plan)  # data.prepare: job: prepare.sbatch does it
+    if not args.dry_run and not in_a_job:  # ranks never tokenize: build the missing stores here
+        from dist_ft.launcher.prepare import ensure_prepared
+        from dist_ft.store import DataError
+
+        try:
+            ensure_prepared(plan)
+        except DataError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return EXIT_BAD_INPUT
     if args.backend == "slurm":
         from dist_ft.launcher.slurm_jobs import submit_stages
 

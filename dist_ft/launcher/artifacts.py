@@ -17,11 +17,11 @@ import yaml
 
 from dist_ft.durable import fsync_dir
 from dist_ft.plan.plan import Plan
-from dist_ft.plan.run_dir import LOCAL_SCRIPT, NODES_SCRIPT, PLAN_FILE, RECIPE_FILE, SUBDIRS
+from dist_ft.plan.run_dir import LOCAL_SCRIPT, NODES_SCRIPT, PLAN_FILE, PREPARE_SBATCH, RECIPE_FILE, SUBDIRS
 from dist_ft.recipe.config import Recipe, to_dict
 from .deepspeed_config import render_ds_config
 from .local_launch import local_script, nodes_script
-from .slurm import render_sbatch
+from .slurm import needs_prepare_job, render_prepare_sbatch, render_sbatch
 
 
 class RunDirConflict(Exception):
@@ -36,6 +36,8 @@ def render_files(recipe: Recipe, plan: Plan) -> dict[str, str]:
     for stage in plan.stages:
         files[stage.ds_config] = json.dumps(render_ds_config(plan, stage), indent=2) + "\n"
         files[stage.sbatch] = render_sbatch(plan, stage)
+    if needs_prepare_job(plan):
+        files[PREPARE_SBATCH] = render_prepare_sbatch(plan)
     return files
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from dist_ft.plan.plan import Plan
 from dist_ft.plan.run_dir import JOBS_FILE, PLAN_FILE, RunDir
-from .slurm import submit_command
+from .slurm import PREPARE_JOB, needs_prepare_job, submit_command
 from .slurm_status import (ACTIVE_STATES, SlurmClient, SlurmError, format_status, is_job_id, read_stage_files,
                            summarize_run)
 
@@ -20,29 +20,34 @@ def submit_stages(plan: Plan, dry_run: bool) -> int:
     run_dir = plan.run
     jobs: dict[str, str] = {}
     previous: str | None = None
-    for stage in plan.stages:
-        cmd = submit_command(str(run_dir.sbatch(stage.name)), previous)
+    scripts = [(PREPARE_JOB, run_dir.prepare_sbatch)] if needs_prepare_job(plan) else []
+    for name, script in scripts + [(stage.name, run_dir.sbatch(stage.name)) for stage in plan.stages]:
+        cmd = submit_command(str(script), previous)
         if dry_run:
-            print(f"[{stage.name}] {shlex.join(cmd)}")
-            previous = f"<job id of {stage.name}>"
+            print(f"[{name}] {shlex.join(cmd)}")
+            previous = f"<job id of {name}>"
             continue
         result = subprocess.run(cmd, capture_output=True, text=True)
         if result.returncode != 0:
-            print(f"error: sbatch refused stage {stage.name}: {result.stderr.strip()}", file=sys.stderr)
+            print(f"error: sbatch refused {_what(name)}: {result.stderr.strip()}", file=sys.stderr)
             _record(run_dir, jobs)
             return 1
         previous = result.stdout.strip().split(";")[0]
         if not is_job_id(previous):
-            print(f"error: sbatch answered {result.stdout.strip()!r} for stage {stage.name}, not a job id",
+            print(f"error: sbatch answered {result.stdout.strip()!r} for {_what(name)}, not a job id",
                   file=sys.stderr)
             _record(run_dir, jobs)
             return 1
-        jobs[stage.name] = previous
-        print(f"[{stage.name}] submitted job {previous}", flush=True)
+        jobs[name] = previous
+        print(f"[{name}] submitted job {previous}", flush=True)
     if not dry_run:
         _record(run_dir, jobs)
         print(f"follow it with: dist-ft status {run_dir.path}")
     return 0
+
+
+def _what(name: str) -> str:
+    return "the prepare job" if name == PREPARE_JOB else f"stage {name}"
 
 
 def _record(run_dir: RunDir, jobs: dict[str, str]) -> None:
@@ -97,7 +102,9 @@ def run_status(run_dir: Path, client: SlurmClient | None = None) -> int:
             except SlurmError as err:
                 error = str(err)  # asking again for every stage would only repeat the wait
         inputs.append((stage.name, job, info, error if job else None, read_stage_files(run_dir, stage.name)))
-    title = f"run {plan.name} in {run_dir}: {len(jobs)} of {len(plan.stages)} stage(s) submitted"
+    submitted = sum(stage.name in jobs for stage in plan.stages)
+    title = f"run {plan.name} in {run_dir}: {submitted} of {len(plan.stages)} stage(s) submitted" + \
+        (f" (after prepare job {jobs[PREPARE_JOB]})" if PREPARE_JOB in jobs else "")
     print(format_status(title, summarize_run(inputs, stage_of_job)))
     return 0
 
@@ -111,7 +118,7 @@ def run_cancel(run_dir: Path, client: SlurmClient | None = None) -> int:
         return 0
     active: dict[str, tuple[str, str]] = {}
     try:
-        for stage in [s.name for s in plan.stages if s.name in jobs]:
+        for stage in [name for name in [PREPARE_JOB, *(s.name for s in plan.stages)] if name in jobs]:
             info = client.job(jobs[stage])
             if info is not None and info.state in ACTIVE_STATES:
                 active[stage] = (jobs[stage], info.state)

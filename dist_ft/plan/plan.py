@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from pathlib import Path
@@ -23,11 +23,12 @@ from dist_ft.recipe.timelimit import parse_time_limit
 from . import batching, memory, schedule
 from .method_options import check_options
 from .rope import addressable_length, rope_parameters, scaled_context
-from .run_dir import RunDir, ds_config_name, sbatch_name
+from .run_dir import RunDir, ds_config_name, sbatch_name, token_store_root
 
-PLAN_VERSION = 3  # 2: the recipe's sections typed, derived numbers (dp, sp, world size) no longer stored;
+PLAN_VERSION = 4  # 2: the recipe's sections typed, derived numbers (dp, sp, world size) no longer stored;
 # 3: each stage's optimizer and (effective) scheduler replace min_lr, warmup_steps and schedule; fine-tuning's
 #    evaluation (metrics, samples, early_stopping) replaced early_stopping_patience
+# 4: ranks read token stores: each stage's data.cache_dir is set (absolute)
 MAX_MICRO_TOKENS = 32768  # beyond this a bigger micro-batch buys no throughput, only memory
 TIGHT_FRACTION = 0.85
 
@@ -142,7 +143,8 @@ def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str) -> Plan:
     c, par = recipe.cluster, recipe.parallelism
     _check_cluster(recipe, shape, problems, warnings)
     dp = batching.data_parallel_size(c.world_size, par.sequence_parallel)
-    stages = _plan_stages(recipe, shape, dp, problems, warnings)
+    stages = [_with_cache_dir(s, recipe.checkpointing.output_root) for s in
+              _plan_stages(recipe, shape, dp, problems, warnings)]
     time_limit = _time_limit(recipe, problems)
     _check_evaluation(recipe, shape, stages, problems)
     if problems:  # progressive stages share one section: report each of its problems once
@@ -153,6 +155,14 @@ def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str) -> Plan:
         checkpointing=recipe.checkpointing, time_limit_s=time_limit, warnings=warnings,
         evaluation=recipe.evaluation,
     )
+
+
+def _with_cache_dir(stage: StagePlan, output_root: str) -> StagePlan:
+    """The stage's data.cache_dir made absolute (ranks start in any directory): by default
+    token_store_root(output_root), resolved like the run dir against the working directory."""
+    data = stage.data
+    folder = Path(data.cache_dir) if data.cache_dir else token_store_root(output_root)
+    return replace(stage, data=replace(data, cache_dir=str(folder.resolve())))
 
 
 def _check_evaluation(recipe: Recipe, shape: ModelShape | None, stages: list[StagePlan],

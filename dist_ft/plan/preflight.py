@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from dist_ft.plan.run_dir import token_store_root
 from dist_ft.recipe.config import Data, Recipe
 from dist_ft.recipe.data_files import data_path_problem
 from dist_ft.recipe.hostfile import parse_hostfile
@@ -27,7 +28,11 @@ def resolve_recipe_paths(recipe: Recipe, base: Path) -> Recipe:
     and only the launcher resolves `package:` names."""
     def fix(data: Data) -> Data:
         sources = [dataclasses.replace(s, paths=[resolve_data_path(p, base) for p in s.paths]) for s in data.sources]
+        # the default like the run dir (against the working directory), so recipe.resolved.yaml names the folder
+        cache = resolve_data_path(data.cache_dir, base) if data.cache_dir else \
+            str(token_store_root(recipe.checkpointing.output_root).resolve())
         return dataclasses.replace(data, paths=[resolve_data_path(p, base) for p in data.paths], sources=sources,
+                                   cache_dir=cache,
                                    validation_paths=[resolve_data_path(p, base) for p in data.validation_paths],
                                    test_paths=[resolve_data_path(p, base) for p in data.test_paths])
 

@@ -2,14 +2,18 @@
 
     RUN/plan.json  recipe.resolved.yaml  local.sh  nodes.sh  jobs.json   what the launcher renders and submits
     RUN/ds_config.<stage>.json  RUN/<stage>.sbatch                  one of each per stage
+    RUN/prepare.sbatch                                              with data.prepare: job (SLURM)
     RUN/ssh.json  RUN/control/ssh.token  RUN/control/nodes/<stage>.node<N>.json   the ssh backend's record
     RUN/heartbeats/<stage>/rank<N>.json                             each rank's (step, time), every few seconds
-    RUN/logs/  RUN/control/<stage>.stop  RUN/data_cache/<stage>.jsonl  RUN/wandb/
+    RUN/logs/  RUN/control/<stage>.stop  RUN/wandb/
     RUN/eval/<stage>/                                               `dist-ft eval` after a stage
     RUN/stages/<stage>/DONE  metrics.jsonl  loss.png  ranks/rank<N>.json
     RUN/stages/<stage>/samples.jsonl  test_metrics.json              evaluation during and after fine-tuning
     RUN/stages/<stage>/checkpoints/  universal/                      see checkpoint.py
     RUN/stages/<stage>/export/  (adapter/, merged/ for adapter methods)
+
+Token stores live outside any run dir, shared by runs and recipes: data.cache_dir, by default
+token_store_root(checkpointing.output_root); dist_ft/store/format.py describes one.
 """
 
 from __future__ import annotations
@@ -23,7 +27,14 @@ LOCAL_SCRIPT = "local.sh"
 NODES_SCRIPT = "nodes.sh"  # one node's part of a multi-node run, for orchestrators other than SLURM
 JOBS_FILE = "jobs.json"
 SSH_FILE = "ssh.json"  # the ssh backend's record: hosts, launcher, each stage's state and attempt
+PREPARE_SBATCH = "prepare.sbatch"  # with data.prepare: job, the CPU job the first stage depends on
 SUBDIRS = ("logs", "control", "stages")  # created with the run dir
+TOKEN_STORE = "token_store"
+
+
+def token_store_root(output_root: str) -> Path:
+    """The default data.cache_dir: beside the runs (on the shared file system), not inside one."""
+    return Path(output_root) / TOKEN_STORE
 
 
 def ds_config_name(stage: str) -> str:
@@ -103,6 +114,15 @@ class RunDir:
         return self.path / PLAN_FILE
 
     @property
+    def recipe_file(self) -> Path:
+        """The resolved recipe: what `dist-ft prepare` reads to (re)build the run's token stores."""
+        return self.path / RECIPE_FILE
+
+    @property
+    def prepare_sbatch(self) -> Path:
+        return self.path / PREPARE_SBATCH
+
+    @property
     def jobs_file(self) -> Path:
         return self.path / JOBS_FILE
 
@@ -141,10 +161,6 @@ class RunDir:
     def stop_file(self, stage: str) -> Path:
         """Touched (by the sbatch script on a signal, or by hand) to make a stage checkpoint and stop."""
         return self.control / f"{stage}.stop"
-
-    def data_cache(self, stage: str) -> Path:
-        """A hub dataset exported once to JSONL for the stage's ranks."""
-        return self.path / "data_cache" / f"{stage}.jsonl"
 
     def eval(self, stage: str) -> Path:
         return self.path / "eval" / stage

@@ -3,56 +3,51 @@ their own files), test rows, the rank's resumable batch stream and the bad-data 
 
 from __future__ import annotations
 
-import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dist_ft.plan import batching
 from dist_ft.plan.plan import Plan, StagePlan
-from . import engine as ds
-from .data import BadRows, BatchStream, DataError, SourceRows, mixture_rows, pretraining_rows, sft_rows, split_rows
+from dist_ft.store import DOCUMENTS, BadRows, DataError, SourceSpec, StoreError, TokenStore, open_source
+from dist_ft.store.sources import source_spec, training_paths
+from .data import BatchStream
+from .data.packed import PackedDocuments, PackedExamples, RowSet
+from .data.select import SourceRows, mix, split_set
 from .distributed import DistEnv
 
 
 @dataclass
 class StageData:
     train: BatchStream
-    validation: list[dict[str, list[int]]]
+    validation: Sequence[dict[str, list[int]]]  # read from the memory map row by row
     dp_rank: int
     dp_size: int
     steps_per_epoch: int
     report: str
     eval_copies: int = 1  # forward batch size for one validation row (see evaluate_loss)
-    test: list[dict[str, list[int]]] = field(default_factory=list)
+    test: Sequence[dict[str, list[int]]] = field(default_factory=list)
 
 
 def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_config: dict[str, Any]) -> StageData:
+    """The stage's rows from its token stores (built by `dist-ft prepare`; a rank never tokenizes)."""
     data = stage.data
     seed = data.seed + plan.seed
+    reader = _StoreReader(plan, stage, tokenizer, seed)
     mixture: list[SourceRows] = []
-    def rows_of(paths) -> tuple[list[dict[str, list[int]]], BadRows]:
-        """Rows from files as this stage reads its training data (validation and test files too)."""
-        if stage.phase == "continued_pretraining":
-            return pretraining_rows(paths, data.text_field, tokenizer, stage.seq_len, seed=seed,
-                                    long_docs=data.long_documents)
-        return sft_rows(paths, tokenizer, stage.data_format, stage.template, stage.seq_len, seed=seed,
-                        packing=data.packing, text_field=data.text_field)
-
     try:
         if data.sources:  # split per source before drawing: a repeated row never lands on both sides
-            train, validation, bad, mixture = mixture_rows(
-                [(s.paths, s.weight, s.long_documents) for s in data.sources], data.text_field, tokenizer,
-                stage.seq_len, seed=seed, validation_fraction=data.validation_fraction)
+            sources = [(s.paths, s.weight, reader.source(s, seed + i)) for i, s in enumerate(data.sources)]
+            train, validation, mixture = mix(sources, seed, data.validation_fraction)
         else:
-            rows, bad = rows_of(_local_paths(plan, stage, env))
-            train, validation = split_rows(rows, data.validation_fraction, seed)
+            train, validation = split_set(reader.rows(training_paths(data)), data.validation_fraction, seed)
         if data.validation_paths:
-            validation, held_bad = rows_of(data.validation_paths)
-            bad.merge(held_bad)
-        test = rows_of(data.test_paths)[0] if data.test_paths else []
-    except DataError as err:
+            validation = reader.rows(data.validation_paths)
+        test = reader.rows(data.test_paths) if data.test_paths else []
+    except (DataError, StoreError) as err:
         raise SystemExit(f"error: [{stage.name}] {err}") from None
+    bad, efficiency = reader.bad, reader.efficiency
     sp = plan.sp
     dp_size = batching.data_parallel_size(env.world_size, sp)
     dp_rank = batching.data_parallel_rank(env.rank, sp)
@@ -64,7 +59,8 @@ def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_co
     stream = BatchStream(train, micro, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
     return StageData(train=stream, validation=validation, dp_rank=dp_rank, dp_size=dp_size,
                      steps_per_epoch=batching.steps_per_epoch(len(train), per_step),
-                     report=_report(stage, len(train), len(validation), len(test), bad) + _mixture_report(mixture),
+                     report=_report(stage, len(train), len(validation), len(test), bad) + _mixture_report(mixture)
+                     + (f"; packing efficiency {100 * efficiency[0]:.1f}%" if efficiency else ""),
                      eval_copies=micro if sp > 1 else 1, test=test)
 
 
@@ -74,6 +70,8 @@ def _mixture_report(mixture: list[SourceRows]) -> str:
     return "".join(f"\n    source {i} ({', '.join(Path(p).name for p in s.paths)}): weight {s.weight:g}, "
                    f"{s.taken} of {s.available} rows{' (up-sampled)' if s.taken > s.available else ''}, "
                    f"{100 * s.scored_tokens / total:.1f}% of the tokens"
+                   + (f", {100 * s.long_share:.1f}% of its own in long documents" if s.long_share is not None
+                      else "")
                    for i, s in enumerate(mixture))
 
 
@@ -85,29 +83,52 @@ def _report(stage: StagePlan, train: int, validation: int, test: int, bad: BadRo
     return head + (f"; skipped or changed: {bad}" if bad.total else "; no bad rows")
 
 
-def _local_paths(plan: Plan, stage: StagePlan, env: DistEnv) -> list[str]:
-    """Local paths as given; a hub dataset is exported once to JSONL in the run dir (online only)."""
-    data = stage.data
-    if data.paths:
-        return list(data.paths)
-    target = plan.run.data_cache(stage.name)
-    if env.is_main and not target.exists():
-        _export_hub_dataset(data.hub_dataset, data.hub_split, target)
-    ds.barrier()
-    return [str(target)]
+class _StoreReader:
+    """Opens a stage's stores and packs their rows, gathering the bad rows (prepare's and packing's)."""
+
+    def __init__(self, plan: Plan, stage: StagePlan, tokenizer, seed: int) -> None:
+        self.stage, self.tokenizer, self.seed = stage, tokenizer, seed
+        self.rebuild = f"dist-ft prepare {plan.run.recipe_file}"
+        self.bad = BadRows()
+        self.efficiency: list[float] = []  # fine-tuning rows: real tokens / row tokens, per store read
+
+    def _open(self, paths) -> tuple[SourceSpec, TokenStore]:
+        stage = self.stage
+        spec = source_spec(paths, stage.data, stage.phase, stage.data_format, stage.template)
+        store = open_source(spec, self.tokenizer, Path(stage.data.cache_dir), self.rebuild)
+        self.bad.merge(_prepare_bad(store))
+        return spec, store
+
+    def rows(self, paths) -> RowSet:
+        """Rows from files as this stage reads its training data (validation and test files too)."""
+        data, seq_len = self.stage.data, self.stage.seq_len
+        spec, store = self._open(paths)
+        if spec.kind == DOCUMENTS:
+            packed = PackedDocuments(store, seq_len, seed=self.seed, long_docs=data.long_documents, bad=self.bad)
+        else:
+            packed = PackedExamples(store, seq_len, seed=self.seed, packing=data.packing, bad=self.bad,
+                                    method=data.packing_method)
+            self.efficiency.append(packed.efficiency)
+        return RowSet.of(self._some(packed, paths))
+
+    def source(self, source, seed: int) -> PackedDocuments:
+        """One mixture source's rows, packed with its own long_documents policy and seed."""
+        _, store = self._open(source.paths)
+        up = source.upsample_long
+        return self._some(PackedDocuments(store, self.stage.seq_len, seed=seed, long_docs=source.long_documents,
+                                          bad=self.bad, upsample=(up.min_tokens, up.factor) if up else None),
+                          source.paths)
+
+    def _some(self, packed, paths):
+        if not len(packed):
+            raise DataError(f"no rows left to train on from {', '.join(map(str, paths))}: {self.bad}")
+        return packed
 
 
-def _export_hub_dataset(name: str, split: str, target: Path) -> None:
-    from datasets import load_dataset
-
-    try:
-        dataset = load_dataset(name, split=split)
-    except Exception as err:  # offline compute nodes: say what to do instead
-        raise SystemExit(f"error: could not load hub dataset {name!r} ({err}); download it where there is "
-                         "network and give `data.paths` instead") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".tmp")
-    with open(tmp, "w") as handle:
-        for row in dataset:
-            handle.write(json.dumps(row) + "\n")
-    tmp.rename(target)
+def _prepare_bad(store: TokenStore) -> BadRows:
+    """The rows prepare left out of the store, by reason (counted once, when it read the files)."""
+    bad = BadRows()
+    for reason, count in store.manifest["bad_rows"].items():
+        bad.counts[reason] += count
+        bad.examples[reason] = list(store.manifest["bad_examples"].get(reason, []))
+    return bad

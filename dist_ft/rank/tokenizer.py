@@ -9,17 +9,10 @@ from __future__ import annotations
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
+from dist_ft.recipe.prompts import chat_template  # the store renders SFT rows with it too
+
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 BYTE_VOCAB_SIZE = 256 + 3
-
-
-def chat_template(eos_token: str) -> str:
-    """A minimal Jinja chat template; each turn ends with `eos_token` so the model learns to stop.
-
-    Role markers such as <|user|> are plain text, not special tokens.
-    """
-    return ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + eos_token + "\n{% endfor %}"
-            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def _byte_to_unicode() -> dict[int, str]:

@@ -116,6 +116,13 @@ MAX_SOURCES = 64
 
 
 @dataclass(frozen=True)
+class UpsampleLong:
+    min_tokens: int = spec(min=1, max=MAX_SEQ_LEN, doc="Documents of at least this many tokens count as long.")
+    factor: int = spec(min=1, max=1000, doc="Each long document appears this many times in the source's shuffled "
+                                            "documents (1: as is).")
+
+
+@dataclass(frozen=True)
 class Source:
     paths: list[str] = spec(doc="Local files or directories of this source (jsonl, json, parquet, txt).")
     weight: float = spec(1.0, min=1e-6, max=1e6, doc="Share of the stage's training rows relative to the other "
@@ -123,6 +130,9 @@ class Source:
                                                    "(up-sampling), fewer leaves some out.")
     long_documents: Literal["split", "truncate", "skip", "only"] = spec(
         "split", doc="Documents over seq_len: split, truncate or skip them; `only`: keep only those, split.")
+    upsample_long: UpsampleLong | None = spec(None, doc="Raise long documents' share inside this source (its weight, "
+                                                        "i.e. the domain mixture, is unchanged); the realised share "
+                                                        "of tokens in long documents is reported per stage.")
 
     def __post_init__(self) -> None:
         if not self.paths:
@@ -142,6 +152,9 @@ class Data:
     hub_split: str = spec("train", doc="Split of the hub dataset.")
     text_field: str = spec("text", doc="Field holding the text in json/jsonl/parquet rows.")
     packing: bool = spec(True, doc="Pack documents into full rows (per-document positions, no cross attention).")
+    packing_method: Literal["next_fit", "best_fit_decreasing"] = spec(
+        "next_fit", doc="Fine-tuning: how examples fill rows (never split): next_fit keeps the shuffled order; "
+                        "best_fit_decreasing packs tighter (fewer rows; the efficiency is reported).")
     long_documents: Literal["split", "truncate", "skip"] = spec("split", doc="What to do with documents over seq_len.")
     validation_fraction: float = spec(0.0, min=0.0, max=0.5, doc="Share of the rows held out for validation "
                                                                   "(seeded); or give `validation_paths`.")
@@ -150,6 +163,13 @@ class Data:
     test_paths: list[str] = spec(factory=list, doc="Test files or folders, read like `paths`: evaluated once "
                                                    "after the stage, on the exported weights (test_metrics.json).")
     seed: int = spec(0, min=0, max=MAX_SEED, doc="Added to the recipe seed for shuffling and the validation split.")
+    prepare: Literal["launcher", "job"] = spec(
+        "launcher", doc="Where `launch --backend slurm` runs `dist-ft prepare`: on the submitting machine "
+                        "(launcher), or as a CPU job (prepare.sbatch) that the first stage waits for (afterok). "
+                        "The local and ssh backends always prepare where they run.")
+    cache_dir: str | None = spec(None, doc="Folder of the token stores `dist-ft prepare` writes and the ranks "
+                                           "memory-map (default: checkpointing.output_root/token_store); shared "
+                                           "by runs and recipes with the same sources and tokenizer.")
 
     def __post_init__(self) -> None:
         for name in ("paths", "validation_paths", "test_paths"):
@@ -287,7 +307,7 @@ class Finetune:
     name: str = spec("finetune", doc="Stage name.")
     method: Method = spec("lora", doc="Which parameters train and how the model is wrapped.")
     options: MethodOptions = spec(factory=MethodOptions, doc="Method options (see finetune.options).")
-    format: Literal["text", "instruction", "chat"] = spec("instruction", doc="text: loss on all tokens; instruction: instruction/input/output rows; chat: messages rows.")
+    format: Literal["text", "instruction", "chat"] = spec("instruction", doc="text: loss on all tokens; instruction: instruction/input/output rows; chat: messages rows (or ShareGPT `conversations`).")
     template: str | None = spec(None, doc="instruction rows: `alpaca`, `chat_template` (the tokenizer's) or a "
                                           "format string with {instruction} and {input}; unset: the tokenizer's "
                                           "chat template if it has one, else alpaca. chat rows: a Jinja chat "

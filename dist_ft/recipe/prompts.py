@@ -78,3 +78,12 @@ def instruction_prompt(template: str | None, instruction: str, extra: str) -> st
 def drops_input(template: str | None) -> bool:
     """A custom format string without {input}: a row's input would not reach the model."""
     return template not in (None, CHAT_TEMPLATE, *NAMED_PROMPTS) and "input" not in _fields(template)
+
+
+def chat_template(eos_token: str) -> str:
+    """A minimal Jinja chat template; each turn ends with `eos_token` so the model learns to stop.
+
+    Role markers such as <|user|> are plain text, not special tokens.
+    """
+    return ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}" + eos_token + "\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")

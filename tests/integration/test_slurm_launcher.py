@@ -195,8 +195,8 @@ def test_a_nasty_partition_reaches_sbatch_whole(nasty_recipe, tmp_path):
 
 def launch(tmp_path: Path, bin_dir: Path, job_ids: list[int]) -> tuple[Path, list[str], list[int]]:
     out = tmp_path / "run"
-    code = main(["launch", str(DEMO), "--backend", "slurm", "--out", str(out),
-                 "--set", "cluster.nodes=1", "--set", python_override(bin_dir)])
+    code = main(["launch", str(DEMO), "--backend", "slurm", "--out", str(out), "--set", "cluster.nodes=1",
+                 "--set", python_override(bin_dir), "--set", f"checkpointing.output_root={tmp_path}"])
     jobs_file = out / "jobs.json"
     jobs = json.loads(jobs_file.read_text()) if jobs_file.exists() else {}
     job_ids.extend(int(job) for job in jobs.values())  # cancelled at the end of the test

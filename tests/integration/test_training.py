@@ -10,6 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
+
+from dist_ft.cli import main
 
 from dist_ft.cli import main
 from tests.integration.training_helpers import (
@@ -96,6 +99,8 @@ def test_resume_on_another_world_size_through_the_universal_checkpoint(tmp_path)
     assert losses(moved, "ctx") == pytest.approx(losses(whole, "ctx"), abs=1e-5)
     info = json.loads((moved / "stages/ctx/ranks/rank0.json").read_text())
     assert info["world_size"] == 1
+    stores = [p.name for p in (tmp_path / "token_store").iterdir() if p.is_dir()]
+    assert len(stores) == 1 and stores[0].startswith("documents-"), "both runs and both world sizes read one store"
 
 
 def test_two_nodes_on_loopback(tmp_path):
@@ -233,19 +238,20 @@ def test_nonfinite_losses_stop_the_stage_with_the_last_good_checkpoint_intact(tm
     assert not (run / "stages/ctx/DONE").exists()
 
 
-def test_data_with_nothing_usable_fails_before_training_with_the_counts(tmp_path):
+def test_data_with_nothing_usable_fails_before_training_with_the_counts(tmp_path, capsys):
+    """Found by `dist-ft prepare` (which `launch` runs first), before any rank starts."""
     run = tmp_path / "bad"
     data = tmp_path / "bad.jsonl"
     data.write_text('{"title": "no text field"}\n{"text": ""}\nnot json at all\n')
     raw = tiny_recipe(steps=2)
     raw["long_context"]["data"] = {"paths": [str(data)]}
-    render(raw, run)
-    result = subprocess.run(torchrun_argv(run, "ctx", 2, free_port()), env=rank_env(), capture_output=True,
-                            text=True, timeout=240)
-    assert result.returncode != 0
-    output = result.stdout + result.stderr
-    assert "[ctx]" in output and "no usable documents" in output and "missing_field" in output, output[-3000:]
-    assert not (run / "stages/ctx/checkpoints").exists()
+    raw["checkpointing"]["output_root"] = str(tmp_path)
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    assert main(["launch", str(recipe), "--out", str(run)]) == 2
+    output = capsys.readouterr().err
+    assert "no usable documents" in output and "missing_field" in output and "bad_json" in output, output[-3000:]
+    assert not (run / "stages/ctx/checkpoints").exists() and not (run / "logs" / "ctx.log").exists()
 
 
 def test_evaluation_after_each_stage_writes_what_the_stage_bought(tmp_path):

@@ -52,9 +52,13 @@ def lora_finetune(method: str = "lora", steps: int = 3, **options) -> dict:
 
 
 def render(raw: dict, run_dir: Path) -> Plan:
+    """The run dir, and its token stores prepared (beside it) as `launch` would before starting ranks."""
     recipe = run_dir.parent / f"{run_dir.name}.yaml"
-    recipe.write_text(yaml.safe_dump(copy.deepcopy(raw)))
+    raw = copy.deepcopy(raw)
+    raw.setdefault("checkpointing", {}).setdefault("output_root", str(run_dir.parent))
+    recipe.write_text(yaml.safe_dump(raw))
     assert main(["render", str(recipe), "--out", str(run_dir)]) == 0
+    assert main(["prepare", str(recipe), "--out", str(run_dir), "--workers", "1"]) == 0
     return Plan.from_json((run_dir / "plan.json").read_text())
 
 

@@ -48,7 +48,7 @@ def fake_python(tmp_path: Path) -> Path:
 
 def launch(tmp_path: Path, *sets: str, env=None) -> subprocess.Popen:
     args = [*DIST_FT, "launch", str(LAUNCH / "demo.yaml"), "--backend", "local", "--out", str(tmp_path / "run"),
-            "--set", f"cluster.python={fake_python(tmp_path)}"]
+            "--set", f"cluster.python={fake_python(tmp_path)}", "--set", f"checkpointing.output_root={tmp_path}"]
     for item in sets:
         args += ["--set", item]
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

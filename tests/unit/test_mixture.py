@@ -131,6 +131,7 @@ def test_a_mixture_recipe_plans(recipe_file, tmp_path):
 
 def test_a_stage_loads_its_mixture_and_reports_it(sources, tmp_path):
     """The rank side: load_stage_data builds the stream from the mixture and reports it (one rank)."""
+    from dist_ft.launcher.prepare import prepare
     from dist_ft.plan.plan import make_plan
     from dist_ft.rank.distributed import DistEnv
     from dist_ft.rank.stage_data import load_stage_data
@@ -139,14 +140,20 @@ def test_a_stage_loads_its_mixture_and_reports_it(sources, tmp_path):
 
     raw = demo_raw()
     raw["long_context"]["data"] = {"sources": [{"paths": sources["a"], "weight": 1},
-                                               {"paths": sources["b"], "weight": 3}], "validation_fraction": 0.1}
+                                               {"paths": sources["b"], "weight": 3,
+                                                "upsample_long": {"min_tokens": 100, "factor": 2}}],
+                                   "validation_fraction": 0.1,
+                                   "cache_dir": str(tmp_path / "stores")}
     raw["long_context"]["progressive"].update(start=64, target=128, growth=2)
     raw["long_context"]["tokens_per_step"] = 256
+    del raw["finetune"]  # its relative paths are resolved by the CLI, not here
     recipe = recipe_from_dict(raw)
     plan = make_plan(recipe, shape_from_config(recipe.model.config, "test"), str(tmp_path / "run"))
     env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, backend="gloo", device="cpu",
                   restart_count=0, slurm_job_id=None)
+    prepare(plan, byte_tokenizer(), workers=1, progress=False)  # the ranks only read token stores
     data = load_stage_data(plan, plan.stages[0], env, byte_tokenizer(),
                            {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1})
     assert "source 0 (a): weight 1" in data.report and "source 1 (b): weight 3" in data.report
+    assert "100.0% of its own in long documents" in data.report.split("source 1")[1]
     assert data.validation and next(data.train)["input_ids"].shape == (2, 64)

@@ -74,7 +74,9 @@ def spied(monkeypatch):
 def test_plan_deepspeed_config_data_and_world_size_change_share_one_batch_arithmetic(tmp_path, spied, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("data/tiny", f"{LAUNCH}/data/tiny"))
-    assert main(["render", str(recipe), "--out", str(tmp_path / "run"), "--set", "cluster.procs_per_node=2"]) == 0
+    args = [str(recipe), "--out", str(tmp_path / "run"), "--set", "cluster.procs_per_node=2",
+            "--set", f"checkpointing.output_root={tmp_path}"]
+    assert main(["render", *args]) == 0 and main(["prepare", *args, "--workers", "1"]) == 0
     plan = Plan.from_json((tmp_path / "run" / "plan.json").read_text())
     stage = plan.stage("sft")
     cfg = render_ds_config(plan, stage)
@@ -180,6 +182,18 @@ def test_the_recipe_and_the_plan_import_only_down_the_flow():
              for side, ok in allowed.items() if module.startswith(side + ".") or module == side
              for target in sorted(targets) if target != "dist_ft" and not target.startswith(ok)]
     assert found == []
+
+def test_the_token_store_sits_below_the_launcher_and_the_ranks():
+    """dist_ft.store (which `dist-ft prepare` writes and the ranks read) imports only recipe/, durable.py and
+    itself: neither side it serves, nor the plan, CLI or evaluation."""
+    ok = ("dist_ft.store", "dist_ft.recipe", "dist_ft.durable")
+    found = [f"{module} imports {target}" for module, targets in sorted(module_imports().items())
+             if module.startswith("dist_ft.store") for target in sorted(targets)
+             if target != "dist_ft" and not target.startswith(ok)]
+    assert found == []
+    graph = module_imports()
+    assert "dist_ft.store" in graph["dist_ft.launcher.prepare"] and "dist_ft.store" in graph["dist_ft.rank.stage_data"]
+
 
 LAYOUT_NAMES = {"plan.json", "jobs.json", "stages", "DONE", "export", "adapter", "merged", "checkpoints", "universal",
                 "control", "logs", "eval", "ranks", "metrics.jsonl", "loss.png", "data_cache", "wandb"}

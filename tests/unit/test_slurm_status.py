@@ -274,3 +274,33 @@ def test_array_job_ids_are_valid_and_the_client_refuses_anything_else(run_dir, t
     assert slurm_jobs.load_run(run)[1] == {names[0]: "40", names[1]: "41_2"}
     with pytest.raises(SlurmError, match="not a SLURM job id"):
         SlurmClient().cancel(["40", "--user=root"])
+
+
+def test_a_prepare_job_is_rendered_submitted_first_chained_and_cancelled(tmp_path, capsys):
+    """data.prepare: job: a CPU prepare.sbatch that runs `dist-ft prepare` on the resolved recipe; the first
+    stage waits for it (afterok); cancel takes it down with the stages; status counts only stages."""
+    import subprocess
+
+    out = tmp_path / "run"
+    args = [str(LAUNCH / "demo.yaml"), "--out", str(out), "--set", "long_context.data.prepare=job",
+            "--set", "cluster.partition=cpu q", "--set", f"checkpointing.output_root={tmp_path}"]
+    assert main(["launch", *args, "--backend", "slurm", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    script = out / "prepare.sbatch"
+    assert f"[prepare] sbatch --parsable {script}" in printed
+    first_stage = [line for line in printed.splitlines() if line.startswith("[")][1]
+    assert "'--dependency=afterok:<job id of prepare>'" in first_stage and "ctx512.sbatch" in first_stage
+    text = script.read_text()
+    assert '#SBATCH --partition="cpu q"' in text and "#SBATCH --nodes=1" in text and "gpus" not in text
+    assert f"-m dist_ft prepare {out}/recipe.resolved.yaml --out={out}" in text
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    assert not (tmp_path / "token_store").exists(), "with a prepare job the launcher prepares nothing itself"
+    names = [s.name for s in Plan.from_json((out / "plan.json").read_text()).stages]
+    (out / "jobs.json").write_text(json.dumps({"prepare": "39", **{n: str(40 + i) for i, n in enumerate(names)}}))
+    fake = FakeSlurm({"39": JobInfo("RUNNING"), "40": JobInfo("PENDING", "Dependency")})
+    assert slurm_jobs.run_status(out, fake) == 0
+    assert f"{len(names)} of {len(names)} stage(s) submitted (after prepare job 39)" in capsys.readouterr().out
+    assert slurm_jobs.run_cancel(out, fake) == 0 and fake.cancelled == ["39", "40"]
+    assert "[prepare] cancelled job 39 (was RUNNING)" in capsys.readouterr().out
+    assert main(["render", str(LAUNCH / "demo.yaml"), "--out", str(tmp_path / "plain")]) == 0
+    assert not (tmp_path / "plain" / "prepare.sbatch").exists()

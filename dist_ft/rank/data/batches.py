@@ -37,7 +37,7 @@ class BatchStream:
         if len(rows) < self.rows_per_step:
             raise ValueError(f"{len(rows)} rows cannot fill one step of {dp_size} ranks × {micro_batch_size} rows")
         self.epoch, self.position = 0, 0
-        self._order: tuple[int, list[int]] | None = None
+        self._order: tuple[int, torch.Tensor] | None = None
 
     @property
     def rows_per_step(self) -> int:
@@ -56,12 +56,13 @@ class BatchStream:
             self.epoch, self.position = self.epoch + 1, 0
         step_rows = self._epoch_order()[self.position:self.position + self.rows_per_step]
         self.position += self.rows_per_step
-        return collate([self.rows[i] for i in step_rows[self.dp_rank::self.dp_size]])
+        return collate([self.rows[i] for i in step_rows[self.dp_rank::self.dp_size].tolist()])
 
-    def _epoch_order(self) -> list[int]:
+    def _epoch_order(self) -> torch.Tensor:
+        """The epoch's permutation, kept as a tensor (8 bytes a row, not a list of Python ints)."""
         if self._order is None or self._order[0] != self.epoch:
             generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            self._order = (self.epoch, torch.randperm(len(self.rows), generator=generator).tolist())
+            self._order = (self.epoch, torch.randperm(len(self.rows), generator=generator))
         return self._order[1]
 
     def state_dict(self) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from dist_ft.rank.labels import IGNORE_INDEX
-from .read import BadRows
+from dist_ft.store.read import BadRows
 LONG_DOC_POLICIES = ("split", "truncate", "skip")
 
 

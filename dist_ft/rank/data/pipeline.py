@@ -1,17 +1,21 @@
-"""From data files to packed rows: the two paths a stage takes (pre-training text, SFT)."""
+"""From data files to packed rows, all in memory: the path the ranks took before the token store.
+
+Kept as the reference the store's rows are tested against (tests/unit/test_token_store.py) and for
+benchmarks/data_scale.py's "before" column; no rank calls it.
+"""
 
 from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from .pack import IGNORE_INDEX, pack_documents, pack_examples
-from .read import BadRows, DataError, read_documents, read_records
-from .sft import sft_example
+from .select import SourceRows, draw, split_rows
+from dist_ft.store.read import BadRows, DataError, read_documents, read_records
+from dist_ft.store.sft import sft_example
 
 
 def tokenize_documents(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, *, batch_size: int = 1000,
@@ -51,16 +55,6 @@ def pretraining_rows(paths: Sequence[str], text_field: str, tokenizer: PreTraine
     return rows, bad
 
 
-@dataclass(frozen=True)
-class SourceRows:
-    """What one source of a mixture gave: its rows, and how many of them the mixture took."""
-    paths: tuple[str, ...]
-    weight: float
-    available: int
-    taken: int
-    scored_tokens: int
-
-
 def mixture_rows(sources: Sequence[tuple[Sequence[str], float, str]], text_field: str,
                  tokenizer: PreTrainedTokenizerBase, seq_len: int, *, seed: int, validation_fraction: float = 0.0
                  ) -> tuple[list[dict[str, list[int]]], list[dict[str, list[int]]], BadRows, list[SourceRows]]:
@@ -82,7 +76,7 @@ def mixture_rows(sources: Sequence[tuple[Sequence[str], float, str]], text_field
     total, weights = sum(map(len, splits)), [weight for _, weight, _ in sources]
     mixed, report = [], []
     for index, ((paths, weight, _), rows) in enumerate(zip(sources, splits)):
-        taken = _draw(rows, round(total * weight / sum(weights)), random.Random(seed + 7919 * (index + 1)))
+        taken = draw(rows, round(total * weight / sum(weights)), random.Random(seed + 7919 * (index + 1)))
         mixed += taken
         report.append(SourceRows(tuple(map(str, paths)), weight, len(rows), len(taken),
                                  sum(_scored(row) for row in taken)))
@@ -94,22 +88,6 @@ def _scored(row: dict[str, list[int]]) -> int:
     """The row's scored tokens (list.count runs in C: a mixture of millions of rows is counted in seconds)."""
     labels = row["labels"]
     return len(labels) - labels.count(IGNORE_INDEX)
-
-
-def split_rows(rows: list, fraction: float, seed: int) -> tuple[list, list]:
-    """(training, validation): a seeded `fraction` of the rows held out (at least one when asked)."""
-    if not fraction:
-        return rows, []
-    order = list(range(len(rows)))
-    random.Random(seed + 1).shuffle(order)
-    count = max(1, int(len(rows) * fraction))
-    return [rows[i] for i in order[count:]], [rows[i] for i in order[:count]]
-
-
-def _draw(rows: list, count: int, rng: random.Random) -> list:
-    """`count` of `rows`: whole copies first, then a seeded sample without repeats for the rest."""
-    copies, rest = divmod(count, len(rows))
-    return rows * copies + rng.sample(rows, rest)
 
 
 def sft_rows(paths: Sequence[str], tokenizer: PreTrainedTokenizerBase, fmt: str, template: str | None,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,11 +63,23 @@ class BadRows:
 def read_documents(paths: Sequence[str], text_field: str) -> tuple[list[str], BadRows]:
     """Texts from jsonl/json/parquet rows (`text_field`), text files, and directories of them."""
     bad = BadRows()
-    documents = [text for where, record in read_records(paths, bad)
-                 if (text := _text(record, text_field, where, bad)) is not None]
+    documents = list(iter_documents(paths, text_field, bad))
     if not documents:
         raise DataError(f"no usable documents in {', '.join(map(str, paths))}: {bad}")
     return documents, bad
+
+
+def iter_documents(paths: Sequence[str], text_field: str, bad: BadRows) -> Iterator[str]:
+    """The texts one at a time, in file order; what cannot be used is counted in `bad`."""
+    for where, record in read_records(paths, bad):
+        if (text := _text(record, text_field, where, bad)) is not None:
+            yield text
+
+
+def data_files(paths: Sequence[str]) -> list[Path]:
+    """The files the reader takes from `paths`, in its order (directories expanded, hidden entries
+    skipped): what a token store's key covers."""
+    return [file for path in paths for file in _files(Path(path), BadRows())]
 
 
 def read_records(paths: Sequence[str], bad: BadRows) -> Iterator[tuple[str, Any]]:
@@ -111,19 +123,49 @@ def _files(path: Path, bad: BadRows) -> list[Path]:
 
 
 def _file_records(file: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
+    """A file's records, streamed where the format allows: JSON Lines line by line, parquet by row group;
+    a .json array or a text file (one document) is read once, whole."""
     suffix = file.suffix.lower()
     if suffix == ".parquet":
         yield from _parquet_records(file, bad)
-        return
-    data = file.read_bytes()
-    if not data.strip():
-        bad.add("empty_file", str(file))
     elif suffix == ".jsonl":
-        yield from _jsonl_records(file, data, bad)
-    elif suffix == ".json":
-        yield from _json_records(file, data, bad)
-    elif (text := _decode(data, str(file), bad)) is not None:
-        yield str(file), text
+        yield from _jsonl_file(file, bad)
+    else:
+        data = file.read_bytes()
+        if not data.strip():
+            bad.add("empty_file", str(file))
+        elif suffix == ".json":
+            yield from _json_records(file, data, bad)
+        elif (text := _decode(data, str(file), bad)) is not None:
+            yield str(file), text
+
+
+def _jsonl_file(file: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
+    blank = True
+    with open(file, "rb") as handle:
+        for where, record, empty in _jsonl_lines(file, handle):
+            blank = blank and empty
+            if record is not _BLANK:
+                yield from _parsed(where, record, bad)
+    if blank:
+        bad.add("empty_file", str(file))
+
+
+_BLANK = object()
+
+
+def _jsonl_lines(file: Path, lines: Iterable[bytes]) -> Iterator[tuple[str, Any, bool]]:
+    """(location, line or _BLANK, whether blank) per line; a line is read, judged and dropped."""
+    for number, line in enumerate(lines, start=1):
+        empty = not line.strip()
+        yield f"{file}:{number}", (_BLANK if empty else line), empty
+
+
+def _parsed(where: str, line: bytes, bad: BadRows) -> Iterator[tuple[str, Any]]:
+    if (text := _decode(line, where, bad)) is not None:
+        record = _parse_json(text, where, bad)
+        if record is not _UNPARSED:
+            yield where, record
 
 
 def _decode(data: bytes, where: str, bad: BadRows) -> str | None:
@@ -135,13 +177,9 @@ def _decode(data: bytes, where: str, bad: BadRows) -> str | None:
 
 
 def _jsonl_records(file: Path, data: bytes, bad: BadRows) -> Iterator[tuple[str, Any]]:
-    for number, line in enumerate(data.split(b"\n"), start=1):
-        where = f"{file}:{number}"
-        if not line.strip() or (text := _decode(line, where, bad)) is None:
-            continue
-        record = _parse_json(text, where, bad)
-        if record is not _UNPARSED:
-            yield where, record
+    for where, line, _ in _jsonl_lines(file, data.split(b"\n")):
+        if line is not _BLANK:
+            yield from _parsed(where, line, bad)
 
 
 _UNPARSED = object()
@@ -175,15 +213,19 @@ def _json_records(file: Path, data: bytes, bad: BadRows) -> Iterator[tuple[str, 
 
 
 def _parquet_records(file: Path, bad: BadRows) -> Iterator[tuple[str, Any]]:
+    """Rows one row group at a time: a file larger than memory is never held whole."""
+    index = 0
     try:
-        rows = pq.read_table(file).to_pylist()
+        parquet = pq.ParquetFile(file)
+        for group in range(parquet.num_row_groups):
+            for row in parquet.read_row_group(group).to_pylist():
+                yield f"{file}[{index}]", row
+                index += 1
     except Exception as error:  # pyarrow raises several unrelated types for a corrupt file
         bad.add("unreadable_file", f"{file} ({type(error).__name__})")
         return
-    if not rows:
+    if not index:
         bad.add("empty_file", str(file))
-    for index, row in enumerate(rows):
-        yield f"{file}[{index}]", row
 
 
 def _text(record: Any, text_field: str, where: str, bad: BadRows) -> str | None:

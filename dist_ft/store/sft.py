@@ -12,9 +12,8 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from dist_ft.rank.tokenizer import chat_template
-from dist_ft.recipe.prompts import CHAT_TEMPLATE, drops_input, instruction_prompt, uses_chat_template
-from .pack import IGNORE_INDEX
+from dist_ft.recipe.prompts import CHAT_TEMPLATE, chat_template, drops_input, instruction_prompt, uses_chat_template
+from .format import IGNORE_INDEX
 from .read import BadRows
 
 FORMATS = ("instruction", "chat", "text")
@@ -28,7 +27,8 @@ def sft_example(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, fmt:
 
     fmt "instruction": rows with instruction / input (optional) / output; `template`
     as prompts.py says (a name, or a str.format prompt with {instruction} and {input}).
-    fmt "chat": rows with `messages` [{role, content}]; loss on assistant turns.
+    fmt "chat": rows with `messages` [{role, content}] (or ShareGPT's `conversations` [{from, value}]); loss
+    on assistant turns.
     `template` is a Jinja chat template overriding the tokenizer's (or `chat_template`).
     fmt "text": loss on all of row[text_field].
     A prompt that alone fills `seq_len` drops the row; a long response is cut.
@@ -55,7 +55,7 @@ def sft_example(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, fmt:
 def _pieces(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, fmt: str, template: str | None,
             text_field: str, bad: BadRows) -> list[Piece] | None:
     if fmt == "chat":
-        messages = row.get("messages")
+        messages = row.get("messages") if "messages" in row else _sharegpt(row.get("conversations"))
         if not _valid_messages(messages):
             bad.add("bad_messages", _show(row))
             return None
@@ -124,6 +124,18 @@ def _tokenize(pieces: list[Piece], tokenizer: PreTrainedTokenizerBase) -> tuple[
         input_ids += ids
         labels += ids if trained else [IGNORE_INDEX] * len(ids)
     return input_ids, labels
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _sharegpt(turns: Any) -> Any:
+    """ShareGPT rows (`conversations: [{from: human|gpt|system, value}]`) as chat messages; anything else as
+    given, for _valid_messages to refuse."""
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and t.get("from") in SHAREGPT_ROLES
+                                              for t in turns):
+        return turns
+    return [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns]
 
 
 def _valid_messages(messages: Any) -> bool:

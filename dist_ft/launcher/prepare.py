@@ -1,0 +1,186 @@
+"""`dist-ft prepare`: every data source of every stage tokenized once into a token store (dist_ft/store),
+reused when it already exists; the only step that may touch the network (a `hub_dataset`). Ranks then
+memory-map the stores and never tokenize.
+
+The summary (printed, and written as JSON beside the stores) gives per store: documents, tokens, a length
+histogram against each stage's seq_len, bad rows by reason and disk size."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dist_ft.durable import write_atomic
+from dist_ft.plan.plan import Plan, StagePlan
+from dist_ft.store import (DOCUMENTS, DataError, SourceSpec, StoreError, TokenStore, build_store, open_source,
+                            open_store)
+from dist_ft.store.key import source_stamps
+from dist_ft.store.sources import hub_file, stage_specs
+
+
+SMALL_SOURCE_BYTES = 16 << 20  # below this, worker processes cost more to start than they save
+
+
+@dataclass
+class _Needed:
+    spec: SourceSpec
+    root: Path
+    stages: list[StagePlan]
+
+
+def needed_stores(plan: Plan) -> list[_Needed]:
+    """Each distinct store the plan's stages read, with the stages that read it."""
+    found: dict[tuple[SourceSpec, str], _Needed] = {}
+    for stage in plan.stages:
+        for spec in stage_specs(stage.data, stage.phase, stage.data_format, stage.template):
+            entry = found.setdefault((spec, stage.data.cache_dir), _Needed(spec, Path(stage.data.cache_dir), []))
+            entry.stages.append(stage)
+    return list(found.values())
+
+
+def missing_stores(plan: Plan, tokenizer: Any) -> list[str]:
+    """The stores a launch would have to build first (missing, stale or damaged), as error texts."""
+    missing = []
+    for need in needed_stores(plan):
+        try:
+            open_source(need.spec, tokenizer, need.root, "dist-ft prepare")
+        except (StoreError, OSError) as err:
+            missing.append(str(err))
+    return missing
+
+
+def prepare(plan: Plan, tokenizer: Any, *, workers: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Build what is missing, reuse the rest; the summary (also written to each cache dir)."""
+    for stage in plan.stages:
+        if stage.data.hub_dataset and not stage.data.paths and not stage.data.sources:
+            export_hub_dataset(stage.data)
+    stores = []
+    for need in needed_stores(plan):
+        store, built = build_store(need.spec, tokenizer, need.root, workers=workers or default_workers(need.spec),
+                                   progress=progress)
+        stores.append(_summary(need, store, built))
+    summary = {"stores": stores}
+    for root in {Path(s["path"]).parent for s in stores}:
+        write_atomic(root / f"prepare-{plan.name}.json", json.dumps(summary, indent=1))
+    return summary
+
+
+def default_workers(spec: SourceSpec) -> int:
+    """Tokenizer processes: documents go through a fast tokenizer's batch call, which already runs on every
+    core (a pool measured no faster: docs/data.md); fine-tuning rows are rendered and tokenized piece by
+    piece in Python, so they get a process per usable core — unless they are small enough that starting the
+    processes would take longer than the work."""
+    if spec.kind == DOCUMENTS or sum(size for _, size, _ in source_stamps(spec)) < SMALL_SOURCE_BYTES:
+        return 1
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def export_hub_dataset(data) -> Path:
+    """The hub dataset as JSON Lines under the cache dir, downloaded once (here, never on a rank)."""
+    target = hub_file(data)
+    if target.is_file():
+        return target
+    from datasets import load_dataset
+
+    try:
+        dataset = load_dataset(data.hub_dataset, split=data.hub_split)
+    except Exception as err:  # offline: say what to do instead
+        raise SystemExit(f"error: could not load hub dataset {data.hub_dataset!r} ({err}); run `dist-ft prepare` "
+                         "where there is network, or give `data.paths`") from None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, "".join(json.dumps(row) + "\n" for row in dataset))
+    return target
+
+
+def _summary(need: _Needed, store: TokenStore, built: bool) -> dict[str, Any]:
+    lengths = store.lengths()
+    manifest = store.manifest
+    per_stage = {}
+    for stage in need.stages:
+        fits = int((lengths + 1 <= stage.seq_len).sum())  # with its EOS, in one row
+        per_stage[stage.name] = {"seq_len": stage.seq_len, "fit_in_one_row": fits,
+                                 "reach_seq_len": int((lengths >= stage.seq_len).sum()),
+                                 "tokens_in_reaching": int(lengths[lengths >= stage.seq_len].sum())}
+    disk = sum(manifest["files"].values())
+    return {"what": need.spec.describe(), "path": str(store.path), "built_now": built, "kind": manifest["kind"],
+            "count": store.count, "tokens": int(manifest["tokens"]), "dtype": manifest["dtype"],
+            "length_histogram": manifest["length_histogram"], "stages": per_stage,
+            "bad_rows": manifest["bad_rows"], "disk_bytes": disk,
+            "bytes_per_token": round(disk / max(1, manifest["tokens"]), 3),
+            "median_length": float(np.median(lengths)) if len(lengths) else 0.0}
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = []
+    for s in summary["stores"]:
+        lines.append(f"{s['what']}: {'built' if s['built_now'] else 'reused'} {s['path']}")
+        lines.append(f"  {s['count']} {s['kind']}, {s['tokens']} tokens ({s['dtype']}), median length "
+                     f"{s['median_length']:g}, {s['disk_bytes'] / 2**20:.1f} MiB on disk "
+                     f"({s['bytes_per_token']} bytes/token)")
+        lines.append("  lengths: " + ", ".join(f"<={k}: {n}" for k, n in s["length_histogram"].items()))
+        for name, st in s["stages"].items():
+            lines.append(f"  stage {name} (seq_len {st['seq_len']}): {st['fit_in_one_row']} fit one row, "
+                         f"{st['reach_seq_len']} reach seq_len ({st['tokens_in_reaching']} tokens)")
+        bad = s["bad_rows"]
+        lines.append("  bad rows: " + (", ".join(f"{n} {r}" for r, n in sorted(bad.items())) if bad else "none"))
+    return "\n".join(lines)
+
+
+def load_plan_tokenizer(plan: Plan) -> Any:
+    """The tokenizer the ranks will load (the same function), to tokenize with and to key the stores."""
+    from dist_ft.rank.model import load_tokenizer
+
+    return load_tokenizer(plan.model.name_or_path, plan.model.gguf_file, plan.model.tokenizer)
+
+
+def ensure_prepared(plan: Plan) -> None:
+    """Before a launch: build whatever store the stages need and lack (prints what it did)."""
+    tokenizer = load_plan_tokenizer(plan)
+    if missing_stores(plan, tokenizer):
+        print("preparing token stores (dist-ft prepare) ...", file=sys.stderr)
+        print(format_summary(prepare(plan, tokenizer)))
+
+
+# ---- the data budget `dist-ft plan` prints ---------------------------------------------------------
+
+def data_budget(plan: Plan) -> list[str]:
+    """Per store: the source files, whether a store of them exists (for any tokenizer: plan loads none) and
+    what it holds; per stage reading it, the tokens it trains on as passes over the store and how many
+    documents reach its seq_len."""
+    lines = ["data (token stores in " + ", ".join(sorted({str(n.root) for n in needed_stores(plan)})) + "):"]
+    for need in needed_stores(plan):
+        try:
+            stamps = source_stamps(need.spec)
+        except (DataError, OSError):
+            lines.append(f"  {need.spec.describe()}: not on this machine yet (a hub dataset: prepare exports it)")
+            continue
+        found = _existing(need)
+        size = sum(size for _, size, _ in stamps) / 2**20
+        state = "no store yet: `dist-ft prepare` builds it" if found is None else \
+            f"store {found.path.name}: {found.count} {found.manifest['kind']}, {found.manifest['tokens']} tokens" + \
+            (" (stale: files changed)" if found.manifest["sources"] != stamps else "")
+        lines.append(f"  {need.spec.describe()}: {len(stamps)} files, {size:.1f} MiB; {state}")
+        for stage in need.stages if found is not None else []:
+            lengths, budget = found.lengths(), (stage.steps or 0) * stage.tokens_per_step
+            passes = f"{budget / max(1, found.manifest['tokens']):.2f} passes" if budget else "epochs"
+            lines.append(f"    {stage.name}: trains {budget or 'by'} {'tokens = ' + passes if budget else passes}; "
+                         f"{int((lengths >= stage.seq_len).sum())} {found.manifest['kind']} reach seq_len {stage.seq_len}")
+    return lines
+
+
+def _existing(need: _Needed) -> TokenStore | None:
+    """A whole store of this spec under the cache dir, built with whichever tokenizer."""
+    wanted = {**need.spec.__dict__, "paths": list(need.spec.paths)}
+    for manifest in sorted(need.root.glob(f"{need.spec.kind}-*/manifest.json")):
+        try:
+            if json.loads(manifest.read_text()).get("spec") == wanted:
+                return open_store(manifest.parent, "dist-ft prepare")
+        except (OSError, ValueError, StoreError):
+            continue
+    return None
