@@ -99,6 +99,9 @@ def _lengths(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # torchrun runs in a session of its own, out of reach of a signal to ours: turn SIGTERM into an exit
+    # that stops it (launch), so a GPU is never left held by an orphaned job.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     machine = machine_info(args.device)
     print(format_machine(machine), flush=True)
     with work_dir(args.work_dir) as work:
@@ -399,6 +402,9 @@ def launch(argv: list[str], args: argparse.Namespace, log_path: Path) -> dict | 
         except subprocess.TimeoutExpired:
             _stop(proc)
             code = None
+        except BaseException:  # SIGTERM from an outer timeout (gpu_check.sh), Ctrl-C: the job's own session too
+            _stop(proc)
+            raise
     if code == 0:
         return None
     text = log_path.read_text(errors="replace")
