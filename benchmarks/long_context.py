@@ -38,9 +38,16 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = Path(__file__).with_name("hf_baseline.py")
 STAGE = "ctx"
-MODEL = {"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-         "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0}
-VOCAB = 32000  # Llama-2 sized: at long seq_len the full-vocabulary logits are what a stock loss pays for
+# Model shapes, random init from a config (no download). "tiny" is the CPU benchmark's model; the vocabulary
+# is Llama-2 sized: at long seq_len the full-vocabulary logits are what a stock loss pays for.
+SHAPES = {
+    "tiny": ({"model_type": "llama", "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0}, 32000),
+    # Llama-3.2-1B's config.json (meta-llama/Llama-3.2-1B) minus its llama3 RoPE scaling, which changes no cost.
+    "llama-3.2-1b": ({"model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+                      "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "rope_theta": 500000.0,
+                      "tie_word_embeddings": True, "rms_norm_eps": 1e-5}, 128256),
+}
 DATA = ["package:json", "package:email"]  # stdlib source, ~1 MB of text: present on every machine
 LR = 1e-3
 TARGET_LEN, TARGET_MEM_RATIO, TARGET_TIME_RATIO = 16384, 0.5, 1.0
@@ -71,6 +78,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "reuses our rendered DeepSpeed config: use levers that change it with --only ours")
     p.add_argument("--only", choices=("both", "ours", "hf"), default="both",
                    help="run one side only (probing each side's longest trainable seq_len)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="tiny",
+                   help="model shape, random init from its config: tiny (the CPU benchmark) or llama-3.2-1b")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: torchrun ranks on gloo; cuda: one GPU per rank, NCCL")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="model and DeepSpeed dtype, both sides")
+    p.add_argument("--hf-checkpointing", action="store_true",
+                   help="the baseline turns on gradient checkpointing too (TrainingArguments(gradient_checkpointing))")
+    p.add_argument("--data", type=lambda t: [x for x in t.split(",") if x], default=DATA,
+                   help="comma-separated data paths (package:NAME for stdlib source); longer probes need more text")
     args = p.parse_args(argv)
     if args.steps < 1:
         p.error("--steps must be at least 1 (with 2 or more the first is warm-up and is not timed)")
@@ -83,13 +99,19 @@ def _lengths(text: str) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    machine = machine_info()
+    # torchrun runs in a session of its own, out of reach of a signal to ours: turn SIGTERM into an exit
+    # that stops it (launch), so a GPU is never left held by an orphaned job.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    machine = machine_info(args.device)
     print(format_machine(machine), flush=True)
     with work_dir(args.work_dir) as work:
-        tokenizer = build_tokenizer(work / "tokenizer-32k")
+        vocab = SHAPES[args.shape][1]
+        tokenizer = build_tokenizer(work / f"tokenizer-{vocab}", vocab)
         # The machine's speed drifts over minutes: every other length runs the baseline first.
         results = [benchmark_length(seq_len, args, work, tokenizer, keep=args.work_dir is not None,
                                     baseline_first=i % 2 == 1) for i, seq_len in enumerate(args.lengths)]
+    for row in results:
+        add_flops(row, args, machine.get("device_name"))
     print()
     print(format_table(results))
     print()
@@ -124,9 +146,11 @@ def work_dir(path: Path | None):
 
 def settings(args: argparse.Namespace) -> dict:
     return {"lengths": args.lengths, "steps": args.steps, "timed_steps": max(1, args.steps - 1), "ranks": args.ranks,
-            "zero_stage": args.zero, "hf_rows": args.hf_rows, "ours_overrides": args.overrides, "only": args.only, "omp_num_threads": omp_threads(args.ranks),
-            "malloc_mmap_threshold": MALLOC_MMAP_THRESHOLD, "model": {**MODEL, "vocab_size": VOCAB},
-            "dtype": "fp32", "data": DATA, "lr": LR}
+            "zero_stage": args.zero, "hf_rows": args.hf_rows, "ours_overrides": args.overrides, "only": args.only,
+            "omp_num_threads": omp_threads(args.ranks), "malloc_mmap_threshold": MALLOC_MMAP_THRESHOLD,
+            "shape": args.shape, "model": {**SHAPES[args.shape][0], "vocab_size": SHAPES[args.shape][1]},
+            "device": args.device, "dtype": args.dtype, "hf_checkpointing": args.hf_checkpointing,
+            "data": args.data, "lr": LR}
 
 
 # ---- one seq_len: render, ours, baseline ----------------------------------------------------
@@ -146,22 +170,24 @@ def benchmark_length(seq_len: int, args: argparse.Namespace, work: Path, tokeniz
                "hf": lambda: measure_baseline(run, seq_len, args) if args.only != "ours" else skipped}
     results = {side: measure[side]() for side in (("hf", "ours") if baseline_first else ("ours", "hf"))}
     ours, hf = results["ours"], results["hf"]
-    if not keep and "error" not in ours and "error" not in hf:
-        shutil.rmtree(folder, ignore_errors=True)  # checkpoints and exports: hundreds of MB per length
+    if not keep and not any(r is not skipped and "error" in r for r in (ours, hf)):
+        shutil.rmtree(folder, ignore_errors=True)  # checkpoints and exports: hundreds of MB (tens of GB for 1B)
     return {"seq_len": seq_len, "ours": ours, "hf": hf, **ratios(ours, hf)}
 
 
 def recipe(seq_len: int, args: argparse.Namespace, tokenizer: Path) -> dict:
     """One long-context stage of `steps` optimizer steps, one row per rank per step (micro-batch 1,
     no accumulation: what the baseline runs). Attention and loss are left at dist-ft's defaults."""
+    model, vocab = SHAPES[args.shape]
+    gpus = args.ranks if args.device == "cuda" else 0
     return {
         "name": f"bench-{seq_len}", "seed": 0,
-        "model": {"config": {**MODEL, "vocab_size": VOCAB, "max_position_embeddings": seq_len},
-                  "tokenizer": str(tokenizer), "dtype": "fp32"},
-        "long_context": {"tokens_per_step": seq_len * data_parallel(args), "data": {"paths": DATA},
+        "model": {"config": {**model, "vocab_size": vocab, "max_position_embeddings": seq_len},
+                  "tokenizer": str(tokenizer), "dtype": args.dtype},
+        "long_context": {"tokens_per_step": seq_len * data_parallel(args), "data": {"paths": args.data},
                          "stages": [{"name": STAGE, "seq_len": seq_len, "steps": args.steps, "lr": LR,
                                      "rope": {"type": "none"}, "micro_batch_size": 1}]},
-        "cluster": {"nodes": 1, "gpus_per_node": 0, "procs_per_node": args.ranks},
+        "cluster": {"nodes": 1, "gpus_per_node": gpus, "procs_per_node": args.ranks},
         "parallelism": {"zero_stage": args.zero},
         "tracking": {"mode": "disabled"},
     }
@@ -195,7 +221,7 @@ def render_run(folder: Path, seq_len: int, args: argparse.Namespace, tokenizer: 
 def measure_ours(run: Path, seq_len: int, args: argparse.Namespace) -> dict:
     _progress(seq_len, "ours", args)
     argv = torchrun(args.ranks) + ["-m", "dist_ft", "train", "--run-dir", str(run), "--stage", STAGE]
-    failure = launch(argv, args.ranks, run.parent / "ours.log", args.timeout)
+    failure = launch(argv, args, run.parent / "ours.log")
     if failure:
         return _report(seq_len, "ours", failure)
     from dist_ft.plan.run_dir import RunDir
@@ -225,7 +251,7 @@ def measure_baseline(run: Path, seq_len: int, args: argparse.Namespace) -> dict:
     except Exception as err:  # e.g. the data cannot fill the steps: report it in the table, go on
         return _report(seq_len, "hf", {"error": f"{type(err).__name__}: {err}"})
     argv = torchrun(args.ranks) + [str(BASELINE), str(spec)]
-    failure = launch(argv, args.ranks, run.parent / "hf.log", args.timeout)
+    failure = launch(argv, args, run.parent / "hf.log")
     if failure:
         return _report(seq_len, "hf", failure)
     measured = json.loads((run.parent / "hf_result.json").read_text())
@@ -251,6 +277,25 @@ def summarize(times: list[float], peak_gib: float, tokens: int, **extra) -> dict
     step = statistics.mean(times[1:] or times)
     return {"step_time_s": step, "step_time_median_s": statistics.median(times[1:] or times),
             "tokens_per_s": tokens / step, "peak_memory_gib": peak_gib, "step_times_s": times, **extra}
+
+
+def add_flops(row: dict, args: argparse.Namespace, device_name: str | None) -> None:
+    """Model TFLOP/s per rank and MFU for each side that trained, by the formula the trainer logs as `mfu`
+    (6N + 12·layers·hidden·seq_len FLOPs per token, PaLM's convention: attention over the whole row, although
+    packed documents attend only within themselves; recompute by checkpointing not counted). MFU is against
+    the device's dense bf16 peak (dist_ft.rank.metrics.PEAK_BF16_FLOPS); None where the device has none (CPU)."""
+    from dist_ft.rank.metrics import PEAK_BF16_FLOPS
+
+    model = SHAPES[args.shape][0]
+    peak = next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in (device_name or "")), None)
+    for side in ("ours", "hf"):
+        result = row[side]
+        if "error" in result:
+            continue
+        per_token = 6 * result["num_params"] + 12 * model["num_hidden_layers"] * model["hidden_size"] * row["seq_len"]
+        per_rank = result["tokens_per_s"] * per_token / args.ranks
+        result.update(flops_per_token=per_token, model_tflops_per_rank=per_rank / 1e12,
+                      mfu=per_rank / peak if peak else None, peak_flops=peak)
 
 
 def ratios(ours: dict, hf: dict) -> dict:
@@ -280,6 +325,7 @@ def baseline_spec(run: Path, args: argparse.Namespace) -> Path:
                                                    stage.max_position_embeddings)}
     keys = ["input_ids", "position_ids", "labels"] if args.hf_rows == "packed" else ["input_ids", "labels"]
     spec = {"model_config": model_config, "seed": plan.seed, "steps": args.steps, "ds_config": ds_config,
+            "device": args.device, "dtype": args.dtype, "gradient_checkpointing": args.hf_checkpointing,
             "rows": str(rows), "row_keys": keys, "output_dir": str(run.parent / "hf_out"),
             "out": str(run.parent / "hf_result.json")}
     path = run.parent / "hf_spec.json"
@@ -314,10 +360,10 @@ def omp_threads(ranks: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // ranks)
 
 
-def rank_env(ranks: int) -> dict[str, str]:
+def rank_env(ranks: int, device: str = "cpu") -> dict[str, str]:
     """The same environment for both frameworks."""
     env = dict(os.environ, OMP_NUM_THREADS=str(omp_threads(ranks)), MALLOC_MMAP_THRESHOLD_=MALLOC_MMAP_THRESHOLD,
-               DS_ACCELERATOR="cpu", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+               DS_ACCELERATOR=device, WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     env["TORCH_EXTENSIONS_DIR"] = str(extensions_dir())
     env.pop("WANDB_API_KEY", None)
     return env
@@ -348,17 +394,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch(argv: list[str], ranks: int, log_path: Path, timeout: int) -> dict | None:
+def launch(argv: list[str], args: argparse.Namespace, log_path: Path) -> dict | None:
     """Run one training job (a fresh process tree, so no peak carries over); None when it succeeded,
     else {"error": reason, "log": path, "log_tail": ...}."""
+    timeout = args.timeout
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(argv, cwd=REPO, env=rank_env(ranks), stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=REPO, env=rank_env(args.ranks, args.device), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
         try:
             code = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             _stop(proc)
             code = None
+        except BaseException:  # SIGTERM from an outer timeout (gpu_check.sh), Ctrl-C: the job's own session too
+            _stop(proc)
+            raise
     if code == 0:
         return None
     text = log_path.read_text(errors="replace")
@@ -385,6 +435,8 @@ def failure_reason(code: int, log: str) -> str:
     own ChildFailedError summary says nothing more)."""
     if "exitcode  : -9" in log or "SIGKILL" in log or code in (-9, 137):
         return "killed by SIGKILL, likely out of memory"
+    if "OutOfMemoryError" in log or "CUDA out of memory" in log:
+        return "CUDA out of memory"
     lines = [line.strip() for line in log.splitlines()
              if EXCEPTION_LINE.match(line) and "ChildFailedError" not in line]
     return lines[-1][:160] if lines else f"exit code {code}"
@@ -408,8 +460,8 @@ def _report(seq_len: int, who: str, result: dict) -> dict:
 
 # ---- the model's tokenizer -----------------------------------------------------------------
 
-def build_tokenizer(folder: Path) -> Path:
-    """dist-ft's byte tokenizer with its vocabulary padded to 32000 entries.
+def build_tokenizer(folder: Path, size: int) -> Path:
+    """dist-ft's byte tokenizer with its vocabulary padded to `size` entries (32000 for the tiny shape).
 
     dist-ft sizes a random-init model's embeddings to its tokenizer, so the byte tokenizer alone
     would give a 259-row LM head. The padding entries are multi-character strings that a BPE
@@ -424,20 +476,20 @@ def build_tokenizer(folder: Path) -> Path:
     byte = byte_tokenizer().backend_tokenizer
     vocab = byte.get_vocab(with_added_tokens=False)
     specials = [BOS, EOS, PAD]
-    vocab.update({f"<|unused_{i}|>": i for i in range(len(vocab), VOCAB - len(specials))})
+    vocab.update({f"<|unused_{i}|>": i for i in range(len(vocab), size - len(specials))})
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer, backend.decoder = byte.pre_tokenizer, byte.decoder
     backend.add_special_tokens(specials)
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                         model_max_length=1 << 30)
-    assert len(tokenizer) == VOCAB, len(tokenizer)
+    assert len(tokenizer) == size, len(tokenizer)
     tokenizer.save_pretrained(folder)
     return folder
 
 
 # ---- machine and report --------------------------------------------------------------------
 
-def machine_info() -> dict:
+def machine_info(device: str = "cpu") -> dict:
     versions = {}
     for name in ("torch", "deepspeed", "transformers", "accelerate"):
         try:
@@ -446,7 +498,17 @@ def machine_info() -> dict:
             versions[name] = None
     return {"cpu_model": _cpu_model(), "cpus": os.cpu_count(), "cpus_usable": len(os.sched_getaffinity(0)),
             "memory_gib": _memory_gib(), "load_average": os.getloadavg(), "python": platform.python_version(),
-            "platform": platform.platform(), "dist_ft_git": _git_revision(), **versions}
+            "platform": platform.platform(), "dist_ft_git": _git_revision(), **versions, **gpu_info(device)}
+
+
+def gpu_info(device: str) -> dict:
+    if device != "cuda":
+        return {}
+    import torch
+
+    props = torch.cuda.get_device_properties(0)
+    return {"device_name": props.name, "device_memory_gib": round(props.total_memory / 1024**3, 1),
+            "cuda": torch.version.cuda}
 
 
 def _cpu_model() -> str | None:
@@ -479,22 +541,23 @@ def _git_revision() -> str | None:
 
 def format_machine(m: dict) -> str:
     load = ", ".join(f"{x:.1f}" for x in m["load_average"])
-    return (f"machine: {m['cpu_model']}, {m['cpus_usable']}/{m['cpus']} CPUs usable, {m['memory_gib']} GiB, "
+    gpu = f", {m['device_name']} ({m['device_memory_gib']} GiB)" if m.get("device_name") else ""
+    return (f"machine: {m['cpu_model']}, {m['cpus_usable']}/{m['cpus']} CPUs usable, {m['memory_gib']} GiB{gpu}, "
             f"load average {load}\n"
             f"software: python {m['python']}, torch {m['torch']}, deepspeed {m['deepspeed']}, "
             f"transformers {m['transformers']}, accelerate {m['accelerate']}, dist-ft {m['dist_ft_git']}")
 
 
-COLUMNS = ["seq_len", "ours step s", "ours tok/s", "ours peak GiB", "plan GiB (error)", "HF step s", "HF tok/s",
-           "HF peak GiB", "mem ratio", "time ratio"]
+COLUMNS = ["seq_len", "ours step s", "ours tok/s", "ours peak GiB", "plan GiB (error)", "ours MFU", "HF step s",
+           "HF tok/s", "HF peak GiB", "HF MFU", "mem ratio", "time ratio"]
 
 
 def format_table(results: list[dict]) -> str:
     """Markdown, so it pastes into docs as is. Ratios are ours / baseline: below 1 is better."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" for _ in COLUMNS) + "|"]
     for r in results:
-        cells = [str(r["seq_len"]), *_cells(r["ours"]), _plan_cell(r["ours"]), *_cells(r["hf"]),
-                 _number(r["mem_ratio"], "{:.2f}"), _number(r["time_ratio"], "{:.2f}")]
+        cells = [str(r["seq_len"]), *_cells(r["ours"]), _plan_cell(r["ours"]), _mfu_cell(r["ours"]), *_cells(r["hf"]),
+                 _mfu_cell(r["hf"]), _number(r["mem_ratio"], "{:.2f}"), _number(r["time_ratio"], "{:.2f}")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -503,6 +566,15 @@ def _cells(result: dict) -> list[str]:
     if "error" in result:
         return [f"failed ({result['error']})", "failed", "failed"]
     return [f"{result['step_time_s']:.3f}", f"{result['tokens_per_s']:,.0f}", f"{result['peak_memory_gib']:.3f}"]
+
+
+def _mfu_cell(result: dict) -> str:
+    """MFU where the device has a known peak, else the model TFLOP/s per rank (CPU)."""
+    if "error" in result or "model_tflops_per_rank" not in result:
+        return "-"
+    if result["mfu"] is None:
+        return f"{result['model_tflops_per_rank']:.3f} TFLOP/s"
+    return f"{result['mfu']:.1%}"
 
 
 def _plan_cell(ours: dict) -> str:

@@ -196,7 +196,14 @@ def load_variant(target: Target, variant: RopeVariant, dtype: torch.dtype,
         # get_base_model(): the base with the adapter's layers injected, so get_decoder() still works.
         model = PeftModel.from_pretrained(model, target.adapter_dir)
         model = model if keep_peft_model else model.get_base_model()
-    return model.eval()
+    return model.to(eval_device()).eval()
+
+
+def eval_device() -> torch.device:
+    """The first GPU where there is one: a 32k window takes minutes on CPU cores, a fraction of a second there."""
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_eval_tokenizer(target: Target):

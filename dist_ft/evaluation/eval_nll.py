@@ -29,9 +29,15 @@ def hidden_states(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tens
     return model.get_decoder()(input_ids=input_ids, use_cache=False).last_hidden_state
 
 
+def on_model_device(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids are built on the CPU; the model may sit on a GPU (eval_model.eval_device)."""
+    return input_ids.to(next(model.parameters()).device)
+
+
 @torch.no_grad()
 def token_nll(model: torch.nn.Module, input_ids: torch.Tensor, chunk: int = HEAD_CHUNK) -> torch.Tensor:
     """NLL of tokens 1..L-1 of one window (shape (L-1,), fp32); entry i belongs to token position i+1."""
+    input_ids = on_model_device(model, input_ids)
     hidden = hidden_states(model, input_ids)[0]
     logits = head_logits(model)
     targets = input_ids[0, 1:]
@@ -48,6 +54,7 @@ def greedy_matches(model: torch.nn.Module, input_ids: torch.Tensor, answer_len: 
 
     Equivalent to greedy decoding emitting exactly the answer first, at the cost of one forward.
     """
+    input_ids = on_model_device(model, input_ids)
     hidden = hidden_states(model, input_ids)[0, -answer_len - 1:-1]
     predicted = head_logits(model)(hidden).argmax(-1)
     return bool(torch.equal(predicted, input_ids[0, -answer_len:]))

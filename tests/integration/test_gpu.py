@@ -34,3 +34,19 @@ def test_bf16_training_on_one_gpu(attn, tmp_path):
     assert rows[-1]["peak_memory_gib"] > 0
     info = json.loads((run / "stages/ctx/ranks/rank0.json").read_text())
     assert info["device"].startswith("cuda")
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_bf16_zero_stage_trains_on_one_gpu(zero, tmp_path):
+    """bf16 under ZeRO-2 and ZeRO-3 (NCCL, attention `auto`: flash-attn where installed, else sdpa_varlen)."""
+    run = tmp_path / f"zero{zero}"
+    raw = gpu_recipe("auto")
+    raw["parallelism"] = {"zero_stage": zero}
+    render(raw, run)
+    train(run, "ctx", nproc=1)
+    rows = [r for r in (json.loads(line) for line in (run / "stages/ctx/metrics.jsonl").read_text().splitlines())
+            if "loss" in r]
+    assert len(rows) == 4 and all(r["loss"] == r["loss"] for r in rows) and rows[-1]["loss"] < rows[0]["loss"]
+    info = json.loads((run / "stages/ctx/ranks/rank0.json").read_text())
+    assert info["zero_stage"] == zero and info["device"].startswith("cuda")
+    assert 0 < rows[-1]["peak_memory_gib"] < 20
