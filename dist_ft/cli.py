@@ -12,7 +12,7 @@ from dist_ft.launcher.artifacts import RunDirConflict, render_files, write_run_d
 from dist_ft.launcher.local_launch import run_stages
 from dist_ft.plan.plan import Plan, make_plan
 from dist_ft.plan.plan_report import format_plan
-from dist_ft.plan.preflight import check_inputs, model_shape, read_hosts, resolve_recipe_paths
+from dist_ft.plan.preflight import check_inputs, host_memory_gib, model_shape, read_hosts, resolve_recipe_paths
 from dist_ft.plan.run_dir import RunDir
 from dist_ft.recipe.config import load_recipe
 from dist_ft.recipe.strict import Problem, RecipeError
@@ -113,7 +113,7 @@ def _load_plan(args: argparse.Namespace) -> tuple[object, Plan]:
         raise RecipeError([Problem("--out", "the run dir path contains a control character",
                                    "use a plain path")])
     _check_run_dir_path(run_dir, "--out" if out else "checkpointing.output_root")
-    return recipe, make_plan(recipe, model_shape(recipe), str(run_dir.resolve()))
+    return recipe, make_plan(recipe, model_shape(recipe), str(run_dir.resolve()), host_memory_gib())
 
 
 def _check_run_dir_path(run_dir: Path, field: str) -> None:

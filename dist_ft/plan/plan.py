@@ -20,7 +20,7 @@ from dist_ft.recipe.model_shape import INLINE_MLP_TYPES, POSITION_TABLES, ModelS
 from dist_ft.recipe.strict import Problem, RecipeError, build
 from dist_ft.recipe.timelimit import parse_time_limit
 
-from . import batching, memory, schedule
+from . import batching, memory, oom_advice, schedule
 from .method_options import check_options
 from .rope import addressable_length, rope_parameters, scaled_context
 from .run_dir import RunDir, ds_config_name, sbatch_name
@@ -29,7 +29,6 @@ PLAN_VERSION = 3  # 2: the recipe's sections typed, derived numbers (dp, sp, wor
 # 3: each stage's optimizer and (effective) scheduler replace min_lr, warmup_steps and schedule; fine-tuning's
 #    evaluation (metrics, samples, early_stopping) replaced early_stopping_patience
 MAX_MICRO_TOKENS = 32768  # beyond this a bigger micro-batch buys no throughput, only memory
-TIGHT_FRACTION = 0.85
 
 
 @dataclass(frozen=True)
@@ -135,14 +134,17 @@ class Plan:
             raise ValueError(f"not a valid plan: {err}") from None
 
 
-def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str) -> Plan:
-    """Validate everything that spans sections and compute the numbers. Raises RecipeError."""
+def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str, host_memory_gib: float | None = None) -> Plan:
+    """Validate everything that spans sections and compute the numbers. Raises RecipeError.
+    `host_memory_gib`: the planning machine's memory (preflight reads it), the budget of CPU ranks that
+    `cluster.cpu_memory_gb` does not declare; None checks CPU ranks against nothing."""
     problems: list[Problem] = []
     warnings: list[str] = []
     c, par = recipe.cluster, recipe.parallelism
     _check_cluster(recipe, shape, problems, warnings)
     dp = batching.data_parallel_size(c.world_size, par.sequence_parallel)
-    stages = _plan_stages(recipe, shape, dp, problems, warnings)
+    budget = oom_advice.rank_budget(recipe, host_memory_gib)
+    stages = _plan_stages(recipe, shape, dp, budget, problems, warnings)
     time_limit = _time_limit(recipe, problems)
     _check_evaluation(recipe, shape, stages, problems)
     if problems:  # progressive stages share one section: report each of its problems once
@@ -265,8 +267,8 @@ def _time_limit(recipe: Recipe, problems: list[Problem]) -> int | None:
     return seconds
 
 
-def _plan_stages(recipe: Recipe, shape: ModelShape | None, dp: int, problems: list[Problem],
-                 warnings: list[str]) -> list[StagePlan]:
+def _plan_stages(recipe: Recipe, shape: ModelShape | None, dp: int, budget: oom_advice.Budget,
+                 problems: list[Problem], warnings: list[str]) -> list[StagePlan]:
     out: list[StagePlan] = []
     long_stages = recipe.long_context.expanded() if recipe.long_context else []
     path = "long_context.progressive" if recipe.long_context and recipe.long_context.progressive else None
@@ -275,10 +277,11 @@ def _plan_stages(recipe: Recipe, shape: ModelShape | None, dp: int, problems: li
         if out and stage.seq_len <= out[-1].seq_len:
             problems.append(Problem(f"{spath}.seq_len", f"{stage.seq_len} does not grow past the previous "
                                     f"stage's {out[-1].seq_len}", "make seq_len increase stage by stage"))
-        out.append(_long_stage(recipe, shape, stage, i, spath, dp, out[-1] if out else None,
+        out.append(_long_stage(recipe, shape, stage, i, spath, dp, budget, out[-1] if out else None,
                                _inherited_theta(out), problems, warnings))
     if recipe.finetune:
-        out.append(_finetune_stage(recipe, shape, len(out), out[-1] if out else None, dp, problems, warnings))
+        out.append(_finetune_stage(recipe, shape, len(out), out[-1] if out else None, dp, budget, problems,
+                                   warnings))
     seen: set[str] = set()
     for stage in out:
         if stage.name in seen:
@@ -289,15 +292,15 @@ def _plan_stages(recipe: Recipe, shape: ModelShape | None, dp: int, problems: li
 
 
 def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: int, path: str, dp: int,
-                previous: StagePlan | None, theta: float | None, problems: list[Problem],
+                budget: oom_advice.Budget, previous: StagePlan | None, theta: float | None, problems: list[Problem],
                 warnings: list[str]) -> StagePlan:
     lc = recipe.long_context
     rope = rope_parameters(stage.rope, stage.seq_len, shape, f"{path}.rope", problems, theta)
     _check_positions(shape, stage.seq_len, _table_length(shape, previous), stage.extend_positions, path, problems)
     global_seqs = max(1, round(lc.tokens_per_step / stage.seq_len))
     micro = _packing_safe_micro(recipe, lc.data, stage.micro_batch_size, f"{path}.micro_batch_size", problems)
-    batch = _batch(recipe, shape, "full", lc.data.packing, stage.seq_len, global_seqs, micro, dp,
-                   f"{path}.micro_batch_size", problems, warnings)
+    batch = _batch(recipe, shape, "full", lc.data.packing, stage.seq_len, global_seqs, micro, dp, budget,
+                   (stage.name, f"{path}.micro_batch_size"), problems, warnings)
     micro, accum, global_seqs, mem = batch
     tokens_per_step = batching.tokens_per_step(global_seqs, stage.seq_len)
     if tokens_per_step != lc.tokens_per_step:
@@ -318,7 +321,7 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
 
 
 def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: StagePlan | None, dp: int,
-                    problems: list[Problem], warnings: list[str]) -> StagePlan:
+                    budget: oom_advice.Budget, problems: list[Problem], warnings: list[str]) -> StagePlan:
     ft = recipe.finetune
     _check_method(recipe, problems)
     check_options(recipe, shape, problems, warnings)
@@ -335,7 +338,8 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
     _check_positions(shape, seq_len, _table_length(shape, last), ft.extend_positions, "finetune", problems)
     micro = _packing_safe_micro(recipe, ft.data, ft.micro_batch_size, "finetune.micro_batch_size", problems)
     micro, accum, global_seqs, mem = _batch(recipe, shape, ft.method, ft.data.packing, seq_len, ft.global_batch_size,
-                                            micro, dp, "finetune.micro_batch_size", problems, warnings)
+                                            micro, dp, budget, (ft.name, "finetune.micro_batch_size"), problems,
+                                            warnings)
     if global_seqs != ft.global_batch_size:  # dp does not divide it: said, as for long-context tokens_per_step
         warnings.append(f"{ft.name}: {global_seqs} sequences per step (asked {ft.global_batch_size}): {micro} x "
                         f"{accum} accumulation x {dp} data-parallel ranks")
@@ -416,9 +420,11 @@ def _check_optimizer(recipe: Recipe, opt: Optimizer, path: str, problems: list[P
 
 
 def _batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int, global_seqs: int,
-           micro_override: int | None, dp: int, path: str, problems: list[Problem],
-           warnings: list[str]) -> tuple[int, int, int, dict | None]:
-    """(micro, accum, global sequences, memory) with global = micro x accum x dp."""
+           micro_override: int | None, dp: int, budget: oom_advice.Budget, where: tuple[str, str],
+           problems: list[Problem], warnings: list[str]) -> tuple[int, int, int, dict | None]:
+    """(micro, accum, global sequences, memory) with global = micro x accum x dp. `where`: the stage's
+    name and its micro-batch field."""
+    name, path = where
     sp = recipe.parallelism.sequence_parallel
     if seq_len % sp:
         problems.append(Problem("parallelism.sequence_parallel", f"{sp} does not divide seq_len {seq_len}",
@@ -429,11 +435,13 @@ def _batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, 
     candidates = [micro_override] if micro_override else \
         _divisors_desc(per_rank, max(1, MAX_MICRO_TOKENS * sp // seq_len))
     for micro in candidates:
-        mem = _memory(recipe, shape, method, packed, seq_len, micro, dp)
-        if mem is None or mem.total_gib <= TIGHT_FRACTION * _budget(recipe):
+        mem = _memory(recipe, shape, method, packed, seq_len, micro)
+        if mem is None or mem.total_gib <= oom_advice.TIGHT_FRACTION * budget.gib:
             break
     accum = batching.grad_accum_for(global_seqs, micro, dp)
-    _check_fit(recipe, mem, path, seq_len, problems, warnings)
+    stage = oom_advice.Stage(name, path.rsplit(".", 1)[0], seq_len, method, micro, path, bool(micro_override))
+    oom_advice.check_fit(recipe, shape, stage, mem, budget,
+                         lambda r, m: _memory(r, shape, method, packed, seq_len, m), problems, warnings)
     return micro, accum, batching.train_batch_size(micro, accum, dp), mem.as_dict() if mem else None
 
 
@@ -453,11 +461,12 @@ def _divisors_desc(n: int, limit: int) -> list[int]:
     return sorted({d for d in small + [n // d for d in small] if d <= limit}, reverse=True) or [1]
 
 
-def _memory(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int, micro: int,
-            dp: int) -> memory.MemoryEstimate | None:
+def _memory(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int,
+            micro: int) -> memory.MemoryEstimate | None:
     if shape is None:
         return None
     par, opts, model = recipe.parallelism, recipe.finetune.options if recipe.finetune else MethodOptions(), recipe.model
+    dp = batching.data_parallel_size(recipe.cluster.world_size, par.sequence_parallel)
     return memory.estimate(memory.MemoryInputs(
         shape=shape, trainable_params=memory.trainable_params(shape, method, opts), dtype=recipe.model.dtype,
         quantized_4bit=method == "qlora", zero_stage=par.zero_stage,
@@ -469,26 +478,6 @@ def _memory(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool,
         offload_activations=model.offload_activations, mlp_tile_tokens=model.tiled_mlp_tokens,
         head_gradient_buffer=method == "full" and model.loss_chunk_tokens
         < batching.tokens_per_rank_micro_batch(micro, seq_len, par.sequence_parallel)))
-
-
-def _budget(recipe: Recipe) -> float:
-    return recipe.cluster.gpu_memory_gb if recipe.cluster.gpus_per_node else float("inf")
-
-
-def _check_fit(recipe: Recipe, mem: memory.MemoryEstimate | None, path: str, seq_len: int,
-               problems: list[Problem], warnings: list[str]) -> None:
-    if mem is None or not recipe.cluster.gpus_per_node:
-        return
-    budget = recipe.cluster.gpu_memory_gb
-    if mem.total_gib > budget:
-        problems.append(Problem(path.rsplit(".", 1)[0], f"needs ~{mem.total_gib:.1f} GiB per GPU at seq_len "
-                                f"{seq_len}, more than the {budget:g} GiB declared "
-                                f"(weights {mem.weights_gib:.1f}, grads {mem.gradients_gib:.1f}, optimizer "
-                                f"{mem.optimizer_gib:.1f}, activations {mem.activations_gib:.1f})",
-                                "enable model.gradient_checkpointing, raise zero_stage/offload, "
-                                "or raise sequence_parallel"))
-    elif mem.total_gib > TIGHT_FRACTION * budget:
-        warnings.append(f"{path.rsplit('.', 1)[0]}: ~{mem.total_gib:.1f} of {budget:g} GiB per GPU: tight")
 
 
 def _max_positions(shape: ModelShape | None, seq_len: int, rope: dict[str, Any]) -> int:

@@ -4,6 +4,7 @@ read the model's shape. Everything after this is pure."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 from dist_ft.recipe.config import Data, Recipe
@@ -120,6 +121,15 @@ def model_shape(recipe: Recipe) -> ModelShape | None:
         field = "model.gguf_file" if err.key == "gguf_file" else "model.name_or_path"
         raise RecipeError([Problem(field, f"the model's config is unusable: {err}",
                                    "point at a valid model directory")]) from None
+
+
+def host_memory_gib() -> float | None:
+    """This machine's physical memory: what CPU ranks share when `cluster.cpu_memory_gb` does not say
+    (None where the system does not tell)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1024**3
+    except (ValueError, OSError):
+        return None
 
 
 def _looks_local(path: str, base: Path) -> bool:

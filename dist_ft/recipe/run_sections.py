@@ -26,6 +26,9 @@ class Cluster:
     gpus_per_node: int = spec(0, min=0, max=MAX_GPUS_PER_NODE, doc="0 means CPU ranks (then procs_per_node).")
     procs_per_node: int = spec(1, min=1, max=MAX_PROCS_PER_NODE, doc="CPU ranks per node when gpus_per_node is 0.")
     gpu_memory_gb: float = spec(80.0, min=1.0, max=4096.0, doc="Per-GPU memory the plan must fit in.")
+    cpu_memory_gb: float | None = spec(None, min=1.0, max=65536.0,
+                                       doc="CPU ranks: a node's memory, shared by its procs_per_node ranks. "
+                                           "Unset: the memory of the machine that plans.")
     partition: str | None = spec(None, doc="SLURM partition.")
     account: str | None = spec(None, doc="SLURM account.")
     qos: str | None = spec(None, doc="SLURM QOS.")
