@@ -12,9 +12,11 @@ from dist_ft.launcher.artifacts import RunDirConflict, render_files, write_run_d
 from dist_ft.launcher.local_launch import run_stages
 from dist_ft.plan.plan import Plan, make_plan
 from dist_ft.plan.plan_report import format_plan
-from dist_ft.plan.preflight import check_inputs, host_memory_gib, model_shape, read_hosts, resolve_recipe_paths
+from dist_ft.plan.plan_recipe import plan_recipe
+from dist_ft.plan.preflight import host_memory_gib
 from dist_ft.plan.run_dir import RunDir
-from dist_ft.recipe.config import load_recipe
+from dist_ft.recipe.config import apply_overrides
+from dist_ft.recipe.recipe_yaml import read_recipe
 from dist_ft.recipe.strict import Problem, RecipeError
 
 EXIT_BAD_INPUT = 2
@@ -103,17 +105,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load_plan(args: argparse.Namespace) -> tuple[object, Plan]:
     recipe_path = Path(args.recipe)
-    recipe = load_recipe(recipe_path, args.overrides)
-    recipe = resolve_recipe_paths(recipe, recipe_path.resolve().parent)
-    check_inputs(recipe)
-    recipe = read_hosts(recipe)
+    raw = apply_overrides(read_recipe(recipe_path), args.overrides)
     out = getattr(args, "out", None)
-    run_dir = Path(out) if out else Path(recipe.checkpointing.output_root) / recipe.name
-    if not all(ch.isprintable() for ch in str(run_dir)):
-        raise RecipeError([Problem("--out", "the run dir path contains a control character",
-                                   "use a plain path")])
-    _check_run_dir_path(run_dir, "--out" if out else "checkpointing.output_root")
-    return recipe, make_plan(recipe, model_shape(recipe), str(run_dir.resolve()), host_memory_gib())
+
+    def run_dir_of(recipe) -> str:
+        run_dir = Path(out) if out else Path(recipe.checkpointing.output_root) / recipe.name
+        if not all(ch.isprintable() for ch in str(run_dir)):
+            raise RecipeError([Problem("--out", "the run dir path contains a control character",
+                                       "use a plain path")])
+        _check_run_dir_path(run_dir, "--out" if out else "checkpointing.output_root")
+        return str(run_dir.resolve())
+
+    return plan_recipe(raw, recipe_path.resolve().parent, run_dir_of, host_memory_gib())
 
 
 def _check_run_dir_path(run_dir: Path, field: str) -> None:

@@ -145,6 +145,7 @@ def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str, host_memor
     dp = batching.data_parallel_size(c.world_size, par.sequence_parallel)
     budget = oom_advice.rank_budget(recipe, host_memory_gib)
     stages = _plan_stages(recipe, shape, dp, budget, problems, warnings)
+    _check_sequence_lengths(par.sequence_parallel, stages, problems)
     time_limit = _time_limit(recipe, problems)
     _check_evaluation(recipe, shape, stages, problems)
     if problems:  # progressive stages share one section: report each of its problems once
@@ -155,6 +156,14 @@ def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str, host_memor
         checkpointing=recipe.checkpointing, time_limit_s=time_limit, warnings=warnings,
         evaluation=recipe.evaluation,
     )
+
+
+def _check_sequence_lengths(sp: int, stages: list[StagePlan], problems: list[Problem]) -> None:
+    """Ulysses splits each sequence into sp slices: one problem naming every stage it does not divide."""
+    bad = [f"{s.name} ({s.seq_len})" for s in stages if s.seq_len % sp]
+    if bad:
+        problems.append(Problem("parallelism.sequence_parallel", f"{sp} does not divide the seq_len of stage(s) "
+                                f"{', '.join(bad)}", "use a degree that divides every stage's seq_len"))
 
 
 def _check_evaluation(recipe: Recipe, shape: ModelShape | None, stages: list[StagePlan],
@@ -426,9 +435,6 @@ def _batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, 
     name and its micro-batch field."""
     name, path = where
     sp = recipe.parallelism.sequence_parallel
-    if seq_len % sp:
-        problems.append(Problem("parallelism.sequence_parallel", f"{sp} does not divide seq_len {seq_len}",
-                                "choose seq_len divisible by the sequence-parallel degree"))
     per_rank = batching.per_rank_batch(global_seqs, dp)
     if micro_override and per_rank % micro_override:
         problems.append(_micro_changes_batch(micro_override, per_rank, dp, path))
