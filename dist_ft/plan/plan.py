@@ -17,6 +17,7 @@ from dist_ft.recipe.config import (PEFT_ADAPTERS, VIRTUAL_TOKEN_METHODS, Checkpo
                                    Evaluation, Finetune, MethodOptions, Model, Optimizer, Parallelism, Recipe, Rope,
                                    Samples, Scheduler, Stage, Tracking)
 from dist_ft.recipe.model_shape import INLINE_MLP_TYPES, POSITION_TABLES, ModelShape
+from dist_ft.recipe.prompts import stage_template
 from dist_ft.recipe.strict import Problem, RecipeError, build
 from dist_ft.recipe.timelimit import parse_time_limit
 
@@ -316,7 +317,7 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
         warnings.append(f"{stage.name}: {tokens_per_step} tokens per step (asked {lc.tokens_per_step}): "
                         f"{global_seqs} sequences of {stage.seq_len} over {dp} data-parallel ranks")
     steps = stage.steps or batching.steps_for_tokens(stage.tokens, tokens_per_step)
-    _check_training(recipe, stage, steps, path, problems)
+    _check_training(recipe, stage, steps, path, problems, warnings)
     return StagePlan(
         index=index, name=stage.name, phase="continued_pretraining", seq_len=stage.seq_len,
         rope_parameters=rope, max_position_embeddings=_max_positions(shape, stage.seq_len, rope), method="full",
@@ -352,13 +353,13 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
     if global_seqs != ft.global_batch_size:  # dp does not divide it: said, as for long-context tokens_per_step
         warnings.append(f"{ft.name}: {global_seqs} sequences per step (asked {ft.global_batch_size}): {micro} x "
                         f"{accum} accumulation x {dp} data-parallel ranks")
-    _check_training(recipe, ft, ft.steps, "finetune", problems)
+    _check_training(recipe, ft, ft.steps, "finetune", problems, warnings)
     return StagePlan(
         index=index, name=ft.name, phase="finetune", seq_len=seq_len, rope_parameters=rope,
         max_position_embeddings=max(_max_positions(shape, seq_len, rope),
                                     last.max_position_embeddings if last else 0),
         method=ft.method, method_options=ft.options, data=ft.data, data_format=ft.format,
-        template=ft.template, micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs,
+        template=stage_template(ft.format, ft.template), micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs,
         tokens_per_step=batching.tokens_per_step(global_seqs, seq_len), steps=ft.steps, epochs=ft.epochs, lr=ft.lr,
         optimizer=ft.optimizer, scheduler=ft.schedule, init_from=last.name if last else None, eval_every=ft.eval_every,
         early_stopping=ft.early_stopping, merge_adapter=ft.merge_adapter, memory=mem,
@@ -368,10 +369,12 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
 
 
 def _check_training(recipe: Recipe, section: Stage | Finetune, steps: int | None, path: str,
-                    problems: list[Problem]) -> None:
+                    problems: list[Problem], warnings: list[str]) -> None:
     """The stage's optimizer where it runs, and its schedule against its step count (when the steps are
     known at plan time: by epochs, they are counted from the data at run time)."""
     _check_optimizer(recipe, section.optimizer, f"{path}.optimizer", problems)
+    if section.lr == 0:  # allowed (a dry run of the pipeline), but never what a training run means
+        warnings.append(f"{path}.lr is 0: stage {section.name} will not change the weights")
     sched = section.schedule
     if steps is None:
         return

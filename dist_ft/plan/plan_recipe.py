@@ -17,7 +17,7 @@ from dist_ft.recipe.raw_recipe import without_keys
 from dist_ft.recipe.strict import Problem, RecipeError
 
 from .plan import Plan, make_plan
-from .preflight import check_inputs, model_shape, read_hosts, resolve_recipe_paths
+from .preflight import check_inputs, check_model_type, model_shape, read_hosts, resolve_recipe_paths
 
 DROPPABLE = ("unknown key", "was replaced")  # what the loader says of keys the planner never reads
 
@@ -31,6 +31,7 @@ def plan_recipe(raw: dict, base: Path, run_dir_of: Callable[[Recipe], str],
     found.run(check_inputs, recipe)
     recipe = found.run(read_hosts, recipe) or recipe
     shape = found.run(model_shape, recipe)
+    found.run(check_model_type, recipe, shape)
     run_dir = found.run(run_dir_of, recipe) or ""
     plan = found.run(make_plan, recipe, shape, run_dir, host_memory_gib)
     if found.problems:

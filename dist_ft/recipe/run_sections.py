@@ -60,6 +60,10 @@ class Cluster:
                                                     "ssh always runs with BatchMode=yes (no password prompts).")
 
     def __post_init__(self) -> None:
+        if self.gpus_per_node and self.procs_per_node != 1:  # GPU nodes run one rank per GPU
+            raise Invalid("procs_per_node", f"is for CPU ranks; with gpus_per_node {self.gpus_per_node} a node runs "
+                          "one rank per GPU (procs_per_node would be ignored)",
+                          "remove procs_per_node, or set gpus_per_node: 0 for CPU ranks")
         for i, host in enumerate(self.hosts):
             if (why := host_problem(host)) is not None:
                 raise Invalid(f"hosts[{i}]", why, "use the host's name or address (an ~/.ssh/config alias works)")
@@ -154,5 +158,8 @@ class Evaluation:
                 raise Invalid(name, f"{short} are below 16 tokens", "use lengths of at least 16 tokens")
             if any(n > MAX_SEQ_LEN for n in getattr(self, name) or []):
                 raise Invalid(name, f"has a length above {MAX_SEQ_LEN} tokens", "evaluate shorter lengths")
+        if self.after_each_stage and not self.lengths:
+            raise Invalid("lengths", "is empty, so the evaluation after each stage would measure no perplexity",
+                          "list lengths, e.g. [1024, 2048], or set after_each_stage: false")
         if any(not 0 <= d <= 1 for d in self.depths):
             raise Invalid("depths", f"{self.depths} has a depth outside [0, 1]", "use fractions like 0, 0.5, 1")
