@@ -114,6 +114,13 @@ class Plan:
     def dp(self) -> int:
         return batching.data_parallel_size(self.world_size, self.sp)
 
+    @property
+    def wandb_dir(self) -> Path:
+        """Where the ranks' W&B runs land: under `cluster.env`'s WANDB_DIR when the recipe moves them (the
+        ranks only default WANDB_DIR to the run dir), else the run dir's. W&B adds `wandb/` to either."""
+        moved = self.cluster.env.get("WANDB_DIR")
+        return Path(moved) / "wandb" if moved else self.run.wandb
+
     def stage(self, name: str) -> StagePlan:
         for stage in self.stages:
             if stage.name == name:

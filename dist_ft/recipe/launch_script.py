@@ -5,6 +5,7 @@ Pure, and free of other dist_ft imports: config.py checks `cluster.env` keys aga
 
 from __future__ import annotations
 
+import re
 import sys
 
 #: Variables slurm/stage.sbatch.tmpl sets and reads itself (tests/unit/test_render.py keeps this list in
@@ -23,6 +24,9 @@ SHELL_VARIABLES = frozenset({
     "OPTIND", "OPTARG", "OPTERR", "TMOUT", "HOSTNAME", "FUNCNAME", "GROUPS",
 })
 SHELL_PREFIXES = ("BASH", "LD_", "SLURM_", "SRUN_", "SBATCH_")
+#: Names of credentials (WANDB_API_KEY, HF_TOKEN, AWS_SECRET_ACCESS_KEY, ...): cluster.env is written in plain
+#: text into every rendered script, so a secret there would sit on the shared file system for anyone to read.
+SECRET_NAME = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|API_KEY|ACCESS_KEY|PRIVATE_KEY|_KEY$|^KEY$")
 
 
 def env_key_problem(key: str) -> str | None:
@@ -31,6 +35,14 @@ def env_key_problem(key: str) -> str | None:
         return "is a variable of the generated launch script: a recipe value would redirect or be ignored"
     if key in SHELL_VARIABLES or key.startswith(SHELL_PREFIXES):
         return "has a special meaning to bash, the loader or SLURM and would change how the launch script runs"
+    return None
+
+
+def secret_key_problem(key: str) -> str | None:
+    """Why `key` looks like a credential that cluster.env would write to disk, or None."""
+    if SECRET_NAME.search(key.upper()):
+        return ("looks like a secret, and cluster.env is written in plain text into the rendered *.sbatch and "
+                "local.sh in the run dir")
     return None
 
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .hostfile import host_problem
-from .launch_script import env_key_problem
+from .launch_script import env_key_problem, secret_key_problem
 from .limits import MAX_GPUS_PER_NODE, MAX_NODES, MAX_PROCS_PER_NODE, MAX_SEQ_LEN, MAX_STEPS
 from .strict import Invalid, spec
 
@@ -89,6 +89,10 @@ class Cluster:
             if env_key_problem(key):
                 raise Invalid(f"env.{key}", env_key_problem(key),
                               "choose another name; shell settings belong in `cluster.setup` lines")
+            if secret_key_problem(key):
+                raise Invalid(f"env.{key}", secret_key_problem(key),
+                              f"remove it and export {key} in the environment the job starts from (sbatch and "
+                              "the local backend pass it on; for ssh, the hosts' shell profile)")
 
     @property
     def ranks_per_node(self) -> int:
