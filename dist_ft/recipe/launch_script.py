@@ -46,6 +46,14 @@ def secret_key_problem(key: str) -> str | None:
     return None
 
 
+def omp_threads_line(ranks_per_node: int, cpus: str = "$(nproc)") -> str:
+    """The one OMP_NUM_THREADS rule of every launch script (sbatch, local.sh, ssh, nodes.sh): the user's value
+    when the environment or cluster.env sets one, else the node's CPUs for this job (`cpus`, a shell
+    expression) shared by its ranks, at least 1. torchrun would otherwise set 1 for every rank."""
+    share = f"{cpus} / {int(ranks_per_node)}"
+    return f'export OMP_NUM_THREADS="${{OMP_NUM_THREADS:-$(( {share} > 1 ? {share} : 1 ))}}"'
+
+
 def training_python(cluster_python: str | None) -> str:
     """The interpreter every node trains with (`PYTHON -m torch.distributed.run`): `cluster.python`
     when the recipe sets it (a path, or a name the `setup` lines put on PATH), else the interpreter
