@@ -140,7 +140,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     recipe, plan = _load_plan(args)
     files = render_files(recipe, plan)
-    write_run_dir(Path(plan.run_dir), files, force=args.force)
+    write_run_dir(Path(plan.run_dir), files, force=args.force, access=plan.checkpointing.run_dir_access)
     print(f"wrote {plan.run_dir}: " + ", ".join(sorted(files)))
     return 0
 
@@ -154,8 +154,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
         raise RecipeError([Problem("cluster.hosts", "the ssh backend needs the hosts to run on",
                                    "set cluster.hostfile (`HOST slots=N` per line) or cluster.hosts: [a, b]")])
     files = render_files(recipe, plan)
-    write_run_dir(Path(plan.run_dir), files, force=args.force)
-    print(f"run dir: {plan.run_dir}")
+    if args.dry_run:  # nothing written: a second dry run with other settings must not meet this one's plan
+        print(f"dry run: nothing written; the run dir would be {plan.run_dir} (`dist-ft render` writes it)")
+    else:
+        write_run_dir(Path(plan.run_dir), files, force=args.force, access=plan.checkpointing.run_dir_access)
+        print(f"run dir: {plan.run_dir}")
     if args.backend == "slurm":
         from dist_ft.launcher.slurm_jobs import submit_stages
 

@@ -137,6 +137,10 @@ class Checkpointing:
                                    doc="Also checkpoint every N steps (always at stage end).")
     keep_last: int = spec(2, min=1, max=1000)
     output_root: str = spec("runs", doc="Run dirs are created under this folder.")
+    run_dir_access: Literal["private", "group", "everyone"] = spec(
+        "group", doc="Who may read the run dir the launcher writes (its folders and rendered files): private "
+                     "0700, group 0750 (a team reading each other's logs on a shared file system), everyone 0755. "
+                     "Files the ranks write later follow their umask.")
 
     def __post_init__(self) -> None:
         if not printable_line(self.output_root):
