@@ -10,7 +10,7 @@ from pathlib import Path
 
 from dist_ft.launcher.artifacts import RunDirConflict, render_files, write_run_dir
 from dist_ft.launcher.local_launch import run_stages
-from dist_ft.plan.plan import Plan, make_plan
+from dist_ft.plan.plan import Plan
 from dist_ft.plan.plan_report import format_plan
 from dist_ft.plan.plan_recipe import plan_recipe
 from dist_ft.plan.preflight import host_memory_gib

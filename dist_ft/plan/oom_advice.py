@@ -13,6 +13,7 @@ from dist_ft.recipe.model_shape import INLINE_MLP_TYPES, ModelShape
 from dist_ft.recipe.strict import Problem
 
 from .memory import MemoryEstimate
+from .sp_checks import check_sequence_parallel
 
 TIGHT_FRACTION = 0.85
 LOSS_CHUNK = 1024  # the chunk suggested when the logits are the big part: 1k rows keep the head's matmul efficient
@@ -155,9 +156,14 @@ def _sequence_parallel_lever(recipe: Recipe, shape: ModelShape | None, stage: St
 
 def _sp_degrees(recipe: Recipe, shape: ModelShape | None, stage: Stage) -> list[int]:
     """Degrees the plan would accept: dividing the world, the seq_len and the heads (Ulysses)."""
-    world = recipe.cluster.world_size
-    if shape is None or recipe.model.attn_implementation == "eager" or stage.method in VIRTUAL_TOKEN_METHODS:
+    world, attn = recipe.cluster.world_size, recipe.model.attn_implementation
+    if shape is None or stage.method in VIRTUAL_TOKEN_METHODS:
         return []
-    kv = shape.num_kv_heads
     return [d for d in range(2, world + 1) if world % d == 0 and stage.seq_len % d == 0
-            and shape.num_heads % d == 0 and (kv % d == 0 or d % kv == 0)]
+            and not _problems(check_sequence_parallel, d, shape, attn)]
+
+
+def _problems(check, *args) -> list[Problem]:
+    found: list[Problem] = []
+    check(*args, found)
+    return found

@@ -23,6 +23,7 @@ from dist_ft.recipe.timelimit import parse_time_limit
 
 from . import batching, memory, oom_advice, schedule
 from .method_options import check_options
+from .sp_checks import check_sequence_lengths, check_sequence_parallel
 from .rope import addressable_length, rope_parameters, scaled_context
 from .run_dir import RunDir, ds_config_name, sbatch_name
 
@@ -118,8 +119,7 @@ class Plan:
     def wandb_dir(self) -> Path:
         """Where the ranks' W&B runs land: under `cluster.env`'s WANDB_DIR when the recipe moves them (the
         ranks only default WANDB_DIR to the run dir), else the run dir's. W&B adds `wandb/` to either."""
-        moved = self.cluster.env.get("WANDB_DIR")
-        return Path(moved) / "wandb" if moved else self.run.wandb
+        return self.run.wandb_under(self.cluster.env.get("WANDB_DIR"))
 
     def stage(self, name: str) -> StagePlan:
         for stage in self.stages:
@@ -153,7 +153,7 @@ def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str, host_memor
     dp = batching.data_parallel_size(c.world_size, par.sequence_parallel)
     budget = oom_advice.rank_budget(recipe, host_memory_gib)
     stages = _plan_stages(recipe, shape, dp, budget, problems, warnings)
-    _check_sequence_lengths(par.sequence_parallel, stages, problems)
+    check_sequence_lengths(par.sequence_parallel, [(s.name, s.seq_len) for s in stages], problems)
     time_limit = _time_limit(recipe, problems)
     _check_evaluation(recipe, shape, stages, problems)
     if problems:  # progressive stages share one section: report each of its problems once
@@ -164,14 +164,6 @@ def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str, host_memor
         checkpointing=recipe.checkpointing, time_limit_s=time_limit, warnings=warnings,
         evaluation=recipe.evaluation,
     )
-
-
-def _check_sequence_lengths(sp: int, stages: list[StagePlan], problems: list[Problem]) -> None:
-    """Ulysses splits each sequence into sp slices: one problem naming every stage it does not divide."""
-    bad = [f"{s.name} ({s.seq_len})" for s in stages if s.seq_len % sp]
-    if bad:
-        problems.append(Problem("parallelism.sequence_parallel", f"{sp} does not divide the seq_len of stage(s) "
-                                f"{', '.join(bad)}", "use a degree that divides every stage's seq_len"))
 
 
 def _check_evaluation(recipe: Recipe, shape: ModelShape | None, stages: list[StagePlan],
@@ -205,7 +197,7 @@ def _check_cluster(recipe: Recipe, shape: ModelShape | None, problems: list[Prob
                                 f"list(s) {len(c.hosts)} host(s) (one node per host)",
                                 f"set cluster.nodes: {len(c.hosts)}, or list {c.nodes} host(s)"))
     if sp > 1:
-        _check_sequence_parallel(sp, shape, model.attn_implementation, problems)
+        check_sequence_parallel(sp, shape, model.attn_implementation, problems)
     _check_tiled_mlp(model.tiled_mlp_tokens, shape, problems)
     _check_loss_kernel(recipe, problems)
     if not c.gpus_per_node:
@@ -243,28 +235,6 @@ def _check_tiled_mlp(tile_tokens: int | None, shape: ModelShape | None, problems
     if shape.model_type in INLINE_MLP_TYPES:
         problems.append(Problem("model.tiled_mlp_tokens", f"{shape.model_type} layers have no MLP module to tile",
                                 "unset model.tiled_mlp_tokens"))
-
-
-def _check_sequence_parallel(sp: int, shape: ModelShape | None, attn: str, problems: list[Problem]) -> None:
-    """What DeepSpeed's Ulysses attention (UlyssesSPAttentionHF) accepts."""
-    if attn == "eager":
-        problems.append(Problem("parallelism.sequence_parallel",
-                                "Ulysses sequence parallelism does not run eager attention (it would need the "
-                                "full-sequence 4D mask)",
-                                "set `model.attn_implementation: auto` (or sdpa, or flash_attention_2 on GPUs)"))
-    if shape is None:
-        return
-    if shape.num_heads % sp:
-        problems.append(Problem("parallelism.sequence_parallel",
-                                f"{sp} does not divide the model's {shape.num_heads} attention heads "
-                                "(Ulysses splits heads across ranks)",
-                                f"use a divisor of {shape.num_heads}"))
-    kv = shape.num_kv_heads
-    if kv % sp and sp % kv:  # fewer KV heads than ranks are replicated, but only a whole number of times
-        problems.append(Problem("parallelism.sequence_parallel",
-                                f"{sp} neither divides nor is a multiple of the model's {kv} key/value heads "
-                                "(Ulysses splits or replicates them across ranks)",
-                                f"use a divisor or a multiple of {kv} that divides {shape.num_heads}"))
 
 
 def _time_limit(recipe: Recipe, problems: list[Problem]) -> int | None:

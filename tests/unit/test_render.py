@@ -27,7 +27,8 @@ def rendered(request, tmp_path):
 def test_render_writes_every_artifact(rendered):
     plan = Plan.from_json((rendered / "plan.json").read_text())
     names = {p.name for p in rendered.iterdir()}
-    assert {"plan.json", "recipe.resolved.yaml", "local.sh"} <= names
+    assert {"plan.json", "recipe.resolved.yaml", "nodes.sh"} <= names
+    assert ("local.sh" in names) == (plan.nodes == 1)  # local.sh runs one node
     for stage in plan.stages:
         assert stage.ds_config in names and stage.sbatch in names
 
