@@ -1,6 +1,5 @@
 """The memory estimate under sequence parallelism: ZeRO shards over every rank, activations over SP."""
 
-
 from dist_ft.recipe.model_shape import CATALOGUE, shape_from_config
 from tests.unit.test_plan import plan_of, yaml_cluster_recipe
 
