@@ -11,11 +11,13 @@ from pathlib import Path
 from dist_ft.launcher.artifacts import RunDirConflict, render_files, write_run_dir
 from dist_ft.launcher.local_launch import run_stages
 from dist_ft.launcher.slurm import needs_prepare_job
-from dist_ft.plan.plan import Plan, make_plan
+from dist_ft.plan.plan import Plan
 from dist_ft.plan.plan_report import format_plan
-from dist_ft.plan.preflight import check_inputs, model_shape, read_hosts, resolve_recipe_paths
+from dist_ft.plan.plan_recipe import plan_recipe
+from dist_ft.plan.preflight import host_memory_gib
 from dist_ft.plan.run_dir import RunDir
-from dist_ft.recipe.config import load_recipe
+from dist_ft.recipe.config import apply_overrides
+from dist_ft.recipe.recipe_yaml import read_recipe
 from dist_ft.recipe.strict import Problem, RecipeError
 
 EXIT_BAD_INPUT = 2
@@ -119,17 +121,18 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load_plan(args: argparse.Namespace) -> tuple[object, Plan]:
     recipe_path = Path(args.recipe)
-    recipe = load_recipe(recipe_path, args.overrides)
-    recipe = resolve_recipe_paths(recipe, recipe_path.resolve().parent)
-    check_inputs(recipe)
-    recipe = read_hosts(recipe)
+    raw = apply_overrides(read_recipe(recipe_path), args.overrides)
     out = getattr(args, "out", None)
-    run_dir = Path(out) if out else Path(recipe.checkpointing.output_root) / recipe.name
-    if not all(ch.isprintable() for ch in str(run_dir)):
-        raise RecipeError([Problem("--out", "the run dir path contains a control character",
-                                   "use a plain path")])
-    _check_run_dir_path(run_dir, "--out" if out else "checkpointing.output_root")
-    return recipe, make_plan(recipe, model_shape(recipe), str(run_dir.resolve()))
+
+    def run_dir_of(recipe) -> str:
+        run_dir = Path(out) if out else Path(recipe.checkpointing.output_root) / recipe.name
+        if not all(ch.isprintable() for ch in str(run_dir)):
+            raise RecipeError([Problem("--out", "the run dir path contains a control character",
+                                       "use a plain path")])
+        _check_run_dir_path(run_dir, "--out" if out else "checkpointing.output_root")
+        return str(run_dir.resolve())
+
+    return plan_recipe(raw, recipe_path.resolve().parent, run_dir_of, host_memory_gib())
 
 
 def _check_run_dir_path(run_dir: Path, field: str) -> None:
@@ -174,7 +177,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_render(args: argparse.Namespace) -> int:
     recipe, plan = _load_plan(args)
     files = render_files(recipe, plan)
-    write_run_dir(Path(plan.run_dir), files, force=args.force)
+    write_run_dir(Path(plan.run_dir), files, force=args.force, access=plan.checkpointing.run_dir_access)
     print(f"wrote {plan.run_dir}: " + ", ".join(sorted(files)))
     return 0
 
@@ -188,8 +191,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
         raise RecipeError([Problem("cluster.hosts", "the ssh backend needs the hosts to run on",
                                    "set cluster.hostfile (`HOST slots=N` per line) or cluster.hosts: [a, b]")])
     files = render_files(recipe, plan)
-    write_run_dir(Path(plan.run_dir), files, force=args.force)
-    print(f"run dir: {plan.run_dir}")
+    if args.dry_run:  # nothing written: a second dry run with other settings must not meet this one's plan
+        print(f"dry run: nothing written; the run dir would be {plan.run_dir} (`dist-ft render` writes it)")
+    else:
+        write_run_dir(Path(plan.run_dir), files, force=args.force, access=plan.checkpointing.run_dir_access)
+        print(f"run dir: {plan.run_dir}")
     in_a_job = args.backend == "slurm" and needs_prepare_job(plan)  # data.prepare: job: prepare.sbatch does it
     if not args.dry_run and not in_a_job:  # ranks never tokenize: build the missing stores here
         from dist_ft.launcher.prepare import ensure_prepared

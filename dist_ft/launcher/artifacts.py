@@ -24,6 +24,9 @@ from .local_launch import local_script, nodes_script
 from .slurm import needs_prepare_job, render_prepare_sbatch, render_sbatch
 
 
+ACCESS_MODES = {"private": 0o700, "group": 0o750, "everyone": 0o755}  # checkpointing.run_dir_access
+
+
 class RunDirConflict(Exception):
     """The run dir cannot take the rendered files (a foreign folder, another plan, something in the way)."""
 
@@ -31,8 +34,9 @@ class RunDirConflict(Exception):
 def render_files(recipe: Recipe, plan: Plan) -> dict[str, str]:
     files = {RECIPE_FILE: yaml.safe_dump(to_dict(recipe), sort_keys=False),
              PLAN_FILE: plan.to_json() + "\n",
-             LOCAL_SCRIPT: local_script(plan, plan.cluster.rdzv_port),
              NODES_SCRIPT: nodes_script(plan)}
+    if plan.nodes == 1:  # local.sh runs one node: for several it would start one node's ranks and wait forever
+        files[LOCAL_SCRIPT] = local_script(plan, plan.cluster.rdzv_port)
     for stage in plan.stages:
         files[stage.ds_config] = json.dumps(render_ds_config(plan, stage), indent=2) + "\n"
         files[stage.sbatch] = render_sbatch(plan, stage)
@@ -41,21 +45,24 @@ def render_files(recipe: Recipe, plan: Plan) -> dict[str, str]:
     return files
 
 
-def write_run_dir(run_dir: Path, files: dict[str, str], force: bool = False) -> None:
+def write_run_dir(run_dir: Path, files: dict[str, str], force: bool = False, access: str = "group") -> None:
     """Create run_dir with `files`, or re-render a run dir that holds the same plan (its checkpoints
     stay, so a resume may re-render). Every file is written and synced in a fresh private folder
-    first, so a full disk or a crash while writing leaves the run dir as it was."""
+    first, so a full disk or a crash while writing leaves the run dir as it was; `access`
+    (checkpointing.run_dir_access) is then given to the run dir, its folders and the rendered files."""
+    mode = ACCESS_MODES[access]
     fresh = not os.path.lexists(run_dir)
     if not fresh:
         _check_rerender(run_dir, files, force)
     staging = _staging_dir(run_dir, fresh)
     try:
-        _write_all(staging, files, run_dir)
+        _write_all(staging, files, run_dir, mode)
         if fresh:
+            os.chmod(staging, mode)  # mkdtemp made it 0700
             os.rename(staging, run_dir)  # the whole run dir appears at once
             fsync_dir(run_dir.parent)
         else:
-            _move_in(staging, run_dir, files)
+            _move_in(staging, run_dir, files, mode)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -96,32 +103,37 @@ def _staging_dir(run_dir: Path, fresh: bool) -> Path:
         raise RunDirConflict(f"cannot write the run dir {run_dir}: {err}") from err
 
 
-def _write_all(folder: Path, files: dict[str, str], run_dir: Path) -> None:
+def _write_all(folder: Path, files: dict[str, str], run_dir: Path, mode: int) -> None:
     try:
         for name, text in files.items():
-            _write_new(folder / name, text, executable=name.endswith((".sbatch", ".sh")))
+            executable = name.endswith((".sbatch", ".sh"))
+            _write_new(folder / name, text, mode if executable else mode & 0o666)
         for sub in SUBDIRS:
             (folder / sub).mkdir()
+            os.chmod(folder / sub, mode)  # not the umask's: a team reads the logs
     except OSError as err:  # e.g. a full disk: say so, as a bad --out would be
         raise RunDirConflict(f"cannot write the run dir {run_dir}: {err}; nothing in it was changed") from err
 
 
-def _write_new(path: Path, text: str, executable: bool) -> None:
+def _write_new(path: Path, text: str, mode: int) -> None:
     """A new file, never through a link or over an existing file, on disk before it is renamed in."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as handle:
         handle.write(text)
         handle.flush()
-        if executable:
-            os.fchmod(handle.fileno(), 0o755)
+        os.fchmod(handle.fileno(), mode)
         os.fsync(handle.fileno())
 
 
-def _move_in(staging: Path, run_dir: Path, files: dict[str, str]) -> None:
+def _move_in(staging: Path, run_dir: Path, files: dict[str, str], mode: int) -> None:
     """One rename per file (a rename replaces a planted link, never follows it). plan.json goes last:
-    until it moves, the old plan stays in charge, and rendering again completes the set."""
+    until it moves, the old plan stays in charge, and rendering again completes the set. A local.sh the
+    new plan no longer has (it runs several nodes) goes, so nobody starts one node of them by hand."""
     for sub in SUBDIRS:
         (run_dir / sub).mkdir(exist_ok=True)
     for name in sorted(files, key=lambda n: n == PLAN_FILE):
         os.replace(staging / name, run_dir / name)
+    if LOCAL_SCRIPT not in files and (run_dir / LOCAL_SCRIPT).is_file():
+        (run_dir / LOCAL_SCRIPT).unlink()
+    os.chmod(run_dir, mode)
     fsync_dir(run_dir)

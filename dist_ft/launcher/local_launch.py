@@ -17,7 +17,7 @@ import time
 
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.rank.stop import stop_grace_s
-from dist_ft.recipe.launch_script import training_python
+from dist_ft.recipe.launch_script import omp_threads_line, training_python
 from .heartbeat_status import EXIT_SILENT_RANK, HangWatch, stale_lines
 
 
@@ -29,10 +29,12 @@ def torchrun_command(plan: Plan, stage: StagePlan, python: str, port: int | None
 
 
 def prelude(plan: Plan) -> list[str]:
-    """Shell lines before torchrun: the recipe's setup as written, then its environment, quoted."""
+    """Shell lines before torchrun: the recipe's setup as written (with `set -u` off, as in the sbatch
+    script: conda activate and module systems read unset variables), then its environment, quoted."""
     c = plan.cluster
-    return [*c.setup, *(f"export {key}={shlex.quote(value)}" for key, value in sorted(c.env.items())),
-            'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"']
+    setup = ["set +u", *c.setup, "set -u"] if c.setup else []
+    return [*setup, *(f"export {key}={shlex.quote(value)}" for key, value in sorted(c.env.items())),
+            omp_threads_line(plan.ranks_per_node)]
 
 
 def stage_script(plan: Plan, stage: StagePlan) -> str:

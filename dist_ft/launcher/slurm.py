@@ -21,11 +21,10 @@ from pathlib import Path
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.plan.run_dir import RunDir
 from dist_ft.rank.distributed import RDZV_PORT_BASE, RDZV_PORT_SPAN
-from dist_ft.recipe.launch_script import training_python
+from dist_ft.recipe.launch_script import omp_threads_line, training_python
 from .assets import asset
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_.,:@%/+=-]+$")
-OMP_THREADS_PER_RANK = 4
 
 
 def sbatch_value(value: str) -> str:
@@ -63,7 +62,9 @@ def sbatch_directives(plan: Plan, stage: StagePlan) -> list[tuple[str, str | Non
     ]
     if c.gpus_per_node:
         items.append(("gpus-per-node", str(c.gpus_per_node)))
-    optional = {"cpus-per-task": c.cpus_per_task, "partition": c.partition, "account": c.account, "qos": c.qos,
+    # CPU ranks ask for a core each at least (SLURM's default is one per task, here one task per node)
+    cpus = c.cpus_per_task if c.cpus_per_task or c.gpus_per_node else c.procs_per_node
+    optional = {"cpus-per-task": cpus, "partition": c.partition, "account": c.account, "qos": c.qos,
                 "time": _time(c.time_limit), "constraint": c.constraint, "mem": c.mem}
     items += [(k, str(v)) for k, v in optional.items() if v is not None]
     if c.exclusive:
@@ -125,7 +126,7 @@ def render_sbatch(plan: Plan, stage: StagePlan, template: str | None = None) -> 
         "REQUEUE": "1" if c.requeue else "0",
         "SETUP": "\n".join(c.setup) or ":",
         "ENV": "\n".join(env) or ":",
-        "OMP_THREADS": str(OMP_THREADS_PER_RANK),
+        "OMP": omp_threads_line(plan.ranks_per_node, '"${SLURM_CPUS_PER_TASK:-$(nproc)}"'),
         "CONTROL_DIR": shlex.quote(str(run.control)),
         "STOP_FILE": shlex.quote(str(run.stop_file(stage.name))),
         "DONE_FILE": shlex.quote(str(run.stage(stage.name).done)),

@@ -44,6 +44,30 @@ def ssh_argv(plan: Plan, host: str, remote_script: str) -> list[str]:
     return [*SSH_BASE, *plan.cluster.ssh_options, "--", host, "bash -c " + shlex.quote(remote_script)]
 
 
+def dry_run_text(plan: Plan) -> list[str]:
+    """What each host would run for each stage, as a person can read and paste it: `ssh ... HOST bash -s`
+    with the node's script on stdin (a quoted here-document: nothing in it is expanded locally), instead of
+    the script quoted into one word of the command line. The rendezvous port and token are chosen at launch."""
+    rdzv = Rendezvous(f"{address(plan.cluster.hosts[0])}:PORT", f"{plan.name}-TOKEN")
+    lines = [f"# ssh backend, {len(plan.stages)} stage(s) x {plan.nodes} host(s); PORT and TOKEN are chosen "
+             "at launch"]
+    for stage in plan.stages:
+        for rank, host in enumerate(plan.cluster.hosts):
+            script = node_script(plan, stage, rank, rdzv, 1).rstrip("\n")
+            end = _heredoc_end(script)
+            command = shlex.join([*SSH_BASE, *plan.cluster.ssh_options, "--", host, "bash", "-s"])
+            lines += ["", f"# [{stage.name}] node {rank} on {host}", f"{command} <<'{end}'", script, end]
+    return lines
+
+
+def _heredoc_end(script: str) -> str:
+    """A here-document delimiter no line of the script equals."""
+    end, taken = "DIST_FT_NODE", set(script.splitlines())
+    while end in taken:
+        end += "_"
+    return end
+
+
 def preflight_script(plan: Plan, token: str) -> str:
     """Runs on every host before the first stage: the recipe's setup, then the run dir's token read back
     (exit 3 when it differs), then a free port from the training interpreter (dist_ft importable)."""
@@ -119,10 +143,7 @@ def run_stages_ssh(plan: Plan, dry_run: bool) -> int:
     run, hosts = plan.run, plan.cluster.hosts
     token = secrets.token_hex(16)
     if dry_run:
-        rdzv = Rendezvous(f"{address(hosts[0])}:<free port>", f"{plan.name}-<token>")
-        for stage in plan.stages:
-            for i, host in enumerate(hosts):
-                print(f"[{stage.name}] {shlex.join(ssh_argv(plan, host, node_script(plan, stage, i, rdzv, 1)))}")
+        print("\n".join(dry_run_text(plan)))
         return 0
     run.ssh_token.parent.mkdir(parents=True, exist_ok=True)
     run.ssh_token.write_text(token + "\n")

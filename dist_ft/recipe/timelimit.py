@@ -14,6 +14,7 @@ _FORMS = [
 ]
 _SECONDS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 UNLIMITED = ("unlimited", "infinite")
+MAX_DAYS = 366  # beyond a year a limit is a typo, not a plan (write `unlimited` for none)
 
 
 def parse_time_limit(limit: str | int) -> int | None:
@@ -22,11 +23,15 @@ def parse_time_limit(limit: str | int) -> int | None:
     text = str(limit).strip()
     if text.lower() in UNLIMITED:
         return None
+    if len(text) > 32:  # 20-digit minutes would be parsed into an absurd number of seconds first
+        raise ValueError(f"{text[:40]!r} is too long for a SLURM time")
     for pattern, units in _FORMS:
         match = pattern.match(text)
         if match:
             seconds = sum(int(v) * _SECONDS[u] for v, u in zip(match.groups(), units))
             if seconds <= 0:
                 raise ValueError("a time limit must be positive")
+            if seconds > MAX_DAYS * 86400:
+                raise ValueError(f"{text!r} is more than {MAX_DAYS} days (write `unlimited` for no limit)")
             return seconds
     raise ValueError(f"{text!r} is not a SLURM time (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS)")

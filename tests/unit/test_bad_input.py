@@ -87,7 +87,7 @@ CASES = {
                                  ("long_context.progressive.rope.low_freq_factor", 4.0),
                                  ("long_context.progressive.rope.high_freq_factor", 1.0)],
                                 "long_context.progressive.rope.high_freq_factor", "must exceed low_freq_factor"),
-    "packed rows under flash attention": ([("cluster.gpus_per_node", 1),
+    "packed rows under flash attention": ([("cluster.gpus_per_node", 1), ("cluster.procs_per_node", DELETE),
                                            ("model.attn_implementation", "flash_attention_2"),
                                            ("finetune.micro_batch_size", 2)],
                                           "finetune.micro_batch_size", "attend across documents"),

@@ -95,7 +95,7 @@ def test_the_defaults_render_the_config_every_run_had():
         assert stage.scheduler.name == "cosine" and stage.scheduler.min_lr_ratio == 0.1
 
 
-GPU = ["cluster.gpus_per_node=8", "cluster.gpu_memory_gb=80", "model.dtype=bf16"]
+GPU = ["cluster.gpus_per_node=8", "cluster.procs_per_node=1", "cluster.gpu_memory_gb=80", "model.dtype=bf16"]
 # optimizer section, cluster, expected DeepSpeed optimizer (None: the rank builds it), untested-by-ZeRO flag
 RENDERED = {
     "adamw": (dict(name="adamw", weight_decay=0.1), [], {"type": "AdamW", "params": {

@@ -90,7 +90,8 @@ def test_bad_values_are_refused_with_their_path(overrides, path, words):
 @pytest.mark.parametrize("init", ["pissa", "olora"])
 @pytest.mark.parametrize("overrides, words", [
     (["finetune.method=dora"], "does not combine with dora"),
-    (["finetune.method=qlora", "cluster.gpus_per_node=1", "model.dtype=bf16"], "does not combine with qlora"),
+    (["finetune.method=qlora", "cluster.gpus_per_node=1", "cluster.procs_per_node=1", "model.dtype=bf16"],
+     "does not combine with qlora"),
     (["parallelism.zero_stage=3"], "ZeRO-3"),
 ])
 def test_pissa_and_olora_refuse_what_cannot_export_or_initialise(init, overrides, words):

@@ -27,7 +27,8 @@ def rendered(request, tmp_path):
 def test_render_writes_every_artifact(rendered):
     plan = Plan.from_json((rendered / "plan.json").read_text())
     names = {p.name for p in rendered.iterdir()}
-    assert {"plan.json", "recipe.resolved.yaml", "local.sh"} <= names
+    assert {"plan.json", "recipe.resolved.yaml", "nodes.sh"} <= names
+    assert ("local.sh" in names) == (plan.nodes == 1)  # local.sh runs one node
     for stage in plan.stages:
         assert stage.ds_config in names and stage.sbatch in names
 
@@ -268,9 +269,11 @@ def test_too_many_restarts_stop_with_a_clear_message(tmp_path):
 def test_launch_dry_run_works_for_every_recipe(recipe, tmp_path, capsys):
     import yaml
 
+    assert main(["plan", str(recipe), "--json"]) == 0
+    stages = len(Plan.from_json(capsys.readouterr().out).stages)
     assert main(["launch", str(recipe), "--backend", "slurm", "--dry-run", "--out", str(tmp_path / "s")]) == 0
-    assert capsys.readouterr().out.count("sbatch --parsable") == len(Plan.from_json(
-        (tmp_path / "s" / "plan.json").read_text()).stages)
+    assert capsys.readouterr().out.count("sbatch --parsable") == stages
+    assert not (tmp_path / "s").exists()
     single_node = yaml.safe_load(recipe.read_text()).get("cluster", {}).get("nodes", 1) == 1
     expected = 0 if single_node else 2  # the local backend refuses several nodes, with the reason
     assert main(["launch", str(recipe), "--dry-run", "--out", str(tmp_path / "l")]) == expected

@@ -84,11 +84,12 @@ def test_ssh_backend_without_hosts_is_refused(recipe_file, capsys, tmp_path):
 
 def test_ssh_dry_run_prints_one_command_per_host_and_stage(tmp_path, recipe_file, capsys):
     recipe = recipe_file(ssh_raw(hosts=["node-a", "node-b"], ssh_options=["-p", "2222"]))
+    assert main(["plan", str(recipe), "--json"]) == 0
+    stages = len(Plan.from_json(capsys.readouterr().out).stages)
     assert main(["launch", str(recipe), "--backend", "ssh", "--dry-run", "--out", str(tmp_path / "r")]) == 0
     out = capsys.readouterr().out
-    stages = len(Plan.from_json((tmp_path / "r" / "plan.json").read_text()).stages)
-    assert out.count("ssh -o BatchMode=yes") == 2 * stages and "-p 2222 -- node-b" in out
-    assert not (tmp_path / "r" / "ssh.json").exists()
+    assert out.count("ssh -o BatchMode=yes") == 2 * stages and "-p 2222 -- node-b bash -s" in out
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
 
 
 def _plan(tmp_path, recipe_file, capsys, run_dir) -> Plan:
