@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from dist_ft.plan.plan import Plan
@@ -49,10 +50,9 @@ def evaluation_lines(folder, indent: str) -> list[str]:
     best = done.get("best")
     if isinstance(best, dict) and isinstance(best.get("value"), (int, float)):
         lines.append(f"{indent}exported the best weights: step {best['step']}, {best['metric']} {best['value']:.4f}")
-    rows = read_rows(folder.metrics)
-    evals = [r for r in rows if any(k.startswith("eval_") for k in r)]
+    evals = [r for r in read_rows(folder.metrics) if any(k.startswith("eval_") for k in r)]
     if evals:
-        lines.append(f"{indent}eval (step {evals[-1].get('step')}): {_values(evals[-1], 'eval_')}")
+        lines.append(f"{indent}{_eval_line(evals, best)}")
     test = _read_json(folder.test_metrics)
     if test:
         lines.append(f"{indent}test (weights of step {test.get('step')}): {_values(test, 'test_')}")
@@ -65,6 +65,23 @@ def evaluation_lines(folder, indent: str) -> list[str]:
                 lines.append(f"{indent}samples {label} (step {step}):")
                 lines += [f"{indent}  {_sample(r)}" for r in shown]
     return lines
+
+
+def _eval_line(evals: list[dict], best) -> str:
+    """The validation metrics of the exported weights (the best evaluation's, else the last), set against
+    the model before the stage (its step-0 evaluation) when there is one: what the stage bought."""
+    best_step = best.get("step") if isinstance(best, dict) else None
+    after = next((r for r in reversed(evals) if r.get("step") == best_step), evals[-1])
+    before = next((r for r in evals if r.get("step") == 0), None)
+    if before is None or before is after:
+        return f"eval (step {after.get('step')}): {_values(after, 'eval_')}"
+    changes = [f"{k.removeprefix('eval_')} {before[k]:.4g} -> {v:.4g}" for k, v in after.items()
+               if k.startswith("eval_") and _number(v) and _number(before.get(k))]
+    return f"eval (step 0 -> {after.get('step')}): " + "  ".join(changes)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _values(row: dict, prefix: str) -> str:
@@ -84,6 +101,46 @@ def _sample(row: dict) -> str:
     return f"{short(row.get('prompt'), 40, tail=True)} -> {short(row.get('output'), 40)}{reference}"
 
 
+def context_lines(plan: Plan, index: int, indent: str) -> list[str]:
+    """What a long-context stage bought, from the after-stage evaluations (RUN/eval/<stage>, the model
+    with its own RoPE): perplexity beyond and within the native context at the longest evaluated length,
+    against the model before the stage (the previous stage's evaluation, else the starting model's)."""
+    stage = plan.stages[index]
+    after = _perplexity_split(plan.run.eval(stage.name) / "results.json")
+    if after is None:
+        return []
+    length, beyond, within, native = after
+    previous = plan.stages[index - 1].name if index else "base"
+    before = _perplexity_split(plan.run.eval(previous) / "results.json", length)
+    if before is None:
+        why = ": the recipe initialises it at random" if index == 0 and plan.model.name_or_path is None else ""
+        return [f"{indent}eval @ {length}: ppl beyond the native {native} tokens {beyond:.4g}, within "
+                f"{within:.4g} (the model before this stage was not evaluated{why})"]
+    return [f"{indent}eval @ {length}: ppl beyond the native {native} tokens {before[1]:.4g} -> {beyond:.4g}, "
+            f"within {before[2]:.4g} -> {within:.4g} (before: {previous})"]
+
+
+def _perplexity_split(path: Path, length: str | None = None) -> tuple[str, float, float, int] | None:
+    """(length, ppl beyond the native context, ppl within it, native) at `length` (else the longest
+    evaluated), from a results.json's own-RoPE variant; None when it is missing or has no such bands."""
+    variants = _read_json(path).get("variants") or {}
+    variant = variants.get("keep") or next(iter(variants.values()), {})
+    table, native = variant.get("perplexity") or {}, variant.get("native_context")
+    length = length or max(table, key=int, default=None)
+    bands = (table.get(length) or {}).get("bands", []) if length else []
+    beyond = [b for b in bands if b.get("beyond_native")]
+    within = [b for b in bands if not b.get("beyond_native")]
+    if not (beyond and within and native):
+        return None
+    return length, _pooled(beyond), _pooled(within), native
+
+
+def _pooled(bands: list[dict]) -> float:
+    """The perplexity of several bands' tokens together (their mean log-perplexity, token-weighted)."""
+    tokens = sum(b["tokens"] for b in bands)
+    return math.exp(sum(b["tokens"] * math.log(b["ppl"]) for b in bands) / tokens)
+
+
 def pipeline_summary(plan: Plan) -> str:
     run = plan.run
     lines = [f"summary of run {plan.name} ({run.path})"]
@@ -99,6 +156,8 @@ def pipeline_summary(plan: Plan) -> str:
         if folder.export.is_dir():
             lines.append(f"  {'':<12} model:   {folder.model()}")
         lines += evaluation_lines(folder, f"  {'':<12} ")
+        if stage.phase == "continued_pretraining":
+            lines += context_lines(plan, stage.index, f"  {'':<12} ")
         lines.append(f"  {'':<12} metrics: {folder.metrics}, plot {folder.loss_plot}")
     wandb_dir = plan.wandb_dir
     if wandb_dir.is_dir() and any(wandb_dir.glob("offline-run-*")):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import os
 import subprocess
 import sys
@@ -24,7 +25,12 @@ def init_distributed(env: DistEnv, timeout_minutes: float = 60.0) -> None:
     rank 0 alone converts or exports a checkpoint, which can outlast DeepSpeed's default 10 minutes."""
     if env.device.startswith("cuda"):
         torch.cuda.set_device(env.local_rank)
-    deepspeed.init_distributed(dist_backend=env.backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        deepspeed.init_distributed(dist_backend=env.backend, timeout=datetime.timedelta(minutes=timeout_minutes))
+    # DeepSpeed prints "... shm_comm_op built successfully" on every rank of every stage: news only when it fails
+    sys.stdout.write("".join(line for line in printed.getvalue().splitlines(keepends=True)
+                             if not line.rstrip().endswith("built successfully")))
 
 
 @contextlib.contextmanager

@@ -25,6 +25,16 @@ class Metrics(Protocol):
     def close(self) -> None: ...
 
 
+def quiet_progress_bars() -> None:
+    """For every rank but rank 0: its libraries' progress bars (tokenizing, loading and writing weights)
+    only repeat rank 0's, interleaved with them on the same terminal."""
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
+
+
 class NullMetrics:
     def log(self, row: dict[str, Any]) -> None:
         pass

@@ -23,7 +23,7 @@ from .early_stopping import Rule
 from .heartbeat import Heartbeat
 from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 from .loss import LanguageModelLoss, TokenMean, choose_head_kernel
-from .metrics import NullMetrics, RankZeroMetrics, mfu
+from .metrics import NullMetrics, RankZeroMetrics, mfu, quiet_progress_bars
 from .optimizer import client_optimizer, parameter_groups
 from .stage_checkpoints import StageCheckpoints
 from .stage_data import StageData, load_stage_data
@@ -50,14 +50,14 @@ class StageRun:
 
     def train(self, state: LoopState, heartbeat: Heartbeat | None = None) -> str:
         """The loop until the stage ends, stops or fails ("failed": a non-finite streak, said on stderr).
-        A fresh stage that generates samples does so first: the model before this stage."""
+        A fresh stage that generates samples evaluates first: the model before this stage."""
         if heartbeat:
             heartbeat.follow(state)
         self.metrics = self._metrics(state.step)
         self.evaluation.metrics = self.metrics
         hooks = self._hooks(StopRequest(self.plan.run.stop_file(self.stage.name)))
         if state.step == 0 and self.stage.samples is not None:
-            self.evaluation.samples(0)
+            self._evaluate_before()
         try:
             outcome = run_loop(self.engine, iter(self.data.train), state, self._loop_config(), hooks)
         except NonFiniteLossError as err:
@@ -66,6 +66,14 @@ class StageRun:
         self.env.say(f"[{self.stage.name}] {outcome} at step {state.step}/{self.total_steps}"
                      f"{_resume_note(outcome, state)}")
         return outcome
+
+    def _evaluate_before(self) -> None:
+        """The model before this stage: its samples and its validation metrics at step 0 (the zero-shot
+        values the summary compares the last evaluation with). Not a candidate for early stopping:
+        the stage exports trained weights."""
+        values = self.evaluation.evaluate(0)
+        if values:
+            self._log({"step": 0, **values})
 
     def finish(self, state: LoopState, outcome: str) -> None:
         """The export (the best evaluation's weights under early stopping), the test set on them, then DONE:
@@ -133,6 +141,8 @@ class StageRun:
 
 def train_stage(plan: Plan, stage: StagePlan) -> int:
     env = read_env()
+    if not env.is_main:
+        quiet_progress_bars()
     ds.init_distributed(env, plan.cluster.collective_timeout_minutes)
     # torchrun counts restarts per node (a node restarted for another's failure counts none): agree on the most
     env = dataclasses.replace(env, restart_count=int(ds.all_reduce_max(float(env.restart_count))))

@@ -111,9 +111,9 @@ def _files(path: Path, bad: BadRows) -> list[Path]:
     if path.is_file():
         return [path]
     files = []
-    # Hidden entries (.git, .cache, ...) are tooling, not data.
+    # Hidden entries (.git, .cache, ...) and Python's bytecode caches are tooling, not data.
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        if any(part.startswith(".") for part in file.relative_to(path).parts):
+        if any(part.startswith(".") or part == "__pycache__" for part in file.relative_to(path).parts):
             continue
         if file.suffix.lower() in RECORD_SUFFIXES + TEXT_SUFFIXES:
             files.append(file)

@@ -52,11 +52,11 @@ def test_zero3_finetune_evaluates_samples_and_exports_the_best_checkpoint(tmp_pa
     stage = run / "stages/sft"
 
     evals = [r for r in metric_rows(run, "sft") if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [2, 4, 6], "evaluated every 2 steps until patience ran out"
+    assert [r["step"] for r in evals] == [0, 2, 4, 6], "before training, then every 2 steps until patience ran out"
     for row in evals:
         assert {"eval_loss", "eval_perplexity", "eval_exact_match", "eval_rouge_l"} <= set(row)
         assert row["eval_perplexity"] == pytest.approx(2.718281828 ** row["eval_loss"], rel=1e-6)
-    assert [r["eval_exact_match"] for r in evals] == [0.0, 0.0, 0.0]
+    assert [r["eval_exact_match"] for r in evals] == [0.0, 0.0, 0.0, 0.0]
     done = json.loads((stage / "DONE").read_text())
     assert done["outcome"] == "early_stopped" and done["step"] == 6
     assert done["best"] == {"step": 2, "metric": "eval_exact_match", "value": 0.0}
@@ -73,7 +73,7 @@ def test_zero3_finetune_evaluates_samples_and_exports_the_best_checkpoint(tmp_pa
     history = wandb_history(run_file)
     tables = [int(row["_step"]) for row in history if row.get("samples/_type") == "table-file"]
     assert tables == [0, 2, 4, 6], "a W&B table of samples at each generation"
-    assert [int(row["_step"]) for row in history if "eval_rouge_l" in row] == [2, 4, 6]
+    assert [int(row["_step"]) for row in history if "eval_rouge_l" in row] == [0, 2, 4, 6]
     assert [int(row["_step"]) for row in history if "test_rouge_l" in row] == [6]
 
     test = json.loads((stage / "test_metrics.json").read_text())
@@ -98,6 +98,7 @@ def test_zero3_finetune_evaluates_samples_and_exports_the_best_checkpoint(tmp_pa
     assert "exported the best weights: step 2, eval_exact_match 0.0000" in summary
     assert "samples before (step 0):" in summary and "samples after (step 2):" in summary
     assert "test (weights of step 2):" in summary
+    assert "eval (step 0 -> 2): loss " in summary, "the exported weights' evaluation against the model before"
     assert "loaded the best checkpoint" in result.stdout + result.stderr
 
     # A restart after the early stop (say the export was lost) trains nothing and exports the best again:

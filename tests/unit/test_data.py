@@ -85,10 +85,13 @@ def test_reads_jsonl_json_parquet_text_and_directories(tmp_path):
     (tree.parent / "y.md").write_text("seven")
     (tree / ".hidden").mkdir()
     (tree / ".hidden" / "z.txt").write_text("hidden")
+    (tree / "__pycache__").mkdir()
+    (tree / "__pycache__" / "x.cpython-311.pyc").write_bytes(b"\x00bytecode")
+    (tree / "__pycache__" / "notes.txt").write_text("cache")
     paths = [str(tmp_path / name) for name in ("a.jsonl", "b.json", "c.parquet", "tree")]
     documents, bad = read_documents(paths, "text")
     assert documents == ["one", "two", "three", "four", "five", "six", "seven"]
-    assert bad.total == 0
+    assert bad.total == 0, "hidden folders and bytecode caches are skipped, not reported"
 
 
 def test_bad_rows_are_counted_per_reason_not_raised(tmp_path):

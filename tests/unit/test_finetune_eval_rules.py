@@ -315,9 +315,20 @@ def test_the_summary_says_which_weights_were_exported_and_shows_samples_before_a
                                                     "reference": "r"}) for s in (0, 4, 6) for i in range(4)))
     lines = evaluation_lines(folder, "")
     assert lines[0] == "exported the best weights: step 4, eval_loss 1.2346"
-    assert lines[1] == "eval (step 6): loss 1.5  rouge_l 10" and lines[2] == "test (weights of step 4): loss 1.4"
+    assert lines[1] == "eval (step 4): loss 1.235  rouge_l 12.5", "the exported weights' evaluation, not the last"
+    assert lines[2] == "test (weights of step 4): loss 1.4"
     assert lines[3] == "samples before (step 0):" and lines[7] == "samples after (step 4):"
     assert lines[4] == "  'p0' -> 'o0'  (reference: 'r')" and len(lines) == 11
+
+
+def test_the_summary_sets_the_exported_evaluation_against_the_model_before_the_stage(tmp_path):
+    folder = StageDir(tmp_path)
+    folder.done.write_text(json.dumps({"step": 6, "outcome": "finished"}))
+    folder.metrics.write_text("\n".join(json.dumps(r) for r in [
+        {"step": 0, "eval_loss": 4.25, "eval_exact_match": 0.0}, {"step": 3, "loss": 2.0},
+        {"step": 3, "eval_loss": 1.5, "eval_exact_match": 25.0}, {"step": 6, "eval_loss": 0.5, "eval_exact_match": 62.5,
+                                                                  "eval_new": 1.0}]) + "\n")
+    assert evaluation_lines(folder, "") == ["eval (step 0 -> 6): loss 4.25 -> 0.5  exact_match 0 -> 62.5"]
 
 
 # ---- generating inside a training process -------------------------------------------------------------------
