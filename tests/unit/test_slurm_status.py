@@ -284,6 +284,7 @@ def test_a_prepare_job_is_rendered_submitted_first_chained_and_cancelled(tmp_pat
     out = tmp_path / "run"
     args = [str(LAUNCH / "demo.yaml"), "--out", str(out), "--set", "long_context.data.prepare=job",
             "--set", "cluster.partition=cpu q", "--set", f"checkpointing.output_root={tmp_path}"]
+    assert main(["render", *args]) == 0  # a dry run writes nothing: the files come from render
     assert main(["launch", *args, "--backend", "slurm", "--dry-run"]) == 0
     printed = capsys.readouterr().out
     script = out / "prepare.sbatch"
