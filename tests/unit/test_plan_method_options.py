@@ -14,15 +14,23 @@ from dist_ft.recipe.strict import RecipeError
 from tests.conftest import LAUNCH, demo_raw
 
 
-def finetune_only() -> dict:
+def lora_demo() -> dict:
+    """The demo recipe with a LoRA fine-tune (the demo itself trains all weights: docs/demo.md), the
+    options these tests change from."""
     raw = demo_raw()
+    raw["finetune"].update(method="lora", options={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"})
+    return raw
+
+
+def finetune_only() -> dict:
+    raw = lora_demo()
     raw.pop("long_context")
     raw.pop("evaluation")
     return raw
 
 
 def plan_of(overrides=(), shape="inline", raw=None):
-    recipe = recipe_from_dict(apply_overrides(raw or demo_raw(), list(overrides)))
+    recipe = recipe_from_dict(apply_overrides(raw or lora_demo(), list(overrides)))
     if shape == "inline":
         shape = shape_from_config(recipe.model.config, "test")
     return make_plan(recipe, shape, "/tmp/run")
@@ -148,7 +156,7 @@ def test_the_catalogued_smollm2_counts_are_the_ones_the_methods_benchmark_measur
 
 def test_dist_ft_plan_prints_the_trainable_line(capsys, tmp_path):
     recipe = tmp_path / "demo.yaml"
-    recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("data/tiny", f"{LAUNCH}/data/tiny"))
+    recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("[data/", f"[{LAUNCH}/data/"))
     assert main(["plan", str(recipe)]) == 0
     assert capsys.readouterr().out.count("    trainable: ") == 3
 
