@@ -26,7 +26,8 @@ def recipe_file(tmp_path):
     """Write a recipe dict next to a copy of the demo data and return its path."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    (data_dir / "tiny_instructions.jsonl").write_text((LAUNCH / "data" / "tiny_instructions.jsonl").read_text())
+    for name in ("tiny_instructions.jsonl", "demo_tasks.jsonl"):  # the demo's task, and the old tiny one
+        (data_dir / name).write_text((LAUNCH / "data" / name).read_text())
 
     def write(raw: dict, name: str = "recipe.yaml") -> Path:
         raw = copy.deepcopy(raw)

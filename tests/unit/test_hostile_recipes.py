@@ -58,9 +58,10 @@ OVERRIDES = {
                                           "would grow to 128 sequences"),
     "micro-batch not dividing a rank's share": (["finetune.micro_batch_size=3"], "finetune.micro_batch_size",
                                                 "do not divide the 4"),
-    "fine-tune warmup as long as the stage": (["finetune.warmup_steps=10"], "finetune.warmup_steps",
-                                              "leave none of the stage's 10 steps"),
-    "long-context warmup beyond the stage": (["long_context.progressive.warmup_steps=12"],
+    "fine-tune warmup as long as the stage": (["finetune.steps=10", "finetune.warmup_steps=10"],
+                                              "finetune.warmup_steps", "leave none of the stage's 10 steps"),
+    "long-context warmup beyond the stage": (["long_context.progressive.steps=12",
+                                              "long_context.progressive.warmup_steps=12"],
                                              "long_context.progressive.warmup_steps", "leave none"),
     # item 3: non-finite numbers, wherever they are
     "nan learning rate": (["finetune.lr=.nan"], "finetune.lr", "not a finite number"),
@@ -193,7 +194,9 @@ def test_unreadable_recipe_file_exits_2_and_writes_nothing(case, tmp_path, capsy
 
 
 def test_ordinary_anchors_and_aliases_still_load(recipe_file, capsys):
-    recipe = recipe_file(demo_raw())
+    raw = demo_raw()
+    raw["finetune"]["lr"], raw["long_context"]["progressive"]["lr"] = 0.003, 0.002
+    recipe = recipe_file(raw)
     text = recipe.read_text().replace("lr: 0.003", "lr: &lr 0.003").replace("lr: 0.002", "lr: *lr")
     recipe.write_text(text)
     assert main(["plan", str(recipe), "--json"]) == 0

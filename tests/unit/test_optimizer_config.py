@@ -55,9 +55,10 @@ REFUSED = {
                                        "cluster.gpus_per_node"),
     "adafactor offloaded": (["finetune.optimizer.name=adafactor", "parallelism.offload_optimizer=cpu"],
                             "finetune.optimizer.name", "offload_optimizer: none"),
-    "warmup_ratio leaving no step": (["finetune.warmup_steps=null", "finetune.scheduler.warmup_ratio=0.95"],
+    "warmup_ratio leaving no step": (["finetune.steps=10", "finetune.warmup_steps=null",
+                                      "finetune.scheduler.warmup_ratio=0.95"],
                                      "finetune.scheduler.warmup_ratio", "fewer than 10 warmup steps"),
-    "stable phase below zero": (["long_context.progressive.warmup_steps=null",
+    "stable phase below zero": (["long_context.progressive.steps=12", "long_context.progressive.warmup_steps=null",
                                  "long_context.progressive.scheduler={name: warmup_stable_decay, warmup_steps: 8,"
                                  " decay_ratio: 0.5}"], "long_context.progressive.scheduler.decay_ratio",
                                 "lower decay_ratio"),
@@ -148,7 +149,7 @@ class _DataParallel:
 
 def test_the_plan_prints_optimizer_and_schedule(capsys):
     assert main(["plan", DEMO, "--set", "finetune.optimizer={name: sgd, weight_decay: 0.01}", "--set",
-                 "finetune.warmup_steps=null", "--set",
+                 "finetune.lr=3e-3", "--set", "finetune.steps=10", "--set", "finetune.warmup_steps=null", "--set",
                  "finetune.scheduler={name: warmup_stable_decay, warmup_steps: 2, decay_ratio: 0.3}"]) == 0
     out = capsys.readouterr().out
     sft = out[out.index("] sft"):]

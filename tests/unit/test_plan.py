@@ -98,7 +98,7 @@ def test_packed_rows_under_flash_attention_get_one_row_per_micro_batch():
 def test_plan_round_trips_through_json():
     plan = plan_of()
     again = Plan.from_json(plan.to_json())
-    assert again == plan and again.stage("sft").method == "lora"
+    assert again == plan and again.stage("sft").method == "full"
 
 
 def test_memory_shrinks_with_zero_stage_and_sequence_parallel():

@@ -73,7 +73,7 @@ def spied(monkeypatch):
 
 def test_plan_deepspeed_config_data_and_world_size_change_share_one_batch_arithmetic(tmp_path, spied, capsys):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("data/tiny", f"{LAUNCH}/data/tiny"))
+    recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("[data/", f"[{LAUNCH}/data/"))
     args = [str(recipe), "--out", str(tmp_path / "run"), "--set", "cluster.procs_per_node=2",
             "--set", f"checkpointing.output_root={tmp_path}"]
     assert main(["render", *args]) == 0 and main(["prepare", *args, "--workers", "1"]) == 0

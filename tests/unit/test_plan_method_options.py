@@ -11,16 +11,30 @@ from dist_ft.plan.plan_report import format_plan
 from dist_ft.recipe.config import MethodOptions, recipe_from_dict
 from dist_ft.recipe.model_shape import CATALOGUE, shape_from_config
 from tests.conftest import LAUNCH, demo_raw
-from tests.helpers import plan_of, problems_of
+from tests import helpers
+
+
+def lora_demo() -> dict:
+    """The demo recipe with a LoRA fine-tune (the demo itself trains all weights: docs/demo.md), the
+    options these tests change from."""
+    raw = demo_raw()
+    raw["finetune"].update(method="lora", options={"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"})
+    return raw
 
 
 def finetune_only() -> dict:
-    raw = demo_raw()
+    raw = lora_demo()
     raw.pop("long_context")
     raw.pop("evaluation")
     return raw
 
 
+def plan_of(overrides=(), shape="inline", raw=None):
+    return helpers.plan_of(overrides, raw or lora_demo(), shape)
+
+
+def problems_of(overrides, shape="inline"):
+    return helpers.problems_of(overrides, lora_demo(), shape)
 
 
 @pytest.mark.parametrize("method, option, value, methods", [
@@ -138,7 +152,7 @@ def test_the_catalogued_smollm2_counts_are_the_ones_the_methods_benchmark_measur
 
 def test_dist_ft_plan_prints_the_trainable_line(capsys, tmp_path):
     recipe = tmp_path / "demo.yaml"
-    recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("data/tiny", f"{LAUNCH}/data/tiny"))
+    recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("[data/", f"[{LAUNCH}/data/"))
     assert main(["plan", str(recipe)]) == 0
     assert capsys.readouterr().out.count("    trainable: ") == 3
 
