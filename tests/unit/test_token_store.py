@@ -300,7 +300,7 @@ def test_a_rank_without_its_store_stops_naming_the_prepare_command(tmp_path):
     from dist_ft.rank.stage_data import load_stage_data
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("data/tiny", f"{LAUNCH}/data/tiny"))
+    recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("[data/", f"[{LAUNCH}/data/"))
     assert main(["render", str(recipe), "--out", str(tmp_path / "run"),
                  "--set", f"checkpointing.output_root={tmp_path}"]) == 0
     plan = Plan.from_json((tmp_path / "run" / "plan.json").read_text())
@@ -358,7 +358,7 @@ def test_the_plan_shows_the_data_budget_before_and_after_prepare(tmp_path, capsy
     from dist_ft.cli import main
 
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("data/tiny", f"{LAUNCH}/data/tiny"))
+    recipe.write_text((LAUNCH / "demo.yaml").read_text().replace("[data/", f"[{LAUNCH}/data/"))
     args = [str(recipe), "--set", f"checkpointing.output_root={tmp_path}"]
     assert main(["plan", *args]) == 0
     before = capsys.readouterr().out
@@ -366,6 +366,6 @@ def test_the_plan_shows_the_data_budget_before_and_after_prepare(tmp_path, capsy
     assert before.count("no store yet: `dist-ft prepare` builds it") == 2
     assert main(["prepare", *args, "--workers", "1"]) == 0 and main(["plan", *args]) == 0
     after = capsys.readouterr().out.split("data (token stores")[-1]
-    assert "34 documents, 435651 tokens" in after and "240 examples, 16296 tokens" in after
+    assert "34 documents, 435651 tokens" in after and "480 examples, 32580 tokens" in after
     assert "ctx512: trains 49152 tokens = 0.11 passes; 34 documents reach seq_len 512" in after
     assert "ctx1k: trains 49152 tokens = 0.11 passes; 32 documents reach seq_len 1024" in after
