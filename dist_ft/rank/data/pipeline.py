@@ -9,7 +9,6 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from datasets import Dataset
 from transformers import PreTrainedTokenizerBase
 
 from .pack import IGNORE_INDEX, pack_documents, pack_examples
@@ -27,6 +26,8 @@ def tokenize_documents(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase,
     """
     def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
         return {"input_ids": tokenizer(batch["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"]}
+
+    from datasets import Dataset  # not at import: a rank reads token stores and never needs it (0.4 s)
 
     dataset = Dataset.from_dict({"text": list(texts)})
     encoded = dataset.map(encode, batched=True, batch_size=batch_size, num_proc=num_proc, remove_columns=["text"],
