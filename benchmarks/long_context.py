@@ -30,7 +30,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
@@ -222,11 +221,11 @@ def measure_ours(run: Path, seq_len: int, args: argparse.Namespace) -> dict:
     _progress(seq_len, "ours", args)
     argv = torchrun(args.ranks) + ["-m", "dist_ft", "train", "--run-dir", str(run), "--stage", STAGE]
     failure = launch(argv, args, run.parent / "ours.log")
-    if failure:
-        return _report(seq_len, "ours", failure)
     from dist_ft.plan.run_dir import RunDir
 
     stage_dir = RunDir(run).stage(STAGE)
+    if failure and not stage_dir.done.exists():
+        return _report(seq_len, "ours", failure)
     rows = [json.loads(line) for line in stage_dir.metrics.read_text().splitlines() if line.strip()]
     steps = [row for row in rows if "step_time_s" in row]
     rank0 = json.loads(stage_dir.rank_info(0).read_text())
@@ -241,7 +240,7 @@ def measure_ours(run: Path, seq_len: int, args: argparse.Namespace) -> dict:
                        attn_implementation=model.attn_implementation, loss_chunk_tokens=model.loss_chunk_tokens,
                        plan_memory_gib=(plan.stages[0].memory or {}).get("total_gib"),
                        loss_path=stage_loss_path(plan, plan.stages[0]))
-    return _report(seq_len, "ours", result)
+    return _report(seq_len, "ours", _kept_despite(failure, result))
 
 
 def measure_baseline(run: Path, seq_len: int, args: argparse.Namespace) -> dict:
@@ -252,13 +251,23 @@ def measure_baseline(run: Path, seq_len: int, args: argparse.Namespace) -> dict:
         return _report(seq_len, "hf", {"error": f"{type(err).__name__}: {err}"})
     argv = torchrun(args.ranks) + [str(BASELINE), str(spec)]
     failure = launch(argv, args, run.parent / "hf.log")
-    if failure:
+    result_file = run.parent / "hf_result.json"  # the length's folder starts empty: only this run wrote it
+    if failure and not result_file.exists():
         return _report(seq_len, "hf", failure)
-    measured = json.loads((run.parent / "hf_result.json").read_text())
+    measured = json.loads(result_file.read_text())
     result = summarize(measured["step_times_s"], measured["peak_memory_gib"], tokens_per_step(run),
                        loss_step1=measured["loss_step1"], vocab_size=measured["vocab_size"],
                        num_params=measured["num_params"], rows=args.hf_rows)
-    return _report(seq_len, "hf", result)
+    return _report(seq_len, "hf", _kept_despite(failure, result))
+
+
+def _kept_despite(failure: dict | None, result: dict) -> dict:
+    """A side that finished its measured steps (its result or DONE written) and then died on its way out
+    (seen: ZeRO-3 on gloo, 'terminate called without an active exception' at exit) keeps its figures,
+    and says what happened after them."""
+    if failure:
+        result["died_after_measuring"] = failure["error"]
+    return result
 
 
 def read_plan(run: Path):
@@ -453,7 +462,9 @@ def _report(seq_len: int, who: str, result: dict) -> dict:
         line = f"failed ({result['error']})" + (f"; log {result['log']}" if "log" in result else "")
     else:
         line = (f"step {result['step_time_s']:.3f} s, {result['tokens_per_s']:,.0f} tok/s, "
-                f"peak {result['peak_memory_gib']:.3f} GiB")
+                f"peak {result['peak_memory_gib']:.3f} GiB"
+                + (f" (then the process died: {result['died_after_measuring']})"
+                   if "died_after_measuring" in result else ""))
     print(f"[{seq_len}] {who}: {line}", file=sys.stderr, flush=True)
     return result
 
