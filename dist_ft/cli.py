@@ -274,7 +274,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet_libraries(plan.device == "cuda")
     from dist_ft.rank.trainer import train_stage
 
-    return train_stage(plan, stage)
+    outcome = train_stage(plan, stage)
+    if outcome == "failed":
+        return 1
+    if outcome not in ("stopped", "complete") and plan.evaluation and plan.evaluation.after_each_stage:
+        # Here, not in the rank trainer: rank/ stays below evaluation/ (the ranks of the job evaluate together).
+        from dist_ft.evaluation.evaluate import evaluate_after_stage
+
+        evaluate_after_stage(plan, stage.name)
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dist_ft.decoding.generate import EvalError
 from dist_ft.plan.plan import Plan
 from dist_ft.plan.rope import apply_context, native_context, reach
 from dist_ft.plan.run_dir import RunDir
@@ -25,8 +26,6 @@ if TYPE_CHECKING:
 ROPE_TYPES = ("keep", "none", "linear", "dynamic", "yarn")
 
 
-class EvalError(Exception):
-    """A bad eval request: reported as one line with exit code 2."""
 
 
 EXIT_BAD_INPUT = 2
@@ -200,10 +199,11 @@ def load_variant(target: Target, variant: RopeVariant, dtype: torch.dtype,
 
 
 def eval_device() -> torch.device:
-    """The first GPU where there is one: a 32k window takes minutes on CPU cores, a fraction of a second there."""
+    """This process's GPU where there is one (a rank's own after its stage: the trainer set it), else the CPU:
+    a 32k window takes minutes on CPU cores, a fraction of a second there."""
     import torch
 
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def load_eval_tokenizer(target: Target):

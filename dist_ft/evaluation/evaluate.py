@@ -7,7 +7,6 @@ RoPE variant, builds the model once and runs both evaluations. See docs/eval.md.
 from __future__ import annotations
 
 import argparse
-import math
 import re
 import time
 from dataclasses import dataclass, field, replace
@@ -16,7 +15,10 @@ from typing import Any
 
 from dist_ft.recipe.config import TORCH_DTYPE_NAMES, Tracking
 from .eval_model import (ROPE_TYPES, EvalError, RopeVariant, Target, base_target, check_lengths, effective_config,
-                         exit_code, finished_stages, load_eval_tokenizer, load_variant, resolve_target, stage_target)
+                         exit_code, finished_stages, eval_device, load_eval_tokenizer, load_variant, resolve_target,
+                         stage_target)
+from .eval_nll import band_edges
+from .eval_shard import PerplexityJob, Shard, current_shard, passkey_jobs, perplexity_jobs, run_shared
 from .stage_comparison import BASE, write_comparison
 from dist_ft.plan.plan import Plan
 from dist_ft.plan.rope import native_context
@@ -163,23 +165,28 @@ def run_eval(request: EvalRequest, echo=lambda *_: None, target: Target | None =
 
     target, variants, passkey_lengths, texts = _check(request, target)
     out = Path(request.out) if request.out else default_out(target)
+    shard = current_shard()
+    echo = echo if shard.rank == 0 else (lambda *_: None)
     tokenizer = load_eval_tokenizer(target)
     token_ids = heldout_tokens(tokenizer, max(request.lengths, default=0) * request.windows, texts) \
         if request.lengths else []
+    device = eval_device()
     results: dict[str, Any] = {
         "model": target.label, "model_dir": target.model_dir, "gguf_file": target.gguf_file,
-        "adapter_dir": target.adapter_dir, "dtype": request.dtype,
+        "adapter_dir": target.adapter_dir, "dtype": request.dtype, "device": device.type, "ranks": shard.world,
         "text": [str(t) for t in texts] or "python stdlib source", "text_tokens": len(token_ids),
         "passkey_trials": request.trials, "seed": request.seed, "variants": {}}
     for warning in thin_statistics(request, passkey_lengths):
         echo(f"[eval] warning: {warning}")
     for variant in variants:
-        echo(f"[eval] {target.label}: loading with RoPE {variant.name}")
+        echo(f"[eval] {target.label}: RoPE {variant.name}, {request.dtype} on {device.type}"
+             f"{f' ({shard.world} ranks)' if shard.world > 1 else ''}")
         model = load_variant(target, variant, getattr(torch, TORCH_DTYPE_NAMES[request.dtype]))
         results["variants"][variant.name] = _evaluate_variant(model, tokenizer, request, passkey_lengths,
-                                                              token_ids, echo)
+                                                              token_ids, echo, shard)
         del model
-    _write_outputs(results, out, target, request, echo)
+    if shard.rank == 0:
+        _write_outputs(results, out, target, request, echo)
     return results
 
 
@@ -195,65 +202,57 @@ def thin_statistics(request: EvalRequest, passkey_lengths: list[int]) -> list[st
 
 
 def _evaluate_variant(model, tokenizer, request: EvalRequest, passkey_lengths: list[int], token_ids: list[int],
-                      echo) -> dict[str, Any]:
-    from .eval_passkey import passkey_grid
-
+                      echo, shard: Shard) -> dict[str, Any]:
+    """Perplexity and passkey with the work divided among `shard`'s ranks; the same result on each."""
     native = native_context(model.config)
-    perplexity = {}
-    for length in request.lengths:
-        started = time.monotonic()
-        perplexity[str(length)] = perplexity_at(model, token_ids, length, request.windows, request.lengths,
-                                                native)
-        echo(f"[eval]   ppl @ {length}: {perplexity[str(length)]['ppl']:.3f} "
-             f"({time.monotonic() - started:.1f} s)")
-    grid = passkey_grid(model, tokenizer, passkey_lengths, request.depths, request.trials, request.seed,
-                        on_cell=lambda n, d, acc: echo(f"[eval]   passkey @ {n}, depth {d}: {acc:.2f}"))
+    started = time.monotonic()
+    ppl = perplexity_jobs(token_ids, request.lengths, request.windows, native, on_short=_too_short)
+    passkey = passkey_jobs(passkey_lengths, request.depths, request.trials, request.seed)
+    perplexity, grid = run_shared(model, tokenizer, ppl, passkey, shard)
+    for length, row in perplexity.items():
+        echo(f"[eval]   ppl @ {length}: {row['ppl']:.3f}")
+    for length, row in grid.items():
+        for depth, accuracy in row.items():
+            echo(f"[eval]   passkey @ {length}, depth {depth}: {accuracy:.2f}")
+    echo(f"[eval]   {time.monotonic() - started:.1f} s on {shard.world} rank(s)")
     return {"rope_parameters": model.config.rope_parameters, "native_context": native,
             "perplexity": perplexity, "passkey": grid}
 
 
+def _too_short(length: int, have: int) -> None:
+    raise EvalError(f"the held-out text has {have} tokens, fewer than one window of {length}: pass longer --text")
+
+
 def perplexity_at(model, token_ids: list[int], length: int, count: int, lengths: list[int],
                   native: int | None) -> dict[str, Any]:
-    """Per-band perplexity over up to `count` windows of `length` tokens."""
-    from .eval_nll import BandTotal, add_to_bands, band_edges, token_nll, windows
-
-    chosen = windows(token_ids, length, count)
-    if not chosen:
-        raise EvalError(f"the held-out text has {len(token_ids)} tokens, fewer than one window of {length}: "
-                        "pass longer --text")
-    bands = band_edges(length, lengths, native)
-    totals: dict = {}
-    overall = BandTotal()
-    per_window = []
-    for window in chosen:
-        nll = token_nll(model, window)
-        add_to_bands(totals, nll, bands)
-        overall.nll_sum += float(nll.double().sum())
-        overall.tokens += nll.numel()
-        per_window.append(math.exp(float(nll.double().mean())))
-    return {"windows": len(chosen), "tokens": overall.tokens, "ppl": overall.ppl, "window_ppl": per_window,
-            "bands": [{"band": b.label, "start": b.start, "end": b.end, "tokens": totals[b].tokens,
-                       "ppl": totals[b].ppl, "beyond_native": bool(native and b.start >= native)}
-                      for b in bands]}
+    """Per-band perplexity over up to `count` windows of `length` tokens, in this process alone."""
+    jobs = perplexity_jobs(token_ids, [length], count, native, on_short=_too_short)
+    jobs = [PerplexityJob(length, jobs[0].windows, band_edges(length, lengths, native), native)]
+    return run_shared(model, None, jobs, [], Shard())[0][str(length)]
 
 
 def evaluate_after_stage(plan, stage_name: str) -> dict[str, Any]:
     """The recipe's `evaluation` section on the stage just finished (its export), into RUN/eval/<stage>,
     and the comparison over the stages evaluated so far (the starting model once, first).
 
-    Runs on rank 0 after the other ranks are done with the stage; the run dir resolves to its last
-    finished stage, which is this one.
+    Called by the train command on every rank of the stage's job once the stage is done and its engine
+    freed: each rank loads the export on its own device and takes its share of the windows and passkey
+    trials (eval_shard); rank 0 writes the results. Bf16 where the plan trains in it or on a GPU.
     """
+    import torch
+
     ev = plan.evaluation
+    bf16 = plan.model.dtype == "bf16" or torch.cuda.is_available()
     request = EvalRequest(model=plan.run_dir, lengths=list(ev.lengths), passkey_lengths=ev.passkey_lengths,
                           depths=list(ev.depths), trials=ev.trials, windows=ev.windows,
-                          text=list(ev.text), out=str(plan.run.eval(stage_name)),
-                          dtype="bf16" if plan.model.dtype == "bf16" else "fp32")
-    echo = lambda text: print(text, flush=True)  # noqa: E731
-    if not (plan.run.eval(BASE) / "results.json").is_file():
+                          text=list(ev.text), out=str(plan.run.eval(stage_name)), dtype="bf16" if bf16 else "fp32")
+    shard = current_shard()
+    echo = (lambda text: print(text, flush=True)) if shard.rank == 0 else (lambda *_: None)
+    if not shard.agree((plan.run.eval(BASE) / "results.json").is_file()):
         _evaluate_base(plan, request, echo)
     results = run_eval(request, echo=echo)
-    write_comparison(plan, echo)
+    if shard.rank == 0:
+        write_comparison(plan, echo)
     return results
 
 

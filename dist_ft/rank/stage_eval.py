@@ -1,10 +1,10 @@
 """Evaluation during a stage, on every rank: the validation loss and perplexity, scores of generated answers
-against their references (`evaluation.task_metrics`), samples (`finetune.samples`) written to
+against their references (`decoding.task_metrics`), samples (`finetune.samples`) written to
 RUN/stages/<stage>/samples.jsonl and a W&B table, and the test set once after the stage.
 
 Every rank issues the same collectives whatever its data: each runs the loss over the same validation
 rows (ZeRO-3 gathers each layer on every forward). Answers are generated with transformers' `generate`
-(`evaluation.generate.generate_ids`): on rank 0 alone under ZeRO-1/2, where it holds whole weights; under
+(`decoding.generate.generate_ids`): on rank 0 alone under ZeRO-1/2, where it holds whole weights; under
 ZeRO-3 every rank generates the same answers in lockstep (`synced_gpus`), taking part in each layer's
 gather. The other ranks then wait in the broadcast of rank 0's numbers, so all ranks return the same
 values and reach the same early-stopping verdict (loop.py).
@@ -20,8 +20,8 @@ from typing import Any, Iterator
 
 import torch
 
-from dist_ft.evaluation.generate import Sampling, generate_ids
-from dist_ft.evaluation.task_metrics import score
+from dist_ft.decoding.generate import Sampling, generate_ids
+from dist_ft.decoding.task_metrics import score
 from dist_ft.plan.plan import StagePlan
 from dist_ft.plan.run_dir import StageDir
 from dist_ft.recipe.config import ANSWER_METRICS

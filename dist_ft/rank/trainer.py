@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from dist_ft.evaluation.evaluate import evaluate_after_stage
 from dist_ft.plan import batching
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.plan.run_dir import StageDir
@@ -139,7 +138,10 @@ class StageRun:
                                self.total_steps, start_step)
 
 
-def train_stage(plan: Plan, stage: StagePlan) -> int:
+def train_stage(plan: Plan, stage: StagePlan) -> str:
+    """Train one stage on this rank: its outcome, "failed", "stopped", "complete" (done before) or how the
+    loop ended. The process group stays up and the engine is freed, so the caller (the train command) can
+    run the after-stage evaluation on the same ranks."""
     env = read_env()
     if not env.is_main:
         quiet_progress_bars()
@@ -149,25 +151,28 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
     folder = plan.run.stage(stage.name)
     if ds.broadcast_from_main(folder.done.exists() if env.is_main else None):  # one answer for all ranks
         env.say(f"[{stage.name}] already complete ({folder.done}); nothing to do")
-        return 0
+        return "complete"
     heartbeat = Heartbeat(plan.run.heartbeat(stage.name, env.rank), env.rank, env.restart_count)
+    outcome = _train(plan, stage, env, folder, heartbeat)
+    if outcome == "failed":
+        return outcome
+    ds.barrier()
+    heartbeat.close(outcome)
+    _release_accelerator_memory()  # the engine and its optimizer state are gone with _train's frame
+    return outcome
+
+
+def _train(plan: Plan, stage: StagePlan, env: DistEnv, folder: StageDir, heartbeat: Heartbeat) -> str:
     run, state = _build(plan, stage, env, folder)
     try:
         outcome = run.train(state, heartbeat)
         if outcome == "failed":
             heartbeat.close("failed")
-            return 1
-        if outcome != "stopped":
+        elif outcome != "stopped":
             run.finish(state, outcome)
+        return outcome
     finally:
         run.close()
-    ds.barrier()
-    heartbeat.close(outcome)
-    if outcome != "stopped" and env.is_main and plan.evaluation and plan.evaluation.after_each_stage:
-        del run  # the export is reloaded for eval; the engine's optimizer state is no longer needed
-        _release_accelerator_memory()
-        evaluate_after_stage(plan, stage.name)
-    return 0
 
 
 def _build(plan: Plan, stage: StagePlan, env: DistEnv, folder: StageDir) -> tuple[StageRun, LoopState]:

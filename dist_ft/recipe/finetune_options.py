@@ -125,7 +125,7 @@ def _field_default(f: Any) -> Any:
 MAX_SAMPLES = 1000  # generated per evaluation: each one is max_new_tokens forwards
 MAX_NEW_TOKENS = 4096
 # What `finetune.metrics` may name: the validation loss and its perplexity, and scores of generated answers
-# against the references (dist_ft.evaluation.task_metrics). Logged as eval_<name> (test_<name> on the test set).
+# against the references (dist_ft.decoding.task_metrics). Logged as eval_<name> (test_<name> on the test set).
 LOSS_METRICS = ("loss", "perplexity")
 ANSWER_METRICS = ("exact_match", "rouge_l", "bleu", "chrf", "accuracy")  # task_metrics.METRICS (a test checks)
 EVAL_METRICS = LOSS_METRICS + ANSWER_METRICS

@@ -117,7 +117,8 @@ def test_zero3_prefix_tuning_samples_equal_the_exported_adapters_answers(tmp_pat
     """Prefix tuning decodes with full forwards (no cache); under ZeRO-3 both ranks run all max_new_tokens
     forwards of every answer in lockstep, wherever the answer ends. The samples the two ranks generated
     at the last evaluation are the answers one process gives from the exported adapter."""
-    from dist_ft.evaluation.generate import Sampling, generate_ids, load_for_generation
+    from dist_ft.decoding.generate import Sampling, generate_ids
+    from dist_ft.evaluation.generate import load_for_generation
     from dist_ft.rank.data import prompt_ids
     from dist_ft.rank.stage_model import export_path
 

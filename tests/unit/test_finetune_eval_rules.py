@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dist_ft.cli import main
-from dist_ft.evaluation.task_metrics import METRICS
+from dist_ft.decoding.task_metrics import METRICS
 from dist_ft.launcher.summary import evaluation_lines
 from dist_ft.plan.run_dir import StageDir
 from dist_ft.rank import loop
@@ -345,7 +345,7 @@ class ModelHolder(torch.nn.Module):
 def test_generation_mode_swaps_to_sdpa_and_leaves_attention_mode_and_rng_as_they_were():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from dist_ft.evaluation.generate import Sampling, generate_ids
+    from dist_ft.decoding.generate import Sampling, generate_ids
     from dist_ft.rank.attention import SDPA_VARLEN, register
     from dist_ft.rank.stage_eval import generation_mode
     from dist_ft.rank.tokenizer import byte_tokenizer

@@ -11,7 +11,7 @@ import torch
 peft = pytest.importorskip("peft")
 from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from dist_ft.evaluation.generate import Sampling, decode_without_cache, generate_ids  # noqa: E402
+from dist_ft.decoding.generate import Sampling, decode_without_cache, generate_ids  # noqa: E402
 
 PROMPT = [5, 17, 33, 2, 9, 41]
 NEW = 10

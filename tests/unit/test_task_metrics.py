@@ -2,7 +2,7 @@
 
 import pytest
 
-from dist_ft.evaluation.task_metrics import accuracy, bleu, chrf, exact_match, rouge_l, score
+from dist_ft.decoding.task_metrics import accuracy, bleu, chrf, exact_match, rouge_l, score
 
 
 def test_exact_match_ignores_whitespace_runs_only():
