@@ -63,7 +63,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     after every stage)."""
     d = EvalRequest(model="")
     p.add_argument("model", help="HF model dir, adapter dir, run dir (last finished stage) or package:NAME")
-    p.add_argument("--lengths", default=_csv(d.lengths), help="perplexity window lengths ('' for none)")
+    p.add_argument("--lengths", help=f"perplexity window lengths ('' for none; default: a run dir's own evaluation "
+                                     f"lengths, else its stages' seq_len, else {_csv(d.lengths)})")
     p.add_argument("--passkey-lengths", help="passkey prompt lengths (default: --lengths; '' for none)")
     p.add_argument("--depths", default=_csv(d.depths), help="relative needle depths")
     p.add_argument("--trials", type=int, default=d.trials, help="passkeys per (length, depth) cell")
@@ -123,12 +124,28 @@ def _depths(text: str) -> list[float]:
 def request_from_args(args: argparse.Namespace) -> EvalRequest:
     if args.trials < 1 or args.windows < 1:
         raise EvalError("--trials and --windows must be at least 1")
+    lengths = _int_list(args.lengths, "--lengths")
+    passkey_lengths = _int_list(args.passkey_lengths, "--passkey-lengths")
+    if lengths is None:
+        lengths, passkey_lengths = _default_lengths(args.model, passkey_lengths)
     return EvalRequest(
-        model=args.model, lengths=_int_list(args.lengths, "--lengths"),
-        passkey_lengths=_int_list(args.passkey_lengths, "--passkey-lengths"), depths=_depths(args.depths),
+        model=args.model, lengths=lengths, passkey_lengths=passkey_lengths, depths=_depths(args.depths),
         trials=args.trials, windows=args.windows, rope_types=list(dict.fromkeys(args.rope_type)),
         rope_factor=args.rope_factor, text=args.text, out=args.out, dtype=args.dtype, gguf_file=args.gguf_file,
         allow_beyond=args.allow_beyond, wandb=args.wandb, seed=args.seed)
+
+
+def _default_lengths(model: str, passkey_lengths: list[int] | None) -> tuple[list[int], list[int] | None]:
+    """A run dir's own lengths (its `evaluation` section's, else its stages' seq_len): what its stages can
+    address. Anything else: EvalRequest's defaults (2k-16k)."""
+    path = Path(model)
+    if not RunDir(path).plan_file.is_file():
+        return EvalRequest(model="").lengths, passkey_lengths
+    plan = Plan.from_json(RunDir(path).plan_file.read_text())
+    if plan.evaluation is not None:
+        return list(plan.evaluation.lengths), passkey_lengths if passkey_lengths is not None \
+            else plan.evaluation.passkey_lengths
+    return sorted({s.seq_len for s in plan.stages}), passkey_lengths
 
 
 # ---- the evaluation ----------------------------------------------------------------------------

@@ -53,6 +53,8 @@ def generate_from_args(args: argparse.Namespace) -> None:
     rows = [{"prompt": args.prompt}] if args.prompt is not None else read_prompts(Path(args.prompts))
     metrics = metric_names(args.metrics, rows)
     model, tokenizer = load_for_generation(args.model, args.gguf_file, args.dtype)
+    # stderr: standard output carries only the answers (a JSONL file when --prompts has no --out)
+    print(f"[generate] {args.model}: {args.dtype} on {model.device.type}", file=sys.stderr, flush=True)
     if args.chat and not tokenizer.chat_template:
         raise EvalError(f"{args.model}: the tokenizer has no chat template; drop --chat")
     if args.prompt is not None:

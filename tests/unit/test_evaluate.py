@@ -15,7 +15,7 @@ from dist_ft.evaluation.eval_nll import Band, BandTotal, add_to_bands, band_edge
 from dist_ft.evaluation.eval_passkey import FILLER, INTRO, NEEDLE, QUESTION, make_haystack
 from dist_ft.rank.model import build_model
 from dist_ft.recipe.model_shape import shape_from_config
-from dist_ft.plan.plan import make_plan
+from dist_ft.plan.plan import Plan, make_plan
 from dist_ft.rank.tokenizer import BYTE_VOCAB_SIZE, byte_tokenizer
 from tests.conftest import demo_raw
 from tests.helpers import tiny_llama
@@ -224,3 +224,30 @@ def test_several_windows_report_their_range_and_one_window_warns(model_dir, tmp_
     assert f"per window {min(row['window_ppl']):.2f}-{max(row['window_ppl']):.2f}" in out and "warning" not in out
     assert main([*argv, "--windows", "1", "--out", str(tmp_path / "one")]) == 0
     assert "warning: each perplexity rests on one window" in capsys.readouterr().out
+
+
+def test_stages_all_defaults_to_the_runs_own_evaluation_lengths(model_dir, tmp_path, capsys):
+    """Without --lengths a run dir is evaluated at its recipe's evaluation lengths, which its stages can address
+    (the CLI's 2k-16k defaults exceed the demo's reach)."""
+    from dataclasses import replace
+
+    run = finished_run(tmp_path, model_dir)
+    plan = Plan.from_json((run / "plan.json").read_text())
+    plan = replace(plan, evaluation=replace(plan.evaluation, lengths=[64, 128], passkey_lengths=[256]))
+    (run / "plan.json").write_text(plan.to_json())
+    assert main(["eval", str(run), "--stages", "all", "--windows", "1", "--trials", "1", "--depths", "0",
+                 "--dtype", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "[eval] r/ctx256: RoPE keep, fp32 on cpu\n" in out
+    variant = json.loads((run / "eval" / "ctx512" / "results.json").read_text())["variants"]["keep"]
+    assert (list(variant["perplexity"]), list(variant["passkey"])) == (["64", "128"], ["256"])
+    (run / "plan.json").write_text(replace(plan, evaluation=None).to_json())  # no section: the stages' seq_len
+    assert main(["eval", str(run), "--passkey-lengths", "", "--windows", "1", "--dtype", "fp32"]) == 0
+    assert list(json.loads((run / "eval" / "ctx512" / "results.json").read_text())["variants"]["keep"]["perplexity"]) \
+        == ["256", "512"]
+
+
+def test_a_length_beyond_reach_is_named_once(model_dir, capsys):
+    assert main(["eval", str(model_dir), "--lengths", "2048,1024", "--dtype", "fp32"]) == 2
+    assert "error: length(s) [1024, 2048] exceed what RoPE keep can address (512 tokens, native 128)" \
+        in capsys.readouterr().err

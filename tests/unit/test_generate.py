@@ -46,9 +46,10 @@ def generate(capsys, *argv):
 
 
 def test_one_prompt_streams_the_greedy_answer(base_dir, capsys):
-    code, out, _ = generate(capsys, base_dir, "--prompt", PROMPT, "--max-new-tokens", 8)
+    code, out, err = generate(capsys, base_dir, "--prompt", PROMPT, "--max-new-tokens", 8)
     want = reference(load(base_dir), PROMPT, do_sample=False)
     assert code == 0 and out.rstrip("\n") == want and want
+    assert f"[generate] {base_dir}: fp32 on cpu\n" in err  # the device and dtype it used, off standard output
 
 
 def test_a_prompts_file_writes_jsonl_with_references(base_dir, tmp_path, capsys):
