@@ -81,6 +81,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--stages", help="a run dir's stages to evaluate and compare (`all`, or names a,b), the "
                                     "starting model as stage 0: RUN/eval/<stage>/ and RUN/eval/stages.{json,png}")
+    p.add_argument("--lm-eval", metavar="TASKS", help="instead: run lm-evaluation-harness tasks (comma-separated, "
+                                                      "e.g. hellaswag,arc_easy) where the lm-eval package is installed")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -91,12 +93,22 @@ def _csv(values: list) -> str:
 def main_from_args(args: argparse.Namespace) -> int:
     def evaluate() -> None:
         request = request_from_args(args)
-        if args.stages:
+        if args.lm_eval is not None:
+            _lm_eval(request, args.lm_eval)
+        elif args.stages:
             evaluate_stages(request, args.stages, echo=print)
         else:
             run_eval(request, echo=print)
 
     return exit_code(evaluate, args.debug)
+
+
+def _lm_eval(request: EvalRequest, tasks: str) -> None:
+    from .lm_eval_tasks import run_lm_eval
+
+    target = resolve_target(request.model, request.gguf_file)
+    out = Path(request.out) if request.out else default_out(target)
+    run_lm_eval([t.strip() for t in tasks.split(",") if t.strip()], target, request.dtype, out, print)
 
 
 def _int_list(text: str | None, flag: str) -> list[int] | None:

@@ -251,3 +251,13 @@ def test_a_length_beyond_reach_is_named_once(model_dir, capsys):
     assert main(["eval", str(model_dir), "--lengths", "2048,1024", "--dtype", "fp32"]) == 2
     assert "error: length(s) [1024, 2048] exceed what RoPE keep can address (512 tokens, native 128)" \
         in capsys.readouterr().err
+
+
+def test_lm_eval_without_the_package_names_it(model_dir, capsys):
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is not None:
+        pytest.skip("lm-eval is installed here: the missing-package message cannot show")
+    assert main(["eval", str(model_dir), "--lm-eval", "hellaswag"]) == 2
+    assert capsys.readouterr().err == ("error: --lm-eval needs the `lm-eval` package (EleutherAI's "
+                                       "lm-evaluation-harness), which is not installed here: pip install lm-eval\n")
