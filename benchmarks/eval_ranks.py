@@ -46,7 +46,7 @@ def build_model_dir(folder: Path, max_positions: int) -> Path:
 def request(model: str, out: str, lengths: list[int], windows: int):
     from dist_ft.evaluation.evaluate import EvalRequest
 
-    return EvalRequest(model=model, lengths=lengths, windows=windows, passkey_lengths=[lengths[0]],
+    return EvalRequest(model=model, lengths=lengths, windows=windows, passkey_lengths=[max(lengths)],
                        depths=[0.0, 0.5, 1.0], trials=2, dtype="fp32", out=out)
 
 

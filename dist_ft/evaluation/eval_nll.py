@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from dist_ft.decoding.bands import Band
 from dist_ft.rank.loss import head_logits
 
 HEAD_CHUNK = 1024
@@ -61,34 +62,6 @@ def greedy_matches(model: torch.nn.Module, input_ids: torch.Tensor, answer_len: 
 
 
 # ---- bands: which token positions each perplexity covers -------------------------------------
-
-@dataclass(frozen=True)
-class Band:
-    start: int  # first token position (inclusive)
-    end: int  # last token position (exclusive)
-
-    @property
-    def label(self) -> str:
-        return f"{_short(self.start)}-{_short(self.end)}"
-
-
-def _short(n: int) -> str:
-    return f"{n // 1024}k" if n and n % 1024 == 0 else str(n)
-
-
-def band_edges(length: int, lengths: Iterable[int] = (), native: int | None = None) -> list[Band]:
-    """Bands for a window of `length` tokens.
-
-    Quarters [0, L/4), [L/4, L/2), [L/2, L), split further at every shorter evaluated
-    length and at the model's native context, so e.g. at 16k with native 8k the
-    8k–16k band is exactly the positions the model never saw in pre-training.
-    """
-    cuts = {0, length // 4, length // 2, length, *(n for n in lengths if 0 < n < length)}
-    if native and 0 < native < length:
-        cuts.add(native)
-    edges = sorted(c for c in cuts if c >= 0)
-    return [Band(a, b) for a, b in zip(edges, edges[1:]) if b > a]
-
 
 @dataclass
 class BandTotal:

@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 
-from .eval_nll import Band, band_edges, greedy_matches, token_nll, windows
+from dist_ft.decoding.bands import Band, band_edges
+from .eval_nll import greedy_matches, token_nll, windows
 from .eval_passkey import make_haystack, random_keys
 
 

@@ -17,7 +17,7 @@ from dist_ft.recipe.config import TORCH_DTYPE_NAMES, Tracking
 from .eval_model import (ROPE_TYPES, EvalError, RopeVariant, Target, base_target, check_lengths, effective_config,
                          exit_code, finished_stages, eval_device, load_eval_tokenizer, load_variant, resolve_target,
                          stage_target)
-from .eval_nll import band_edges
+from dist_ft.decoding.bands import band_edges
 from .eval_shard import PerplexityJob, Shard, current_shard, passkey_jobs, perplexity_jobs, run_shared
 from .stage_comparison import BASE, write_comparison
 from dist_ft.plan.plan import Plan

@@ -311,10 +311,17 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
         method_options=None, data=lc.data, data_format="text", template=None,
         micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs, tokens_per_step=tokens_per_step,
         steps=steps, epochs=None, lr=stage.lr, optimizer=stage.optimizer, scheduler=stage.schedule,
-        init_from=previous.name if previous else None, eval_every=None,
-        early_stopping=None, merge_adapter=False, memory=mem, ds_config=ds_config_name(stage.name),
+        init_from=previous.name if previous else None, eval_every=_long_eval_every(lc, steps),
+        metrics=["loss", "perplexity"], early_stopping=None, merge_adapter=False, memory=mem, ds_config=ds_config_name(stage.name),
         sbatch=sbatch_name(stage.name), extend_positions=stage.extend_positions,
     )
+
+
+def _long_eval_every(lc, steps: int) -> int | None:
+    """The recipe's `long_context.eval_every`, else four validations per stage where there is validation data."""
+    if not lc.data.has_validation:
+        return None
+    return lc.eval_every or max(1, steps // 4)
 
 
 def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: StagePlan | None, dp: int,

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 import torch
 
+from dist_ft.decoding.bands import Band
 from dist_ft.decoding.generate import Sampling, generate_ids
 from dist_ft.decoding.task_metrics import score
 from dist_ft.plan.plan import StagePlan
@@ -28,6 +29,7 @@ from dist_ft.recipe.config import ANSWER_METRICS
 from . import engine as ds
 from .data import answer_examples, collate, prompt_ids
 from .distributed import DistEnv
+from .position_bands import band_losses
 
 Example = tuple[list[int], list[int] | None]  # (prompt ids, reference ids or None)
 
@@ -43,6 +45,7 @@ class StageEvaluation:
     test_rows: list[dict[str, list[int]]]
     eval_copies: int = 1
     metrics: Any = None  # rank 0's metrics sink (log_samples); set when the stage's metrics open
+    bands: list[Band] | None = None  # a long-context stage's position bands: validation loss per band
 
     @property
     def active(self) -> bool:
@@ -91,6 +94,11 @@ class StageEvaluation:
                 values[f"{split}_loss"] = loss
             if "perplexity" in wanted:
                 values[f"{split}_perplexity"] = perplexity(loss)
+        if self.bands:
+            self.engine.eval()
+            by_band = band_losses(self.engine.module.lm, rows, self.bands, self.engine.device)
+            self.engine.train()
+            values.update({f"{split}_{name}": value for name, value in by_band.items()})
         answers = [name for name in wanted if name in ANSWER_METRICS]
         if answers:
             examples = answer_examples(rows)[:self.stage.metric_rows]

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from dist_ft.decoding.bands import Band, band_edges
 from dist_ft.plan import batching
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.plan.run_dir import StageDir
@@ -24,6 +25,7 @@ from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 from .loss import LanguageModelLoss, TokenMean, choose_head_kernel
 from .metrics import NullMetrics, RankZeroMetrics, mfu, quiet_progress_bars
 from .optimizer import client_optimizer, parameter_groups
+from .position_bands import LossWatch
 from .stage_checkpoints import StageCheckpoints
 from .stage_data import StageData, load_stage_data
 from .stage_eval import StageEvaluation
@@ -46,6 +48,7 @@ class StageRun:
     total_steps: int
     evaluation: StageEvaluation
     metrics: Any = None
+    watch: LossWatch = field(default_factory=LossWatch)
 
     def train(self, state: LoopState, heartbeat: Heartbeat | None = None) -> str:
         """The loop until the stage ends, stops or fails ("failed": a non-finite streak, said on stderr).
@@ -122,6 +125,8 @@ class StageRun:
     def _log(self, row: dict[str, Any]) -> None:
         self.metrics.log({"stage": self.stage.name, "seq_len": self.stage.seq_len, "restart": self.env.restart_count,
                           **row})
+        for warning in self.watch.observe(row):
+            self.env.say(f"[{self.stage.name}] warning: {warning}")
 
     def _save(self, state: LoopState, best: bool = False) -> None:
         self.checkpoints.save(self.engine, state, self.data.train, best=best)
@@ -192,8 +197,17 @@ def _build(plan: Plan, stage: StagePlan, env: DistEnv, folder: StageDir) -> tupl
     engine = _engine(plan, stage, model, ds_config, data.dp_size, total_steps)
     state = checkpoints.restore(engine, resume, data.train)
     _write_rank_info(folder, env, data, engine)
-    evaluation = StageEvaluation(stage, engine, tokenizer, env, folder, data.validation, data.test, data.eval_copies)
+    evaluation = StageEvaluation(stage, engine, tokenizer, env, folder, data.validation, data.test, data.eval_copies,
+                                 bands=_validation_bands(plan, stage))
     return StageRun(plan, stage, env, folder, data, engine, tokenizer, checkpoints, total_steps, evaluation), state
+
+
+def _validation_bands(plan: Plan, stage: StagePlan) -> list[Band] | None:
+    """A long-context stage's position bands (quarters of seq_len, cut at the model's native context). Not under
+    sequence parallelism: each rank holds a slice of the sequence there, the bands need the whole row."""
+    if stage.phase != "continued_pretraining" or plan.sp > 1:
+        return None
+    return band_edges(stage.seq_len, (), plan.model_shape.max_position_embeddings if plan.model_shape else None)
 
 
 def _engine(plan: Plan, stage: StagePlan, model, ds_config: dict[str, Any], dp_size: int, total_steps: int):

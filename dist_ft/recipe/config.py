@@ -289,8 +289,15 @@ class LongContext:
     data: Data = spec(doc="Long documents for continued pretraining.")
     stages: list[Stage] = spec(factory=list, doc="Explicit stages, seq_len increasing.")
     progressive: Progressive | None = spec(None, doc="Compact form: start, target, growth.")
+    eval_every: int | None = spec(None, min=1, max=MAX_STEPS, doc="Validate every N steps of each stage (and at "
+                                  "its end) on held-out long documents (`data.validation_fraction` or "
+                                  "`validation_paths`): loss and perplexity, overall and by position band at "
+                                  "the stage's seq_len. Unset: four times per stage when there is validation data.")
 
     def __post_init__(self) -> None:
+        if self.eval_every and not self.data.has_validation:
+            raise Invalid("eval_every", "has no held-out long documents to validate on",
+                          "add `long_context.data.validation_fraction: 0.05` (or `validation_paths: [...]`)")
         if not self.data.packing:  # the ranks pack every long-context stage: false would be ignored
             raise Invalid("data.packing", "long-context stages always pack documents into full rows",
                           "remove long_context.data.packing (`long_documents` chooses what happens to a document "

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from dist_ft.cli import main
 from dist_ft.recipe.config import apply_overrides, recipe_from_dict
 from dist_ft.evaluation.eval_model import resolve_target
-from dist_ft.evaluation.eval_nll import Band, BandTotal, add_to_bands, band_edges, stdlib_files, token_nll
+from dist_ft.decoding.bands import Band, band_edges
+from dist_ft.evaluation.eval_nll import BandTotal, add_to_bands, stdlib_files, token_nll
 from dist_ft.evaluation.eval_passkey import FILLER, INTRO, NEEDLE, QUESTION, make_haystack
 from dist_ft.rank.model import build_model
 from dist_ft.recipe.model_shape import shape_from_config
