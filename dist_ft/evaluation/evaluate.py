@@ -19,6 +19,7 @@ from .eval_model import (ROPE_TYPES, EvalError, RopeVariant, Target, base_target
                          stage_target)
 from dist_ft.decoding.bands import band_edges
 from .eval_shard import PerplexityJob, Shard, current_shard, passkey_jobs, perplexity_jobs, run_shared
+from .short_context import check_short_context, short_length
 from .stage_comparison import BASE, write_comparison
 from dist_ft.plan.plan import Plan
 from dist_ft.plan.rope import native_context
@@ -272,7 +273,12 @@ def evaluate_after_stage(plan, stage_name: str) -> dict[str, Any]:
 
     ev = plan.evaluation
     bf16 = plan.model.dtype == "bf16" or torch.cuda.is_available()
-    request = EvalRequest(model=plan.run_dir, lengths=list(ev.lengths), passkey_lengths=ev.passkey_lengths,
+    native = plan.model_shape.max_position_embeddings if plan.model_shape else None
+    lengths = list(ev.lengths)
+    if native and short_length(lengths, native) is None:  # the short-context check needs one inside the window
+        lengths = [native, *lengths]
+    passkey = list(ev.lengths) if ev.passkey_lengths is None else ev.passkey_lengths  # not at the added length
+    request = EvalRequest(model=plan.run_dir, lengths=lengths, passkey_lengths=passkey,
                           depths=list(ev.depths), trials=ev.trials, windows=ev.windows,
                           text=list(ev.text), out=str(plan.run.eval(stage_name)), dtype="bf16" if bf16 else "fp32")
     shard = current_shard()
@@ -281,6 +287,7 @@ def evaluate_after_stage(plan, stage_name: str) -> dict[str, Any]:
         _evaluate_base(plan, request, echo)
     results = run_eval(request, echo=echo)
     if shard.rank == 0:
+        check_short_context(plan, stage_name, echo)
         write_comparison(plan, echo)
     return results
 

@@ -262,3 +262,31 @@ def test_lm_eval_without_the_package_names_it(model_dir, capsys):
     assert main(["eval", str(model_dir), "--lm-eval", "hellaswag"]) == 2
     assert capsys.readouterr().err == ("error: --lm-eval needs the `lm-eval` package (EleutherAI's "
                                        "lm-evaluation-harness), which is not installed here: pip install lm-eval\n")
+
+
+def test_the_short_context_check_compares_the_stage_with_the_starting_model_inside_the_native_window(tmp_path):
+    from dist_ft.evaluation.short_context import check_short_context
+
+    plan = plan_with_stages(tmp_path, "r", ["ctx256", "ctx512", "sft"])  # the demo's shape: native 256
+
+    def write(name, ppl_by_length):
+        folder = plan.run.eval(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        perplexity = {str(n): {"ppl": v} for n, v in ppl_by_length.items()}
+        (folder / "results.json").write_text(json.dumps({"variants": {"keep": {"perplexity": perplexity}}}))
+
+    said = []
+    write("ctx256", {128: 9.0, 256: 10.0, 1024: 12.0})
+    assert check_short_context(plan, "ctx256", said.append) is None
+    write("base", {128: 9.0, 256: 9.0, 1024: 40.0})
+    record = check_short_context(plan, "ctx256", said.append)
+    write("ctx512", {256: 9.3, 1024: 11.0})
+    check_short_context(plan, "ctx512", said.append)
+    assert said == ["[eval] short-context check skipped: the starting model was not evaluated",
+                    "[eval] warning: short-context regression: ppl @ 256 (inside the native 256) 9.000 -> 10.000 "
+                    "(+11.1%; threshold +5%)",
+                    "[eval] short-context check: ppl @ 256 (inside the native 256) 9.000 -> 9.300 (+3.3%; threshold +5%)"]
+    assert record == {"stage": "ctx256", "length": 256, "native": 256, "ppl": 10.0, "base_ppl": 9.0,
+                      "change": pytest.approx(1 / 9), "threshold": 0.05, "regressed": True}
+    assert json.loads((plan.run.eval("ctx256") / "short_context.json").read_text())["regressed"] is True
+    assert check_short_context(plan, "sft", said.append) is None and len(said) == 3  # not a long-context stage
