@@ -40,6 +40,14 @@ class Shard:
         torch.distributed.all_reduce(values)
         return values.cpu()
 
+    def merge(self, parts: dict) -> dict:
+        """Every rank's dict merged (each rank holds the entries it computed): one all-gather of objects."""
+        if self.world == 1:
+            return dict(parts)
+        gathered: list[dict] = [{} for _ in range(self.world)]
+        torch.distributed.all_gather_object(gathered, parts)
+        return {key: value for part in gathered for key, value in part.items()}
+
     def agree(self, value: Any) -> Any:
         """Rank 0's value on every rank: one decision where ranks could see a shared file system differently."""
         if self.world == 1:

@@ -19,6 +19,7 @@ from .eval_model import (ROPE_TYPES, EvalError, RopeVariant, Target, base_target
                          stage_target)
 from dist_ft.decoding.bands import band_edges
 from .eval_shard import PerplexityJob, Shard, current_shard, passkey_jobs, perplexity_jobs, run_shared
+from .ruler_run import format_ruler, plot_ruler, ruler_samples, run_ruler
 from .short_context import check_short_context, short_length
 from .stage_comparison import BASE, write_comparison
 from dist_ft.plan.plan import Plan
@@ -28,6 +29,7 @@ from dist_ft.plan.run_dir import RunDir
 EVAL_PROJECT = "dist-ft-eval"  # W&B project of a model evaluated outside any run
 STANDALONE_OUT = Path("runs/eval")  # results of a model evaluated outside any run: STANDALONE_OUT/<model>
 DTYPES = ("bf16", "fp32")
+EVAL_TASKS = ("ppl", "passkey", "ruler")
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class EvalRequest:
     allow_beyond: bool = False
     wandb: bool = False
     seed: int = 0
+    tasks: tuple[str, ...] = ("ppl", "passkey")  # EVAL_TASKS; ruler and passkey run at the passkey lengths
 
     def variants(self) -> list[RopeVariant]:
         scaled = [t for t in self.rope_types if t not in ("keep", "none")]
@@ -82,6 +85,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--stages", help="a run dir's stages to evaluate and compare (`all`, or names a,b), the "
                                     "starting model as stage 0: RUN/eval/<stage>/ and RUN/eval/stages.{json,png}")
+    p.add_argument("--tasks", default=_csv(list(d.tasks)),
+                   help=f"what to measure, comma-separated: {', '.join(EVAL_TASKS)} (ruler: the RULER-style suite "
+                        "at the passkey lengths: needles, variable tracking, common words)")
     p.add_argument("--lm-eval", metavar="TASKS", help="instead: run lm-evaluation-harness tasks (comma-separated, "
                                                       "e.g. hellaswag,arc_easy) where the lm-eval package is installed")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -137,6 +143,10 @@ def _depths(text: str) -> list[float]:
 def request_from_args(args: argparse.Namespace) -> EvalRequest:
     if args.trials < 1 or args.windows < 1:
         raise EvalError("--trials and --windows must be at least 1")
+    tasks = tuple(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
+    unknown = [t for t in tasks if t not in EVAL_TASKS]
+    if unknown or not tasks:
+        raise EvalError(f"--tasks {args.tasks!r}: choose from {', '.join(EVAL_TASKS)}")
     lengths = _int_list(args.lengths, "--lengths")
     passkey_lengths = _int_list(args.passkey_lengths, "--passkey-lengths")
     if lengths is None:
@@ -145,7 +155,7 @@ def request_from_args(args: argparse.Namespace) -> EvalRequest:
         model=args.model, lengths=lengths, passkey_lengths=passkey_lengths, depths=_depths(args.depths),
         trials=args.trials, windows=args.windows, rope_types=list(dict.fromkeys(args.rope_type)),
         rope_factor=args.rope_factor, text=args.text, out=args.out, dtype=args.dtype, gguf_file=args.gguf_file,
-        allow_beyond=args.allow_beyond, wandb=args.wandb, seed=args.seed)
+        allow_beyond=args.allow_beyond, wandb=args.wandb, seed=args.seed, tasks=tasks)
 
 
 def _default_lengths(model: str, passkey_lengths: list[int] | None) -> tuple[list[int], list[int] | None]:
@@ -199,7 +209,7 @@ def run_eval(request: EvalRequest, echo=lambda *_: None, target: Target | None =
     echo = echo if shard.rank == 0 else (lambda *_: None)
     tokenizer = load_eval_tokenizer(target)
     token_ids = heldout_tokens(tokenizer, max(request.lengths, default=0) * request.windows, texts) \
-        if request.lengths else []
+        if request.lengths and "ppl" in request.tasks else []
     device = eval_device()
     results: dict[str, Any] = {
         "model": target.label, "model_dir": target.model_dir, "gguf_file": target.gguf_file,
@@ -236,9 +246,15 @@ def _evaluate_variant(model, tokenizer, request: EvalRequest, passkey_lengths: l
     """Perplexity and passkey with the work divided among `shard`'s ranks; the same result on each."""
     native = native_context(model.config)
     started = time.monotonic()
-    ppl = perplexity_jobs(token_ids, request.lengths, request.windows, native, on_short=_too_short)
-    passkey = passkey_jobs(passkey_lengths, request.depths, request.trials, request.seed)
+    ppl = perplexity_jobs(token_ids, request.lengths, request.windows, native, on_short=_too_short) \
+        if "ppl" in request.tasks else []
+    passkey = passkey_jobs(passkey_lengths, request.depths, request.trials, request.seed) \
+        if "passkey" in request.tasks else []
     perplexity, grid = run_shared(model, tokenizer, ppl, passkey, shard)
+    ruler = None
+    if "ruler" in request.tasks:
+        samples = ruler_samples(tokenizer, passkey_lengths, request.depths, request.trials, request.seed)
+        ruler = run_ruler(model, tokenizer, samples, shard)
     for length, row in perplexity.items():
         echo(f"[eval]   ppl @ {length}: {row['ppl']:.3f}")
     for length, row in grid.items():
@@ -246,7 +262,7 @@ def _evaluate_variant(model, tokenizer, request: EvalRequest, passkey_lengths: l
             echo(f"[eval]   passkey @ {length}, depth {depth}: {accuracy:.2f}")
     echo(f"[eval]   {time.monotonic() - started:.1f} s on {shard.world} rank(s)")
     return {"rope_parameters": model.config.rope_parameters, "native_context": native,
-            "perplexity": perplexity, "passkey": grid}
+            "perplexity": perplexity, "passkey": grid, **({"ruler": ruler} if ruler else {})}
 
 
 def _too_short(length: int, have: int) -> None:
@@ -339,12 +355,20 @@ def _write_outputs(results: dict[str, Any], out: Path, target: Target, request: 
     from .eval_report import format_table, log_wandb, plot_passkey, plot_ppl, write_results
 
     write_results(out, results)
-    plot_ppl(results, out / "ppl_vs_length.png")
-    plot_passkey(results, out / "passkey.png")
+    wrote = [out / "results.json"]
+    for key, plot, png in (("perplexity", plot_ppl, "ppl_vs_length.png"), ("passkey", plot_passkey, "passkey.png")):
+        if any(v[key] for v in results["variants"].values()):  # --tasks may leave one out
+            plot(results, out / png)
+            wrote.append(out / png)
     echo(format_table(results))
+    for name, variant in results["variants"].items():
+        if "ruler" in variant:
+            echo(format_ruler(name, variant["ruler"]))
+    if any("ruler" in v for v in results["variants"].values()) and plot_ruler(results, out / "ruler.png"):
+        echo(f"[eval] wrote {out / 'ruler.png'}")
     tracking = _tracking(request, target)
     if tracking:
         mode = log_wandb(results, out, tracking)
         if mode:
             echo(f"[eval] logged to W&B ({mode}) under {out}")
-    echo(f"[eval] wrote {out / 'results.json'}, {out / 'ppl_vs_length.png'}, {out / 'passkey.png'}")
+    echo(f"[eval] wrote {', '.join(str(p) for p in wrote)}")

@@ -290,3 +290,19 @@ def test_the_short_context_check_compares_the_stage_with_the_starting_model_insi
                       "change": pytest.approx(1 / 9), "threshold": 0.05, "regressed": True}
     assert json.loads((plan.run.eval("ctx256") / "short_context.json").read_text())["regressed"] is True
     assert check_short_context(plan, "sft", said.append) is None and len(said) == 3  # not a long-context stage
+
+
+def test_tasks_ruler_writes_a_per_length_per_task_table_and_plot(model_dir, tmp_path, capsys):
+    out = tmp_path / "ruler"
+    assert main(["eval", str(model_dir), "--tasks", "ruler", "--passkey-lengths", "1024", "--depths", "0",
+                 "--trials", "1", "--dtype", "fp32", "--out", str(out), "--allow-beyond"]) == 0
+    printed = capsys.readouterr().out
+    variant = json.loads((out / "results.json").read_text())["variants"]["keep"]
+    assert variant["perplexity"] == {} and variant["passkey"] == {}  # only what --tasks asked for
+    assert list(variant["ruler"]["scores"]) == ["niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery",
+                                               "vt", "cwe"]
+    assert all(list(row) == ["1024"] and 0 <= row["1024"] <= 100 for row in variant["ruler"]["scores"].values())
+    assert "RULER (keep): string_match_all, % of references found in the answer\n| task | 1024 |" in printed
+    assert (out / "ruler.png").stat().st_size > 0
+    assert main(["eval", str(model_dir), "--tasks", "ruler,bogus"]) == 2
+    assert "--tasks 'ruler,bogus': choose from ppl, passkey, ruler" in capsys.readouterr().err
