@@ -166,3 +166,13 @@ def check_positions(shape: ModelShape | None, seq_len: int, have: int | None, ex
     elif shape.model_type not in POSITION_TABLES:
         problems.append(Problem(field, f"growing {shape.model_type}'s position table is not supported",
                                 f"keep seq_len <= {have}, or use a {'/'.join(POSITION_TABLES)} model"))
+
+
+def check_extends(stage: Stage, shape: ModelShape | None, path: str, warnings: list[str]) -> None:
+    """The first long-context stage at or below the model's native window stretches nothing (later stages must
+    grow, a problem otherwise): its tokens buy plain continued pretraining, often a billion of them."""
+    native = stage.rope.original_max_position_embeddings or (shape.max_position_embeddings if shape else None)
+    if native and stage.seq_len <= native:
+        warnings.append(f"{path}: stage {stage.name} trains at seq_len {stage.seq_len}, inside the model's native "
+                        f"{native} tokens: it extends nothing (its tokens are continued pretraining at a length the "
+                        f"model already has); start the schedule above {native} or drop the stage")
