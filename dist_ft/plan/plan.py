@@ -22,8 +22,8 @@ from dist_ft.recipe.prompts import stage_template
 from dist_ft.recipe.strict import Problem, RecipeError, build
 
 from . import batching, oom_advice
-from .checks import (check_cluster, check_extends, check_method, check_positions, check_time_limit,
-                     check_training)
+from .checks import (check_cluster, check_extends, check_method, check_model_source, check_positions,
+                     check_time_limit, check_training)
 from .method_options import check_options
 from .micro_batch import choose_batch, packing_safe_micro
 from .sp_checks import check_sequence_lengths
@@ -153,6 +153,7 @@ def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str, host_memor
     warnings: list[str] = []
     c, par = recipe.cluster, recipe.parallelism
     check_cluster(recipe, shape, problems, warnings)
+    check_model_source(recipe, shape, warnings)
     dp = batching.data_parallel_size(c.world_size, par.sequence_parallel)
     budget = oom_advice.rank_budget(recipe, host_memory_gib)
     stages = [_with_cache_dir(s, recipe.checkpointing.output_root) for s in
