@@ -165,6 +165,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from dist_ft.store import DataError
 
     _, plan = _load_plan(args)
+    if not _fetch_hub_model(plan):
+        return EXIT_BAD_INPUT
+    _, plan = _load_plan(args)  # a fetched model is now planned from its local snapshot
     try:
         summary = prepare(plan, load_plan_tokenizer(plan), workers=args.workers)
     except DataError as err:
@@ -172,6 +175,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     print(json.dumps(summary, indent=1) if args.json else format_summary(summary))
     return 0
+
+
+def _fetch_hub_model(plan: Plan) -> bool:
+    """`prepare` is the one command that may touch the network: a hub model the cache lacks is fetched here."""
+    from dist_ft.plan.hub_model import fetch, looks_like_hub_id
+
+    name = plan.model.name_or_path
+    if not looks_like_hub_id(name):
+        return True
+    try:
+        print(f"model {name}: {fetch(name, plan.model.revision)}", flush=True)
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return False
+    return True
 
 
 def _intent_flags(p: argparse.ArgumentParser) -> None:
