@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from dist_ft.decoding.bands import Band
-from dist_ft.rank.loss import head_logits
+from dist_ft.rank.head_loss import head_logits
 
 HEAD_CHUNK = 1024
 # The demo trains on these packages (and tests are huge and repetitive): keep them out of held-out text.

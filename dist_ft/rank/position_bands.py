@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from dist_ft.decoding.bands import Band
 from .data import collate
 from .labels import IGNORE_INDEX
-from .loss import head_logits
+from .head_loss import head_logits
 
 HEAD_CHUNK = 1024  # rows of logits alive at once
 
