@@ -51,10 +51,16 @@ def request(model: str, out: str, lengths: list[int], windows: int):
 
 
 def worker(model: str, out: str, lengths: str, windows: str) -> None:
-    """One rank (or the only process): run_eval's wall time, written by rank 0."""
+    """One rank (or the only process): run_eval's wall time, written by rank 0. The libraries are imported
+    first, as they are in the train job that runs the after-stage evaluation (imports are ~9 s of a cold start)."""
+    import importlib
+
     import torch
 
     from dist_ft.evaluation.evaluate import run_eval
+
+    for module in ("matplotlib.pyplot", "transformers.models.llama.modeling_llama", "dist_ft.rank.model"):
+        importlib.import_module(module)  # warm, as above
 
     if "RANK" in os.environ:
         torch.distributed.init_process_group("gloo")
@@ -123,11 +129,13 @@ def main() -> None:
     p.add_argument("--lengths", default="1024,2048")
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--memory-length", type=int, default=16384)
+    p.add_argument("--skip-memory", action="store_true", help="only the wall-time table")
     args = p.parse_args()
     out = Path(args.out)
     model = build_model_dir(out / "model", max(args.memory_length, *map(int, args.lengths.split(","))))
     timing = [timed(model, out / f"r{r}t{t}", args.lengths, args.windows, r, t) for r, t in ((1, 1), (1, 2), (2, 1))]
-    mem = [measured_memory(model, args.memory_length, how) for how in ("chunked", "full_logits")]
+    mem = [] if args.skip_memory else [measured_memory(model, args.memory_length, how)
+                                       for how in ("chunked", "full_logits")]
     (out / "eval_ranks.json").write_text(json.dumps({"timing": timing, "memory": mem}, indent=1))
     base = timing[0]["eval_s"]
     print("| layout | run_eval wall (s) | ratio to 1 rank x 1 thread | ppl |\n|---|---|---|---|")
