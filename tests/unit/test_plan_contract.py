@@ -211,3 +211,11 @@ def test_only_run_dir_spells_the_run_dir_layout():
                     isinstance(node.right, ast.Constant) and node.right.value in LAYOUT_NAMES:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.get_source_segment(source, node)}")
     assert found == []
+
+
+def test_the_training_interpreter_is_resolved_by_the_commands_alone():
+    """`training_python` runs in cli.py, once per command; renderers and launchers take the result."""
+    callers = sorted(str(path.relative_to(ROOT)) for path in PACKAGE.rglob("*.py")
+                     for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "training_python")
+    assert callers == ["dist_ft/cli.py"] * 3

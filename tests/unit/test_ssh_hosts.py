@@ -105,9 +105,9 @@ def test_scripts_sent_to_hosts_are_valid_bash_and_quote_everything(tmp_path, rec
     run_dir = tmp_path / f"run {NASTY}"
     plan = _plan(tmp_path, recipe_file, capsys, run_dir)
     rdzv = Rendezvous("node-a:29400", "demo-ctx-1")
-    for script in (preflight_script(plan, "tok"), node_script(plan, plan.stages[0], 1, rdzv, 2)):
+    for script in (preflight_script(plan, sys.executable, "tok"), node_script(plan, plan.stages[0], sys.executable, 1, rdzv, 2)):
         assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
-    argv = ssh_argv(plan, "node-a", preflight_script(plan, "tok"))
+    argv = ssh_argv(plan, "node-a", preflight_script(plan, sys.executable, "tok"))
     assert argv[:3] == ["ssh", "-o", "BatchMode=yes"] and argv[-3:-1] == ["--", "node-a"]
     # run the remote command as the remote login shell would: the token differs, so exit 3; nothing executed
     result = subprocess.run(["bash", "-c", argv[-1]], cwd=tmp_path, capture_output=True, text=True)
