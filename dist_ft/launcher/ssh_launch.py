@@ -12,7 +12,6 @@ Pure parts (commands, scripts) are separate from the process handling at the bot
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shlex
@@ -21,11 +20,12 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.plan.run_dir import RunDir
+from dist_ft.plan.run_records import LauncherProcess, SshRecord, StageAttempt, read_record, write_record
 from dist_ft.recipe.hostfile import address
 from .heartbeat_status import EXIT_SILENT_RANK, HangWatch
 from .local_launch import _die_with_parent, _grace, collective_timeout_s, kill_descendants, prelude
@@ -117,26 +117,11 @@ def next_attempt(run: RunDir, stage: str) -> int:
     return max(seen, default=0) + 1
 
 
-# ---- the run's record for `dist-ft status` / `cancel` ---------------------------------------------
-
-def read_record(run: RunDir) -> dict:
-    try:
-        return json.loads(run.ssh_file.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_record(run: RunDir, record: dict) -> None:
-    tmp = run.ssh_file.with_name(run.ssh_file.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, run.ssh_file)
-
+# ---- running ------------------------------------------------------------------------------------
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
-
-# ---- running ------------------------------------------------------------------------------------
 
 def run_stages_ssh(plan: Plan, python: str, dry_run: bool) -> int:
     run, hosts = plan.run, plan.cluster.hosts
@@ -151,27 +136,27 @@ def run_stages_ssh(plan: Plan, python: str, dry_run: bool) -> int:
         print(error, file=sys.stderr)
         return 2 if "shared filesystem" in error else 1
     port = plan.cluster.rdzv_port or port
-    record = {"backend": "ssh", "hosts": list(hosts), "launcher": {"host": socket.gethostname(), "pid": os.getpid()},
-              "started": _now(), "stages": read_record(run).get("stages", {})}
-    write_record(run, record)
+    previous = read_record(run.ssh_file, SshRecord)  # for `dist-ft status` / `cancel` (ssh_control.py)
+    record = SshRecord(hosts=list(hosts), launcher=LauncherProcess(socket.gethostname(), os.getpid()),
+                       started=_now(), stages=previous.stages if previous else {})
+    write_record(run.ssh_file, record)
     for stage in plan.stages:
         if run.stage(stage.name).finished():
             print(f"[{stage.name}] already complete; skipped", flush=True)
-            record["stages"][stage.name] = {**record["stages"].get(stage.name, {}), "state": "done"}
+            record = record.with_stage(stage.name, replace(record.stages.get(stage.name, StageAttempt("done")),
+                                                           state="done"))
             continue
         attempt = next_attempt(run, stage.name)
         rdzv = Rendezvous(f"{address(hosts[0])}:{port}", f"{plan.name}-{stage.name}-{token[:8]}-{attempt}")
-        record["stages"][stage.name] = {"state": "running", "attempt": attempt, "started": _now(),
-                                        "endpoint": rdzv.endpoint, "hosts": list(hosts)}
-        write_record(run, record)
+        running = StageAttempt("running", attempt=attempt, started=_now(), endpoint=rdzv.endpoint, hosts=list(hosts))
+        write_record(run.ssh_file, record := record.with_stage(stage.name, running))
         print(f"[{stage.name}] attempt {attempt} on {', '.join(hosts)} (rendezvous {rdzv.endpoint}); logs: "
               f"{log_path(run, stage.name, 0, hosts[0], attempt).name} ...", flush=True)
         status, failed_host = _run_stage(plan, stage, python, rdzv, attempt)
         finished = status == 0 and run.stage(stage.name).finished()
-        record["stages"][stage.name].update(state="done" if finished else ("stopped" if status in (0, 130, 143)
-                                                                            else "failed"),
-                                            ended=_now(), exit=status)
-        write_record(run, record)
+        state = "done" if finished else "stopped" if status in (0, 130, 143) else "failed"
+        record = record.with_stage(stage.name, replace(running, state=state, ended=_now(), exit=status))
+        write_record(run.ssh_file, record)
         if not finished:
             _explain_failure(plan, stage, status, failed_host, attempt)
             return status or 1
@@ -291,7 +276,7 @@ def supervise_hosts(procs: list[subprocess.Popen], hosts: list[str], kill_after_
                                if p.returncode not in (None, 0)), None)
             if failed is None and watch is not None and (silent := watch.silent_rank()):
                 print(watch.message(silent), file=sys.stderr, flush=True)
-                failed = (EXIT_SILENT_RANK, silent.get("host") if silent.get("host") in hosts else None)
+                failed = (EXIT_SILENT_RANK, silent.host if silent.host in hosts else None)
             if (received or failed) and stopping_since is None:
                 stopping_since = time.monotonic()
                 for p in procs:

@@ -1,4 +1,5 @@
-"""The layout of a run dir, in one place. Pure: paths only; nothing here reads or writes them.
+"""The layout of a run dir, in one place. Pure: paths only; nothing here writes them, and only the
+`*_files` listings read a folder.
 
     RUN/plan.json  recipe.resolved.yaml  local.sh  nodes.sh  jobs.json   what the launcher renders and submits
     RUN/ds_config.<stage>.json  RUN/<stage>.sbatch                  one of each per stage
@@ -159,8 +160,21 @@ class RunDir:
         """Written by the ssh node agent: its host, pid and start time."""
         return self.control / "nodes" / f"{stage}.node{node_rank}.json"
 
+    def node_record_files(self, stage: str) -> list[Path]:
+        """Every node's `node_record` file of the stage there is (reads the folder)."""
+        return sorted((self.control / "nodes").glob(f"{stage}.node*.json"))
+
+    def heartbeats(self, stage: str) -> Path:
+        """The stage's heartbeat folder: one `heartbeat(stage, rank)` file per rank."""
+        return self.path / "heartbeats" / stage
+
     def heartbeat(self, stage: str, rank: int) -> Path:
-        return self.path / "heartbeats" / stage / f"rank{rank}.json"
+        return self.heartbeats(stage) / f"rank{rank}.json"
+
+    def heartbeat_files(self, stage: str) -> list[Path]:
+        """Every rank's `heartbeat` file there is (reads the folder)."""
+        folder = self.heartbeats(stage)
+        return sorted(folder.glob("rank*.json")) if folder.is_dir() else []
 
     def stop_file(self, stage: str) -> Path:
         """Touched (by the sbatch script on a signal, or by hand) to make a stage checkpoint and stop."""

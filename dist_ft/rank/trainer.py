@@ -16,6 +16,7 @@ from dist_ft.evaluation.evaluate import evaluate_after_stage
 from dist_ft.plan import batching
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.plan.run_dir import StageDir
+from dist_ft.plan.run_records import BestWeights, DoneMarker, write_record
 from dist_ft.plan.schedule import lr_multiplier
 from . import engine as ds
 from .distributed import DistEnv, read_env
@@ -80,33 +81,29 @@ class StageRun:
     def finish(self, state: LoopState, outcome: str) -> None:
         """The export (the best evaluation's weights under early stopping), the test set on them, then DONE:
         a stage counts as finished only once its model is on disk."""
-        done: dict[str, Any] = {"step": state.step, "outcome": outcome}
         best = self._restore_best(state)
-        if best is not None:
-            done["best"] = best
         export_stage(self.plan, self.stage, self.engine, self.tokenizer, self.env)
-        exported = best["step"] if best else state.step
+        exported = best.step if best else state.step
         test = self.evaluation.test(exported)
         if test:
             self._log({"step": state.step, "exported_step": exported, **test})
-            done["test"] = test
         if self.env.is_main:
-            self.folder.done.write_text(json.dumps(done) + "\n")
+            write_record(self.folder.done, DoneMarker(step=state.step, outcome=outcome, best=best, test=test or None))
 
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
 
-    def _restore_best(self, state: LoopState) -> dict[str, Any] | None:
+    def _restore_best(self, state: LoopState) -> BestWeights | None:
         """Under early stopping, the engine back at the best evaluation's checkpoint (every rank loads it);
-        what it was: {step, metric, value}. None without early stopping or an evaluation to go by."""
+        which one it was. None without early stopping or an evaluation to go by."""
         rule = self.stage.early_stopping
         if rule is None or state.best_step is None:
             return None
         if state.best_step != state.step:
             self.checkpoints.load_weights(self.engine, self.checkpoints.best_point(state.best_step))
-        best = {"step": state.best_step, "metric": rule.metric, "value": state.best_value}
+        best = BestWeights(step=state.best_step, metric=rule.metric, value=state.best_value)
         self.env.say(f"[{self.stage.name}] exporting the best weights: step {state.best_step}, {rule.metric} "
                      f"{state.best_value:.4f}")
         return best
