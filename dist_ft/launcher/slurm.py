@@ -43,10 +43,9 @@ def output_path(run_dir: str, stage: str) -> str:
     path holds a backslash: then it expands nothing and only drops one level of
     backslash escapes. Such a run dir gets one output file for all the stage's jobs.
     """
-    logs = str(RunDir(Path(run_dir)).logs)
     if "\\" in run_dir:
-        return f"{logs}/{stage}.out".replace("\\", "\\\\")
-    return f"{logs.replace('%', '%%')}/{stage}.%j.out"
+        return str(RunDir(Path(run_dir)).slurm_output(stage, None)).replace("\\", "\\\\")
+    return str(RunDir(Path(run_dir.replace("%", "%%"))).slurm_output(stage, "%j"))
 
 
 def job_name(plan: Plan, stage: StagePlan) -> str:
@@ -131,6 +130,9 @@ def render_sbatch(plan: Plan, stage: StagePlan, python: str, template: str | Non
         "STOP_FILE": shlex.quote(str(run.stop_file(stage.name))),
         "DONE_FILE": shlex.quote(str(run.stage(stage.name).done)),
         "LOGS_DIR": shlex.quote(str(run.logs)),
+        # the shell expands the job id and restart count; the name is RunDir's
+        "ATTEMPT_LOG": shlex.quote(str(run.logs)) + '/"' +
+        run.attempt_log("$STAGE", "${SLURM_JOB_ID}", "${DIST_FT_RESTART_COUNT}").name + '"',
     }
     return re.sub(r"@@([A-Z_]+)@@", lambda m: values[m.group(1)], text)
 

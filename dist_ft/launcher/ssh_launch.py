@@ -106,15 +106,9 @@ def torchrun_command(plan: Plan, stage: StagePlan, python: str, node_rank: int, 
             f"--stage={stage.name}"]
 
 
-def log_path(run: RunDir, stage: str, node_rank: int, host: str, attempt: int) -> Path:
-    return run.logs / f"{stage}.node{node_rank}.{host}.attempt{attempt}.log"
-
-
 def next_attempt(run: RunDir, stage: str) -> int:
     """1 + the highest attempt with a log for this stage (launches of it so far)."""
-    seen = [int(p.name.rsplit(".attempt", 1)[1].split(".")[0]) for p in run.logs.glob(f"{stage}.node*.attempt*.log")
-            if p.name.rsplit(".attempt", 1)[1].split(".")[0].isdigit()]
-    return max(seen, default=0) + 1
+    return max(run.node_log_attempts(stage), default=0) + 1
 
 
 # ---- running ------------------------------------------------------------------------------------
@@ -151,7 +145,7 @@ def run_stages_ssh(plan: Plan, python: str, dry_run: bool) -> int:
         running = StageAttempt("running", attempt=attempt, started=_now(), endpoint=rdzv.endpoint, hosts=list(hosts))
         write_record(run.ssh_file, record := record.with_stage(stage.name, running))
         print(f"[{stage.name}] attempt {attempt} on {', '.join(hosts)} (rendezvous {rdzv.endpoint}); logs: "
-              f"{log_path(run, stage.name, 0, hosts[0], attempt).name} ...", flush=True)
+              f"{run.node_log(stage.name, 0, hosts[0], attempt).name} ...", flush=True)
         status, failed_host = _run_stage(plan, stage, python, rdzv, attempt)
         finished = status == 0 and run.stage(stage.name).finished()
         state = "done" if finished else "stopped" if status in (0, 130, 143) else "failed"
@@ -185,7 +179,7 @@ def _explain_failure(plan: Plan, stage: StagePlan, status: int, failed_host: str
         print("  " + line, file=sys.stderr)
     if failed_host:
         node = plan.cluster.hosts.index(failed_host)
-        log = log_path(run, stage.name, node, failed_host, attempt)
+        log = run.node_log(stage.name, node, failed_host, attempt)
         print(f"  last lines of {log}:", file=sys.stderr)
         for line in _tail(log, 8):
             print("    " + line, file=sys.stderr)
@@ -244,7 +238,7 @@ def _run_stage(plan: Plan, stage: StagePlan, python: str, rdzv: Rendezvous,
     run.logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
     for i, host in enumerate(hosts):
-        with open(log_path(run, stage.name, i, host, attempt), "ab") as log:
+        with open(run.node_log(stage.name, i, host, attempt), "ab") as log:
             procs.append(subprocess.Popen(ssh_argv(plan, host, node_script(plan, stage, python, i, rdzv, attempt)),
                                           stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True, preexec_fn=_die_with_parent(os.getpid())))

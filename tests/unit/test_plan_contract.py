@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -225,7 +226,8 @@ def test_the_token_store_sits_below_the_launcher_and_the_ranks():
 
 
 LAYOUT_NAMES = {"plan.json", "jobs.json", "stages", "DONE", "export", "adapter", "merged", "checkpoints", "universal",
-                "control", "logs", "eval", "ranks", "metrics.jsonl", "loss.png", "data_cache", "wandb"}
+                "control", "logs", "eval", "ranks", "metrics.jsonl", "loss.png", "data_cache", "wandb", "heartbeats",
+                "nodes", "ssh.json", "ssh.token"}
 
 
 def test_only_run_dir_spells_the_run_dir_layout():
@@ -240,6 +242,43 @@ def test_only_run_dir_spells_the_run_dir_layout():
                     isinstance(node.right, ast.Constant) and node.right.value in LAYOUT_NAMES:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.get_source_segment(source, node)}")
     assert found == []
+
+
+# Folders whose file names their own module owns, not RunDir: token stores (store/format.py, and prepare's
+# summary beside them) and checkpoint tags (rank/checkpoint.py).
+OWN_LAYOUT = ("dist_ft/store/", "dist_ft/launcher/prepare.py", "dist_ft/rank/checkpoint.py")
+# A run dir file's name spelled in a string: a log (`.log`, `.out`, `.attempt`), a node record or heartbeat file.
+RUN_DIR_FILE_NAME = re.compile(r"\.(log|out)\b|\.attempt|\.node[{*]|rank[{*]|heartbeats/")
+
+
+def test_only_run_dir_builds_run_dir_file_names():
+    """No `folder / f"..."` path part, no glob or string spelling a log, heartbeat or node-record name outside
+    run_dir.py (the sbatch template gets its attempt log rendered in)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = str(path.relative_to(ROOT))
+        if path.name == "run_dir.py" or where.startswith(OWN_LAYOUT):
+            continue
+        source = path.read_text()
+        tree = ast.parse(source)
+        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.JoinedStr):
+                found.append(f"{where}:{node.lineno}: {ast.get_source_segment(source, node)}")
+            elif id(node) not in docstrings and RUN_DIR_FILE_NAME.search(_literal_text(node)):
+                found.append(f"{where}:{node.lineno}: {ast.get_source_segment(source, node)}")
+    template = (PACKAGE / "slurm_templates" / "stage.sbatch.tmpl").read_text()
+    assert not RUN_DIR_FILE_NAME.search(template) and "attempt_log=@@ATTEMPT_LOG@@" in template
+    assert found == []
+
+
+def _literal_text(node) -> str:
+    """A string's text, an f-string's with `{}` for each value it formats; '' for anything else."""
+    if isinstance(node, ast.Constant):
+        return node.value if isinstance(node.value, str) else ""
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+    return ""
 
 
 def test_the_training_interpreter_is_resolved_by_the_commands_alone():
