@@ -92,13 +92,6 @@ def export_stage(plan: Plan, stage: StagePlan, engine, tokenizer, env: DistEnv) 
         export_model_dir(model, tokenizer, out.export, state_dict=state)
 
 
-def export_path(plan: Plan, stage: StagePlan) -> Path:
-    """Where a finished stage's model is: the full directory, or the adapter directory."""
-    return plan.run.stage(stage.name).model()
-
-
-
-
 def merge_stage_adapter(plan: Plan, stage: StagePlan, out: Path) -> Path:
     """`dist-ft export --merge`: the finished stage's adapter folded into its base, at any time after
     training; RoPE scaling and context length in config.json as the stage trained them."""

@@ -18,11 +18,11 @@ def eval_loader_loss(plan, run, stage_name: str) -> float:
     from dist_ft.evaluation.eval_model import RopeVariant, load_variant, resolve_target
     from dist_ft.rank.data import collate
     from dist_ft.rank.stage_data import load_stage_data
-    from dist_ft.rank.stage_model import export_path, stage_tokenizer
+    from dist_ft.rank.stage_model import stage_tokenizer
 
     stage = plan.stage(stage_name)
     data = load_stage_data(plan, stage, plan.rank_batch(stage, world_size=1, rank=0), stage_tokenizer(plan))
-    target = resolve_target(str(export_path(plan, stage)), virtual_tokens=True)
+    target = resolve_target(str(plan.run.stage(stage.name).model()), virtual_tokens=True)
     model = load_variant(target, RopeVariant("keep"), torch.float32, keep_peft_model=True)
     with torch.no_grad():
         values = [model(**collate([row]), use_cache=False).loss.item() for row in data.validation]

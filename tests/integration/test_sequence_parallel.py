@@ -86,11 +86,11 @@ def reloaded_eval_loss(plan, run: Path) -> float:
 
     from dist_ft.rank.data import collate
     from dist_ft.rank.stage_data import load_stage_data
-    from dist_ft.rank.stage_model import export_path, stage_tokenizer
+    from dist_ft.rank.stage_model import stage_tokenizer
 
     stage = plan.stage("ctx")
     data = load_stage_data(plan, stage, plan.rank_batch(stage, world_size=2, rank=0), stage_tokenizer(plan))
-    model = AutoModelForCausalLM.from_pretrained(export_path(plan, stage)).eval()
+    model = AutoModelForCausalLM.from_pretrained(plan.run.stage(stage.name).model()).eval()
     with torch.no_grad():
         values = [model(**collate([row]), use_cache=False).loss.item() for row in data.validation]
     return sum(values) / len(values)
