@@ -108,7 +108,8 @@ def test_scripts_sent_to_hosts_are_valid_bash_and_quote_everything(tmp_path, rec
     run_dir = tmp_path / f"run {NASTY}"
     plan = _plan(tmp_path, recipe_file, capsys, run_dir)
     rdzv = Rendezvous("node-a:29400", "demo-ctx-1")
-    for script in (preflight_script(plan, sys.executable, "tok"), node_script(plan, plan.stages[0], sys.executable, 1, rdzv, 2)):
+    python = sys.executable
+    for script in (preflight_script(plan, python, "tok"), node_script(plan, plan.stages[0], python, 1, rdzv, 2)):
         assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
     argv = ssh_argv(plan, "node-a", preflight_script(plan, sys.executable, "tok"))
     assert argv[:3] == ["ssh", "-o", "BatchMode=yes"] and argv[-3:-1] == ["--", "node-a"]
