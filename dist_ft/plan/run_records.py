@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Literal, TypeVar
 
 from dist_ft.recipe.strict import RecipeError, build
 
@@ -69,7 +70,13 @@ class DoneMarker(RunRecord):
     step: int
     outcome: Literal["finished", "early_stopped"]
     best: BestWeights | None = None
-    test: dict[str, Any] | None = None  # the test metrics on the exported weights (evaluation's values)
+    test: dict[str, float | None] | None = None  # the test metrics on the exported weights (`finite_values`)
+
+
+def finite_values(values: dict[str, float]) -> dict[str, float | None]:
+    """Metric values as a record holds them: a non-finite one (a perplexity over no tokens) as None, since
+    JSON has no NaN and the strict loader refuses one."""
+    return {name: value if math.isfinite(value) else None for name, value in values.items()}
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from dist_ft.evaluation.evaluate import evaluate_after_stage
 from dist_ft.plan import batching
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.plan.run_dir import StageDir
-from dist_ft.plan.run_records import BestWeights, DoneMarker, write_record
+from dist_ft.plan.run_records import BestWeights, DoneMarker, finite_values, write_record
 from dist_ft.plan.schedule import lr_multiplier
 from . import engine as ds
 from .distributed import DistEnv, read_env
@@ -88,7 +88,8 @@ class StageRun:
         if test:
             self._log({"step": state.step, "exported_step": exported, **test})
         if self.env.is_main:
-            write_record(self.folder.done, DoneMarker(step=state.step, outcome=outcome, best=best, test=test or None))
+            write_record(self.folder.done, DoneMarker(step=state.step, outcome=outcome, best=best,
+                                                      test=finite_values(test) if test else None))
 
     def close(self) -> None:
         if self.metrics is not None:

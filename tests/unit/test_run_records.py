@@ -8,7 +8,7 @@ import json
 import pytest
 
 from dist_ft.plan.run_records import (BestWeights, DoneMarker, HeartbeatRow, LauncherProcess, NodeRecord, SshRecord,
-                                      StageAttempt, read_record, write_record)
+                                      StageAttempt, finite_values, read_record, write_record)
 
 RECORDS = [
     DoneMarker(step=6, outcome="early_stopped", best=BestWeights(4, "eval_loss", 1.25), test={"test_loss": 1.5}),
@@ -54,6 +54,11 @@ def test_wrong_types_and_values_are_refused_with_their_path():
         SshRecord.from_json(json.dumps(raw))
     with pytest.raises(ValueError, match="best.value"):
         DoneMarker.from_json('{"step": 1, "outcome": "finished", "best": {"step": 1, "metric": "m", "value": NaN}}')
+
+
+def test_a_done_marker_holds_a_non_finite_test_metric_as_null():
+    done = DoneMarker(step=2, outcome="finished", test=finite_values({"test_loss": 1.5, "test_perplexity": float("nan")}))
+    assert DoneMarker.from_json(done.to_json()).test == {"test_loss": 1.5, "test_perplexity": None}
 
 
 def test_reading_a_missing_cut_or_foreign_file_gives_none(tmp_path):
