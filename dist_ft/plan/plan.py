@@ -22,7 +22,8 @@ from dist_ft.recipe.prompts import stage_template
 from dist_ft.recipe.strict import Problem, RecipeError, build
 
 from . import batching, oom_advice
-from .checks import check_cluster, check_method, check_positions, check_time_limit, check_training
+from .checks import (check_cluster, check_extends, check_method, check_model_source, check_positions,
+                     check_time_limit, check_training)
 from .method_options import check_options
 from .micro_batch import choose_batch, packing_safe_micro
 from .sp_checks import check_sequence_lengths
@@ -157,6 +158,7 @@ def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str, host_memor
     warnings: list[str] = []
     c, par = recipe.cluster, recipe.parallelism
     check_cluster(recipe, shape, problems, warnings)
+    check_model_source(recipe, shape, warnings)
     dp = batching.data_parallel_size(c.world_size, par.sequence_parallel)
     budget = oom_advice.rank_budget(recipe, host_memory_gib)
     stages = [_with_cache_dir(s, recipe.checkpointing.output_root) for s in
@@ -206,6 +208,8 @@ def _plan_stages(recipe: Recipe, shape: ModelShape | None, dp: int, budget: oom_
     path = "long_context.progressive" if recipe.long_context and recipe.long_context.progressive else None
     for i, stage in enumerate(long_stages):
         spath = path or f"long_context.stages[{i}]"
+        if i == 0:
+            check_extends(stage, shape, spath, warnings)
         if out and stage.seq_len <= out[-1].seq_len:
             problems.append(Problem(f"{spath}.seq_len", f"{stage.seq_len} does not grow past the previous "
                                     f"stage's {out[-1].seq_len}", "make seq_len increase stage by stage"))
