@@ -68,10 +68,12 @@ def run_slurm(
     check: bool = True,
     env: Mapping[str, str] | None = None,
     cwd: str | os.PathLike[str] | None = None,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run a SLURM client command, capturing text output."""
+    """Run a SLURM client command (with `stdin` as its input), capturing text output."""
     proc = subprocess.run(
         list(args),
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -164,16 +166,7 @@ def sbatch(
     cmd = ["sbatch", "--parsable", *args]
     if wrap is not None:
         cmd += ["--wrap", wrap]
-    proc = subprocess.run(
-        cmd,
-        input=script,
-        capture_output=True,
-        text=True,
-        timeout=_CMD_TIMEOUT,
-        env=slurm_env(env),
-        cwd=cwd,
-        check=False,
-    )
+    proc = run_slurm(cmd, check=False, env=env, cwd=cwd, stdin=script)
     if proc.returncode != 0:
         raise RuntimeError(
             f"sbatch failed (rc={proc.returncode}): {proc.stderr.strip()}"
