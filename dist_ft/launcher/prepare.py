@@ -20,7 +20,7 @@ from dist_ft.durable import write_atomic
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.store import (DOCUMENTS, DataError, SourceSpec, StoreError, TokenStore, build_store, open_source,
                             open_store)
-from dist_ft.store.key import source_stamps
+from dist_ft.store.key import source_stamps, spec_json
 from dist_ft.store.sources import hub_file, stage_specs
 
 
@@ -176,7 +176,7 @@ def data_budget(plan: Plan) -> list[str]:
 
 def _existing(need: _Needed) -> TokenStore | None:
     """A whole store of this spec under the cache dir, built with whichever tokenizer."""
-    wanted = {**need.spec.__dict__, "paths": list(need.spec.paths)}
+    wanted = spec_json(need.spec)
     for manifest in sorted(need.root.glob(f"{need.spec.kind}-*/manifest.json")):
         try:
             if json.loads(manifest.read_text()).get("spec") == wanted:

@@ -113,6 +113,8 @@ class Model:
 
 
 MAX_SOURCES = 64
+# The fields each fine-tuning format reads from a row (data.columns maps them to the rows' own names).
+FORMAT_FIELDS = {"instruction": ("instruction", "input", "output"), "chat": ("messages", "conversations")}
 
 
 @dataclass(frozen=True)
@@ -151,6 +153,10 @@ class Data:
     hub_dataset: str | None = spec(None, doc="Hub dataset name; used only when online.")
     hub_split: str = spec("train", doc="Split of the hub dataset.")
     text_field: str = spec("text", doc="Field holding the text in json/jsonl/parquet rows.")
+    columns: dict[str, str] = spec(factory=dict, doc="Fine-tuning rows whose fields have other names: the format's "
+                                                     "field -> the rows' column, e.g. {instruction: question, "
+                                                     "output: answer} or {messages: dialog}. Checked against "
+                                                     "`format` at plan time; part of the token store's key.")
     packing: bool = spec(True, doc="Pack documents into full rows (per-document positions, no cross attention).")
     packing_method: Literal["next_fit", "best_fit_decreasing"] = spec(
         "next_fit", doc="Fine-tuning: how examples fill rows (never split): next_fit keeps the shuffled order; "
@@ -190,6 +196,11 @@ class Data:
         if self.paths and self.hub_dataset:  # the ranks read the paths and would never fetch the hub dataset
             raise Invalid("hub_dataset", "give either local `paths` or a `hub_dataset`, not both (the paths "
                           "would be read and the hub dataset ignored)", "remove one of them")
+        for field, column in self.columns.items():
+            if field not in FORMAT_FIELDS["instruction"] + FORMAT_FIELDS["chat"] or not column.strip():
+                raise Invalid(f"columns.{field}", f"maps {field!r} to {column!r}; the format fields are "
+                              f"{', '.join(FORMAT_FIELDS['instruction'] + FORMAT_FIELDS['chat'])}, each to a "
+                              "non-empty column name", "write `columns: {instruction: question, output: answer}`")
         if self.hub_split != "train" and not self.hub_dataset:
             raise Invalid("hub_split", f"{self.hub_split!r} is set without a hub_dataset (it would be ignored)",
                           "add `hub_dataset: org/name`, or remove hub_split")
@@ -291,6 +302,9 @@ class LongContext:
     progressive: Progressive | None = spec(None, doc="Compact form: start, target, growth.")
 
     def __post_init__(self) -> None:
+        if self.data.columns:
+            raise Invalid("data.columns", "maps fine-tuning rows' fields; long-context documents read `text_field`",
+                          "remove columns and set `text_field: <column>`")
         if not self.data.packing:  # the ranks pack every long-context stage: false would be ignored
             raise Invalid("data.packing", "long-context stages always pack documents into full rows",
                           "remove long_context.data.packing (`long_documents` chooses what happens to a document "
@@ -383,6 +397,12 @@ class Finetune:
             raise Invalid("data.long_documents", "is read by long-context stages only: fine-tuning truncates an "
                           "example longer than seq_len (counted as `truncated` in the data report)",
                           "remove finetune.data.long_documents")
+        wrong = [f for f in self.data.columns if f not in FORMAT_FIELDS.get(self.format, ())]
+        if wrong:
+            raise Invalid(f"data.columns.{wrong[0]}", f"{self.format} rows have no field {wrong[0]!r}" +
+                          (f" (they read {', '.join(FORMAT_FIELDS[self.format])})" if self.format != "text" else
+                           " (text rows read `text_field`)"),
+                          "map this format's fields, or set `text_field` for text rows")
         if self.format != "text" and self.data.text_field != "text":
             raise Invalid("data.text_field", f"is read from text rows only; {self.format} rows have fixed fields "
                           "(instruction/input/output, or messages)", "remove text_field, or use `format: text`")

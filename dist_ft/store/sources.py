@@ -23,7 +23,7 @@ def source_spec(paths: list[str] | tuple[str, ...], data: Data, phase: str, fmt:
     """Documents for continued pre-training; fine-tuning examples (format, template) otherwise."""
     if phase == "continued_pretraining":
         return SourceSpec(DOCUMENTS, tuple(paths), data.text_field)
-    return SourceSpec(EXAMPLES, tuple(paths), data.text_field, fmt, template)
+    return SourceSpec(EXAMPLES, tuple(paths), data.text_field, fmt, template, tuple(sorted(data.columns.items())))
 
 
 def training_paths(data: Data) -> list[str]:

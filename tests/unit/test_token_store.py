@@ -218,11 +218,11 @@ def test_bad_rows_are_counted_when_prepare_reads_the_files(tokenizer, tmp_path):
 
 def test_fine_tuning_rows_that_do_not_fit_their_format_are_counted_at_prepare(tokenizer, tmp_path):
     data = tmp_path / "sft.jsonl"
-    data.write_text("\n".join([json.dumps({"instruction": "say hi", "output": "hi"}), json.dumps({"text": "x"}),
-                               json.dumps({"instruction": "", "output": "x"})]) + "\n")
+    good = [json.dumps({"instruction": f"say hi {i}", "output": "hi"}) for i in range(2)]
+    data.write_text("\n".join([*good, json.dumps({"text": "x"}), json.dumps({"instruction": "", "output": "x"})]) + "\n")
     spec = SourceSpec(EXAMPLES, (str(data),), "text", "instruction", None)
     store, _ = build_store(spec, tokenizer, tmp_path / "s", workers=2, progress=False)
-    assert store.count == 1 and store.manifest["bad_rows"] == {"missing_field": 2}
+    assert store.count == 2 and store.manifest["bad_rows"] == {"missing_field": 2}
     assert int(store.prompt_lengths[0]) == int(np.argmax(store.mask[:store.offsets[1]] == 1)) > 0
 
 

@@ -1,0 +1,77 @@
+"""Fine-tuning rows at prepare time: a format that does not fit the rows fails before any job starts (naming
+the source and a bad row); `data.columns` maps rows' own field names, is checked at plan time and keys the
+store; a `datasets.save_to_disk` folder is read by prepare only."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dist_ft.rank.tokenizer import byte_tokenizer
+from dist_ft.recipe.config import Data, Finetune, LongContext
+from dist_ft.recipe.strict import Invalid
+from dist_ft.store import EXAMPLES, DataError, SourceSpec, build_store, store_path, tokenizer_fingerprint
+from dist_ft.store.sft import sft_example
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+def write_rows(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def test_chat_rows_read_as_instruction_rows_fail_at_prepare_naming_the_source_and_a_row(tokenizer, tmp_path):
+    data = write_rows(tmp_path / "chat.jsonl", [CHAT] * 3 + [{"instruction": "a", "output": "b"}] * 2)
+    with pytest.raises(DataError) as error:
+        build_store(SourceSpec(EXAMPLES, (data,), "text", "instruction"), tokenizer, tmp_path / "s", progress=False)
+    assert str(error.value) == (
+        f"3 of 5 rows of {data} do not fit format 'instruction', which reads `instruction` and `output` strings "
+        f"(`input` optional); e.g. {CHAT!r}. Set `finetune.format` to what the rows are, or map their fields with "
+        "`data.columns` (e.g. `columns: {instruction: question, output: answer}`)")
+    assert not any((tmp_path / "s").iterdir())  # nothing that passes for a store
+
+
+def test_mapped_columns_give_the_same_examples_under_another_store_key(tokenizer, tmp_path):
+    plain = write_rows(tmp_path / "plain.jsonl", [{"instruction": f"add {i}", "output": str(i)} for i in range(4)])
+    other = write_rows(tmp_path / "other.jsonl", [{"question": f"add {i}", "answer": str(i)} for i in range(4)])
+    columns = (("instruction", "question"), ("output", "answer"))
+    mapped, _ = build_store(SourceSpec(EXAMPLES, (other,), "text", "instruction", None, columns), tokenizer,
+                            tmp_path / "s", progress=False)
+    reference, _ = build_store(SourceSpec(EXAMPLES, (plain,), "text", "instruction"), tokenizer, tmp_path / "s",
+                               progress=False)
+    assert mapped.count == 4 and mapped.tokens.tolist() == reference.tokens.tolist()
+    assert mapped.mask.tolist() == reference.mask.tolist() and mapped.manifest["bad_rows"] == {}
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    assert store_path(tmp_path, SourceSpec(EXAMPLES, (other,), "text", "instruction", None, columns), fingerprint) != \
+        store_path(tmp_path, SourceSpec(EXAMPLES, (other,), "text", "instruction", None, (("input", "answer"),)),
+                   fingerprint)
+
+
+def test_sharegpt_rows_under_another_column_are_chat_rows(tokenizer):
+    spec = SourceSpec(EXAMPLES, (), "text", "chat", None, (("conversations", "dialog"),))
+    row = spec.renamed({"dialog": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]})
+    assert sft_example(row, tokenizer, "chat", None, 512) == sft_example(CHAT, tokenizer, "chat", None, 512)
+
+
+@pytest.mark.parametrize("section,columns,message", [
+    ("finetune", {"messages": "dialog"}, "data.columns.messages: instruction rows have no field 'messages' "
+                                         "(they read instruction, input, output)"),
+    ("finetune", {"question": "q"}, "columns.question: maps 'question' to 'q'; the format fields are "
+                                    "instruction, input, output, messages, conversations"),
+    ("long_context", {"instruction": "q"}, "data.columns: maps fine-tuning rows' fields"),
+])
+def test_columns_are_checked_against_the_format_at_plan_time(section, columns, message):
+    with pytest.raises(Invalid) as error:
+        data = Data(paths=["x.jsonl"], columns=columns)
+        if section == "finetune":
+            Finetune(data=data, steps=1)
+        else:
+            LongContext(tokens_per_step=1024, data=data)
+    assert message in str(error.value)
