@@ -21,7 +21,7 @@ from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.store import (DOCUMENTS, DataError, SourceSpec, StoreError, TokenStore, build_store, open_source,
                             open_store)
 from dist_ft.store.key import source_stamps, spec_json
-from dist_ft.store.sources import hub_file, stage_specs
+from dist_ft.store.sources import hub_file, is_saved_dataset, stage_specs
 
 
 SMALL_SOURCE_BYTES = 16 << 20  # below this, worker processes cost more to start than they save
@@ -82,20 +82,52 @@ def default_workers(spec: SourceSpec) -> int:
 
 
 def export_hub_dataset(data) -> Path:
-    """The hub dataset as JSON Lines under the cache dir, downloaded once (here, never on a rank)."""
+    """The hub dataset (or a local `save_to_disk` folder) as JSON Lines under the cache dir, read once, here
+    and never on a rank; a local folder is exported again when its files changed."""
     target = hub_file(data)
-    if target.is_file():
+    local = is_saved_dataset(data.hub_dataset)
+    stamp = _folder_stamp(Path(data.hub_dataset)) if local else None
+    recorded = target.with_name(target.name + ".source.json")
+    if target.is_file() and (not local or (recorded.is_file() and json.loads(recorded.read_text()) == stamp)):
         return target
-    from datasets import load_dataset
+    dataset = _load_rows(data, local)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as out:  # row by row: the dataset is never held as one string
+            for row in dataset:
+                out.write(json.dumps(row) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if local:
+        write_atomic(recorded, json.dumps(stamp))  # after the rows: a crash in between exports again
+    return target
+
+
+def _load_rows(data, local: bool) -> Any:
+    import datasets
 
     try:
-        dataset = load_dataset(data.hub_dataset, split=data.hub_split)
-    except Exception as err:  # offline: say what to do instead
-        raise SystemExit(f"error: could not load hub dataset {data.hub_dataset!r} ({err}); run `dist-ft prepare` "
-                         "where there is network, or give `data.paths`") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, "".join(json.dumps(row) + "\n" for row in dataset))
-    return target
+        if not local:
+            return datasets.load_dataset(data.hub_dataset, split=data.hub_split)
+        saved = datasets.load_from_disk(data.hub_dataset)
+        return saved[data.hub_split] if isinstance(saved, datasets.DatasetDict) else saved
+    except KeyError:
+        raise SystemExit(f"error: {data.hub_dataset} has no split {data.hub_split!r} (it has "
+                         f"{', '.join(saved)}): set data.hub_split") from None
+    except Exception as err:  # offline, or not a saved dataset: say what to do instead
+        fix = "give a folder written by `datasets.save_to_disk`" if local else \
+            "run `dist-ft prepare` where there is network"
+        raise SystemExit(f"error: could not load {'the saved dataset' if local else 'hub dataset'} "
+                         f"{data.hub_dataset!r} ({type(err).__name__}: {err}); {fix}, or give `data.paths`") from None
+
+
+def _folder_stamp(folder: Path) -> list[list[Any]]:
+    return [[str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(folder.rglob("*")) if f.is_file()]
 
 
 def _summary(need: _Needed, store: TokenStore, built: bool) -> dict[str, Any]:

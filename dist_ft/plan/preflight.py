@@ -36,7 +36,7 @@ def resolve_recipe_paths(recipe: Recipe, base: Path) -> Recipe:
         cache = resolve_data_path(data.cache_dir, base) if data.cache_dir else \
             str(token_store_root(recipe.checkpointing.output_root).resolve())
         return dataclasses.replace(data, paths=[resolve_data_path(p, base) for p in data.paths], sources=sources,
-                                   cache_dir=cache,
+                                   cache_dir=cache, hub_dataset=_resolve_model_path(data.hub_dataset, base),
                                    validation_paths=[resolve_data_path(p, base) for p in data.validation_paths],
                                    test_paths=[resolve_data_path(p, base) for p in data.test_paths])
 

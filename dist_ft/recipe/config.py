@@ -150,7 +150,9 @@ class Data:
     sources: list[Source] = spec(factory=list, doc="Long-context stages: a mixture of sources by weight instead "
                                                    "of `paths` (deterministic and resumable; the realised mixture "
                                                    "is reported per stage).")
-    hub_dataset: str | None = spec(None, doc="Hub dataset name; used only when online.")
+    hub_dataset: str | None = spec(None, doc="Hub dataset name, or a local folder written by `datasets.save_to_disk` "
+                                             "(its `hub_split` when it holds several); read by `dist-ft prepare` "
+                                             "only, never on a rank.")
     hub_split: str = spec("train", doc="Split of the hub dataset.")
     text_field: str = spec("text", doc="Field holding the text in json/jsonl/parquet rows.")
     columns: dict[str, str] = spec(factory=dict, doc="Fine-tuning rows whose fields have other names: the format's "

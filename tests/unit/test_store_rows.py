@@ -75,3 +75,36 @@ def test_columns_are_checked_against_the_format_at_plan_time(section, columns, m
         else:
             LongContext(tokens_per_step=1024, data=data)
     assert message in str(error.value)
+
+
+def test_a_saved_dataset_folder_is_read_by_prepare_and_never_by_a_rank(tmp_path, monkeypatch, capsys):
+    import datasets
+    import yaml
+
+    from dist_ft.cli import main
+    from dist_ft.plan.plan import Plan
+    from dist_ft.rank.distributed import read_env
+    from dist_ft.rank.stage_data import load_stage_data
+    from tests.conftest import LAUNCH
+
+    def save(rows):
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "saved"))
+
+    save([{"question": f"add {i} and {i}", "answer": str(2 * i)} for i in range(40)])
+    raw = yaml.safe_load((LAUNCH / "demo.yaml").read_text())
+    del raw["long_context"], raw["evaluation"]
+    raw["finetune"]["data"] = {"hub_dataset": "./saved", "validation_fraction": 0.1,
+                               "columns": {"instruction": "question", "output": "answer"}}
+    raw["checkpointing"]["output_root"] = str(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    args = [str(tmp_path / "recipe.yaml"), "--out", str(tmp_path / "run")]
+    assert main(["render", *args]) == 0 and main(["prepare", *args, "--workers", "1"]) == 0
+    assert "40 examples" in capsys.readouterr().out
+    save([{"question": f"add {i} and {i}", "answer": str(2 * i)} for i in range(50)])  # the folder changed
+    assert main(["prepare", *args, "--workers", "1"]) == 0 and "50 examples" in capsys.readouterr().out
+    monkeypatch.setattr(datasets, "load_from_disk", None)  # a rank that tried would fail
+    monkeypatch.setattr(datasets, "load_dataset", None)
+    plan = Plan.from_json((tmp_path / "run" / "plan.json").read_text())
+    data = load_stage_data(plan, plan.stage("sft"), read_env({}, cuda_available=False), byte_tokenizer(),
+                           {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
+    assert len(data.validation) >= 1 and next(data.train)["input_ids"].shape == (1, 256)
