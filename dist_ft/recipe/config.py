@@ -161,8 +161,10 @@ class Data:
                                                      "`format` at plan time; part of the token store's key.")
     packing: bool = spec(True, doc="Pack documents into full rows (per-document positions, no cross attention).")
     packing_method: Literal["next_fit", "best_fit_decreasing"] = spec(
-        "next_fit", doc="Fine-tuning: how examples fill rows (never split): next_fit keeps the shuffled order; "
-                        "best_fit_decreasing packs tighter (fewer rows; the efficiency is reported).")
+        "best_fit_decreasing", doc="Fine-tuning: how examples fill rows (never split; attention never crosses "
+                                   "them): best_fit_decreasing puts each, longest first, into the row it fills "
+                                   "best (fewest rows; rows are shuffled by the batch stream); next_fit keeps the "
+                                   "shuffled order. The packing efficiency (real / row tokens) is reported.")
     long_documents: Literal["split", "truncate", "skip"] = spec("split", doc="What to do with documents over seq_len.")
     validation_fraction: float = spec(0.0, min=0.0, max=0.5, doc="Share of the rows held out for validation "
                                                                   "(seeded); or give `validation_paths`.")
