@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = recipe_command("render", "write the run dir (plan, DeepSpeed configs, sbatch scripts); submit nothing")
     p.add_argument("--out", help="run dir (default: checkpointing.output_root/name)")
-    p.add_argument("--force", action="store_true", help="overwrite a run dir that holds a different plan")
+    _intent_flags(p)
     p.set_defaults(func=cmd_render)
 
     p = recipe_command("launch", "render, then run locally with torchrun or submit to SLURM")
@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                         "cluster.hostfile / cluster.hosts")
     p.add_argument("--dry-run", action="store_true", help="render and print the commands; run nothing")
     p.add_argument("--out", help="run dir (default: checkpointing.output_root/name)")
-    p.add_argument("--force", action="store_true")
+    _intent_flags(p)
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("status", help="each stage of a run: job state or hosts, restarts, DONE, last metrics, "
@@ -174,10 +174,32 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _intent_flags(p: argparse.ArgumentParser) -> None:
+    """What to do with a run dir that holds a different plan (launcher/run_changes.py); a change of
+    `cluster` alone (nodes, GPUs, ranks) needs neither flag."""
+    intent = p.add_mutually_exclusive_group()
+    intent.add_argument("--continue", dest="intent", action="store_const", const="continue",
+                        help="keep the finished stages and resume the others from their checkpoints under the "
+                             "changed plan")
+    intent.add_argument("--fresh", dest="intent", action="store_const", const="fresh",
+                        help="start over: the old run dir is moved aside (RUN.replaced-DATE), nothing is deleted")
+    intent.add_argument("--force", dest="intent", action="store_const", const="force", help=argparse.SUPPRESS)
+
+
+def _write(plan: Plan, files: dict[str, str], intent: str | None) -> None:
+    if intent == "force":
+        raise RunDirConflict("--force is gone: it kept finished stages and checkpoints without saying so. Choose "
+                             "--continue (keep them, resume under the changed plan) or --fresh (start over; the old "
+                             "run dir is moved aside)")
+    for note in write_run_dir(Path(plan.run_dir), files, intent=intent, access=plan.checkpointing.run_dir_access,
+                               stages=tuple(stage.name for stage in plan.stages)):
+        print(note)
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     recipe, plan = _load_plan(args)
     files = render_files(recipe, plan)
-    write_run_dir(Path(plan.run_dir), files, force=args.force, access=plan.checkpointing.run_dir_access)
+    _write(plan, files, args.intent)
     print(f"wrote {plan.run_dir}: " + ", ".join(sorted(files)))
     return 0
 
@@ -194,7 +216,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.dry_run:  # nothing written: a second dry run with other settings must not meet this one's plan
         print(f"dry run: nothing written; the run dir would be {plan.run_dir} (`dist-ft render` writes it)")
     else:
-        write_run_dir(Path(plan.run_dir), files, force=args.force, access=plan.checkpointing.run_dir_access)
+        _write(plan, files, args.intent)
         print(f"run dir: {plan.run_dir}")
     in_a_job = args.backend == "slurm" and needs_prepare_job(plan)  # data.prepare: job: prepare.sbatch does it
     if not args.dry_run and not in_a_job:  # ranks never tokenize: build the missing stores here
@@ -272,9 +294,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     plan = Plan.from_json(RunDir(Path(args.run)).plan_file.read_text())
     stage = plan.stage(args.stage)
     _quiet_libraries(plan.device == "cuda")
+    from dist_ft.rank.engine import shutdown_distributed
     from dist_ft.rank.trainer import train_stage
 
-    return train_stage(plan, stage)
+    status = train_stage(plan, stage)
+    shutdown_distributed()  # only after a clean return: a rank that raised must not wait on the others
+    return status
 
 
 def cmd_export(args: argparse.Namespace) -> int:
