@@ -20,6 +20,7 @@ from dist_ft.durable import write_atomic
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.store import (DOCUMENTS, DataError, SourceSpec, StoreError, TokenStore, build_store, open_source,
                             open_store)
+from dist_ft.store.bins import packing_efficiency
 from dist_ft.store.key import source_stamps, spec_json
 from dist_ft.store.sources import hub_file, is_saved_dataset, stage_specs
 
@@ -139,6 +140,10 @@ def _summary(need: _Needed, store: TokenStore, built: bool) -> dict[str, Any]:
         per_stage[stage.name] = {"seq_len": stage.seq_len, "fit_in_one_row": fits,
                                  "reach_seq_len": int((lengths >= stage.seq_len).sum()),
                                  "tokens_in_reaching": int(lengths[lengths >= stage.seq_len].sum())}
+        if store.prompt_lengths is not None and stage.data.packing:
+            method = stage.data.packing_method
+            rows, efficiency = packing_efficiency(lengths, np.asarray(store.prompt_lengths), stage.seq_len, method)
+            per_stage[stage.name].update(packing_method=method, rows=rows, packing_efficiency=round(efficiency, 4))
     disk = sum(manifest["files"].values())
     return {"what": need.spec.describe(), "path": str(store.path), "built_now": built, "kind": manifest["kind"],
             "count": store.count, "tokens": int(manifest["tokens"]), "dtype": manifest["dtype"],
@@ -158,7 +163,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("  lengths: " + ", ".join(f"<={k}: {n}" for k, n in s["length_histogram"].items()))
         for name, st in s["stages"].items():
             lines.append(f"  stage {name} (seq_len {st['seq_len']}): {st['fit_in_one_row']} fit one row, "
-                         f"{st['reach_seq_len']} reach seq_len ({st['tokens_in_reaching']} tokens)")
+                         f"{st['reach_seq_len']} reach seq_len ({st['tokens_in_reaching']} tokens)" +
+                         (f"; packed {st['packing_method']} into {st['rows']} rows, packing efficiency "
+                          f"{100 * st['packing_efficiency']:.1f}% (real tokens / row tokens)"
+                          if "rows" in st else ""))
         bad = s["bad_rows"]
         lines.append("  bad rows: " + (", ".join(f"{n} {r}" for r, n in sorted(bad.items())) if bad else "none"))
     return "\n".join(lines)

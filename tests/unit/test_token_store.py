@@ -365,7 +365,10 @@ def test_the_plan_shows_the_data_budget_before_and_after_prepare(tmp_path, capsy
     assert f"data (token stores in {tmp_path}/token_store):" in before
     assert before.count("no store yet: `dist-ft prepare` builds it") == 2
     assert main(["prepare", *args, "--workers", "1"]) == 0 and main(["plan", *args]) == 0
-    after = capsys.readouterr().out.split("data (token stores")[-1]
+    printed = capsys.readouterr().out
+    assert "stage sft (seq_len 256): 480 fit one row, 0 reach seq_len (0 tokens); packed best_fit_decreasing into " \
+           "147 rows, packing efficiency 86.6% (real tokens / row tokens)" in printed  # next_fit: 159 rows, 80.0%
+    after = printed.split("data (token stores")[-1]
     assert "34 documents, 435651 tokens" in after and "480 examples, 32580 tokens" in after
     assert "ctx512: trains 49152 tokens = 0.11 passes; 34 documents reach seq_len 512" in after
     assert "ctx1k: trains 49152 tokens = 0.11 passes; 32 documents reach seq_len 1024" in after
