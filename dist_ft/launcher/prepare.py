@@ -7,6 +7,7 @@ histogram against each stage's seq_len, bad rows by reason and disk size."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -18,9 +19,12 @@ import numpy as np
 
 from dist_ft.durable import write_atomic
 from dist_ft.plan.plan import Plan, StagePlan
-from dist_ft.store import (DOCUMENTS, DataError, SourceSpec, StoreError, TokenStore, build_store, open_source,
+from dist_ft.store import (DOCUMENTS, EXAMPLES, DataError, SourceSpec, StoreError, TokenStore, build_store, open_source,
                             open_store)
 from dist_ft.store.bins import packing_efficiency
+from dist_ft.store.build import check_format
+from dist_ft.store.read import BadRows, read_records
+from dist_ft.store.sft import format_problem, show_row
 from dist_ft.store.key import source_stamps, spec_json
 from dist_ft.store.sources import hub_file, is_saved_dataset, stage_specs
 
@@ -170,6 +174,29 @@ def format_summary(summary: dict[str, Any]) -> str:
         bad = s["bad_rows"]
         lines.append("  bad rows: " + (", ".join(f"{n} {r}" for r, n in sorted(bad.items())) if bad else "none"))
     return "\n".join(lines)
+
+
+SAMPLE_ROWS = 64
+
+
+def check_sampled_formats(plan: Plan) -> None:
+    """For `data.prepare: job`, before anything is submitted: each local fine-tuning source's first rows
+    against its format, refused (DataError) as prepare refuses the whole file; the job checks every row."""
+    for need in needed_stores(plan):
+        spec, bad, kept = need.spec, BadRows(), 0
+        if spec.kind != EXAMPLES:
+            continue
+        try:
+            for _, record in itertools.islice(read_records(spec.paths, bad), SAMPLE_ROWS):
+                row = spec.renamed({spec.text_field: record} if isinstance(record, str) else record) \
+                    if isinstance(record, (str, dict)) else record
+                problem = format_problem(row, spec.fmt, spec.text_field) if isinstance(row, dict) else "not_an_object"
+                if problem:
+                    bad.add(problem, show_row(row) if isinstance(row, dict) else repr(row)[:120])
+                kept += not problem
+        except DataError:  # not on this machine yet (a hub dataset): the job exports and checks it
+            continue
+        check_format(spec, kept, bad)
 
 
 def load_plan_tokenizer(plan: Plan) -> Any:

@@ -108,3 +108,25 @@ def test_a_saved_dataset_folder_is_read_by_prepare_and_never_by_a_rank(tmp_path,
     data = load_stage_data(plan, plan.stage("sft"), read_env({}, cuda_available=False), byte_tokenizer(),
                            {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
     assert len(data.validation) >= 1 and next(data.train)["input_ids"].shape == (1, 256)
+
+
+def test_with_a_prepare_job_the_launcher_refuses_a_wrong_format_before_submitting(tmp_path, capsys):
+    """data.prepare: job tokenizes on the cluster; the launcher samples each fine-tuning file's first rows
+    so a wrong format still fails before any job (exit 2, nothing submitted)."""
+    import yaml
+
+    from dist_ft.cli import main
+    from tests.conftest import LAUNCH
+
+    data = write_rows(tmp_path / "chat.jsonl", [CHAT] * 100)
+    raw = yaml.safe_load((LAUNCH / "demo.yaml").read_text())
+    del raw["long_context"], raw["evaluation"]
+    raw["finetune"]["data"] = {"paths": [data], "validation_fraction": 0.1, "prepare": "job"}
+    raw["checkpointing"]["output_root"] = str(tmp_path)
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["launch", str(tmp_path / "recipe.yaml"), "--backend", "slurm", "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"error: 64 of 64 rows of {data} do not fit format 'instruction', which reads `instruction` and `output` "
+        f"strings (`input` optional); e.g. {CHAT!r}. Set `finetune.format` to what the rows are, or map their "
+        "fields with `data.columns` (e.g. `columns: {instruction: question, output: answer}`)")
+    assert not (tmp_path / "run" / "jobs.json").exists() and not (tmp_path / "token_store").exists()
