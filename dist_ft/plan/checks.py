@@ -166,3 +166,26 @@ def check_positions(shape: ModelShape | None, seq_len: int, have: int | None, ex
     elif shape.model_type not in POSITION_TABLES:
         problems.append(Problem(field, f"growing {shape.model_type}'s position table is not supported",
                                 f"keep seq_len <= {have}, or use a {'/'.join(POSITION_TABLES)} model"))
+
+
+def check_extends(stage: Stage, shape: ModelShape | None, path: str, warnings: list[str]) -> None:
+    """The first long-context stage at or below the model's native window stretches nothing (later stages must
+    grow, a problem otherwise): its tokens buy plain continued pretraining, often a billion of them."""
+    native = stage.rope.original_max_position_embeddings or (shape.max_position_embeddings if shape else None)
+    if native and stage.seq_len <= native:
+        warnings.append(f"{path}: stage {stage.name} trains at seq_len {stage.seq_len}, inside the model's native "
+                        f"{native} tokens: it extends nothing (its tokens are continued pretraining at a length the "
+                        f"model already has); start the schedule above {native} or drop the stage")
+
+
+def check_model_source(recipe: Recipe, shape: ModelShape | None, warnings: list[str]) -> None:
+    """A hub id still a hub id after planning is not in this machine's cache (preflight.resolve_hub_model):
+    every rank would download it, which offline compute nodes cannot."""
+    name = recipe.model.name_or_path
+    if name is None or name.startswith("/"):
+        return
+    estimate = "" if shape else "; no memory estimate or trainable count without its config"
+    warnings.append(f"model.name_or_path: {name} is not in this machine's Hugging Face cache{estimate}. Every rank "
+                    "would download it at start-up: run `dist-ft prepare RECIPE` once (HF_HOME on the shared file "
+                    "system; gated models need HF_TOKEN) and the plan reads the local copy, which offline compute "
+                    "nodes (HF_HUB_OFFLINE=1) need")

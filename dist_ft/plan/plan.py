@@ -22,7 +22,8 @@ from dist_ft.recipe.prompts import stage_template
 from dist_ft.recipe.strict import Problem, RecipeError, build
 
 from . import batching, oom_advice
-from .checks import check_cluster, check_method, check_positions, check_time_limit, check_training
+from .checks import (check_cluster, check_extends, check_method, check_model_source, check_positions,
+                     check_time_limit, check_training)
 from .method_options import check_options
 from .micro_batch import choose_batch, packing_safe_micro
 from .sp_checks import check_sequence_lengths
@@ -123,6 +124,11 @@ class Plan:
         ranks only default WANDB_DIR to the run dir), else the run dir's. W&B adds `wandb/` to either."""
         return self.run.wandb_under(self.cluster.env.get("WANDB_DIR"))
 
+    def rank_batch(self, stage: StagePlan, world_size: int, rank: int) -> batching.RankBatch:
+        """`stage`'s batch on rank `rank` of a live world of `world_size` ranks (the planned one, or another on
+        a resume). Raises ValueError when that world cannot keep the stage's global batch."""
+        return batching.rank_batch(stage.micro_batch_size, stage.global_batch_size, world_size, rank, self.sp)
+
     def stage(self, name: str) -> StagePlan:
         for stage in self.stages:
             if stage.name == name:
@@ -152,6 +158,7 @@ def make_plan(recipe: Recipe, shape: ModelShape | None, run_dir: str, host_memor
     warnings: list[str] = []
     c, par = recipe.cluster, recipe.parallelism
     check_cluster(recipe, shape, problems, warnings)
+    check_model_source(recipe, shape, warnings)
     dp = batching.data_parallel_size(c.world_size, par.sequence_parallel)
     budget = oom_advice.rank_budget(recipe, host_memory_gib)
     stages = [_with_cache_dir(s, recipe.checkpointing.output_root) for s in
@@ -201,6 +208,8 @@ def _plan_stages(recipe: Recipe, shape: ModelShape | None, dp: int, budget: oom_
     path = "long_context.progressive" if recipe.long_context and recipe.long_context.progressive else None
     for i, stage in enumerate(long_stages):
         spath = path or f"long_context.stages[{i}]"
+        if i == 0:
+            check_extends(stage, shape, spath, warnings)
         if out and stage.seq_len <= out[-1].seq_len:
             problems.append(Problem(f"{spath}.seq_len", f"{stage.seq_len} does not grow past the previous "
                                     f"stage's {out[-1].seq_len}", "make seq_len increase stage by stage"))

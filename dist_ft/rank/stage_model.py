@@ -34,15 +34,15 @@ def weights_source(plan: Plan, stage: StagePlan) -> tuple[str | None, str | None
 
 
 def build_stage_model(plan: Plan, stage: StagePlan, ds_config: dict, tokenizer) -> torch.nn.Module:
-    m = plan.model
-    with ds.model_construction(ds_config):
+    """The stage's model, partitioned as it is built under ZeRO-3 (`ds_config`: the config the engine gets)."""
+    m, zero3 = plan.model, plan.parallelism.zero_stage == 3
+    with ds.model_construction(ds_config, zero3):
         model = _base_model(plan, stage, tokenizer)
     if m.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if m.tiled_mlp_tokens:
         tile_mlps(model, m.tiled_mlp_tokens)
     if stage.phase == "finetune":
-        zero3 = ds_config["zero_optimization"]["stage"] == 3
         model = apply_method(model, stage.method, stage.method_options,
                              gradient_checkpointing=m.gradient_checkpointing, tokenizer=tokenizer,
                              gather=lambda params: ds.gathered(params, enabled=zero3))
@@ -90,13 +90,6 @@ def export_stage(plan: Plan, stage: StagePlan, engine, tokenizer, env: DistEnv) 
     state = ds.full_state_dict(engine, env.is_main)
     if env.is_main:
         export_model_dir(model, tokenizer, out.export, state_dict=state)
-
-
-def export_path(plan: Plan, stage: StagePlan) -> Path:
-    """Where a finished stage's model is: the full directory, or the adapter directory."""
-    return plan.run.stage(stage.name).model()
-
-
 
 
 def merge_stage_adapter(plan: Plan, stage: StagePlan, out: Path) -> Path:

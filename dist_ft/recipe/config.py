@@ -67,6 +67,9 @@ class Rope:
 class Model:
     name_or_path: str | None = spec(None, doc="Local dir, hub name, or `package:NAME` (folder of an installed package).")
     gguf_file: str | None = spec(None, doc="GGUF file inside name_or_path.")
+    revision: str | None = spec(None, doc="A hub id's branch, tag or commit. The plan reads that snapshot from this "
+                                          "machine's Hugging Face cache (`dist-ft prepare` fetches it) and the ranks "
+                                          "load the snapshot folder.")
     config: dict[str, Any] | None = spec(None, doc="Random-init model from this transformers config (tiny models) "
                                                    "when name_or_path is unset.")
     tokenizer: str | None = spec(None, doc="`byte` for the built-in byte tokenizer, or a tokenizer path.")
