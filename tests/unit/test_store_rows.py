@@ -83,7 +83,7 @@ def test_a_saved_dataset_folder_is_read_by_prepare_and_never_by_a_rank(tmp_path,
 
     from dist_ft.cli import main
     from dist_ft.plan.plan import Plan
-    from dist_ft.rank.distributed import read_env
+    from dist_ft.plan.batching import RankBatch
     from dist_ft.rank.stage_data import load_stage_data
     from tests.conftest import LAUNCH
 
@@ -105,8 +105,7 @@ def test_a_saved_dataset_folder_is_read_by_prepare_and_never_by_a_rank(tmp_path,
     monkeypatch.setattr(datasets, "load_from_disk", None)  # a rank that tried would fail
     monkeypatch.setattr(datasets, "load_dataset", None)
     plan = Plan.from_json((tmp_path / "run" / "plan.json").read_text())
-    data = load_stage_data(plan, plan.stage("sft"), read_env({}, cuda_available=False), byte_tokenizer(),
-                           {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
+    data = load_stage_data(plan, plan.stage("sft"), RankBatch(micro=1, accum=1, dp=1, dp_rank=0), byte_tokenizer())
     assert len(data.validation) >= 1 and next(data.train)["input_ids"].shape == (1, 256)
 
 
