@@ -115,6 +115,10 @@ def check_inputs(recipe: Recipe) -> None:
                                         "install it or give a file path"))
             elif (unusable := data_path_problem(entry)) is not None:
                 problems.append(Problem(f"{path}.{field}", *unusable))
+        hub = data.hub_dataset if data else None
+        if hub and Path(hub).is_absolute() and not Path(hub).is_dir():  # resolved: a local saved dataset
+            problems.append(Problem(f"{path}.hub_dataset", f"{hub} is not a directory",
+                                    "give a folder written by `datasets.save_to_disk`, or a hub name (org/name)"))
     model = recipe.model
     if model.name_or_path:
         folder = resolve_model_dir(model.name_or_path)

@@ -129,3 +129,17 @@ def test_with_a_prepare_job_the_launcher_refuses_a_wrong_format_before_submittin
         f"strings (`input` optional); e.g. {CHAT!r}. Set `finetune.format` to what the rows are, or map their "
         "fields with `data.columns` (e.g. `columns: {instruction: question, output: answer}`)")
     assert not (tmp_path / "run" / "jobs.json").exists() and not (tmp_path / "token_store").exists()
+
+
+def test_a_saved_dataset_folder_that_is_not_there_is_a_plan_error(tmp_path, capsys):
+    import yaml
+
+    from dist_ft.cli import main
+    from tests.conftest import LAUNCH
+
+    raw = yaml.safe_load((LAUNCH / "demo.yaml").read_text())
+    del raw["long_context"], raw["evaluation"]
+    raw["finetune"]["data"] = {"hub_dataset": "./saved", "validation_fraction": 0.1}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    assert main(["plan", str(tmp_path / "recipe.yaml")]) == 2
+    assert f"finetune.data.hub_dataset: {tmp_path}/saved is not a directory" in capsys.readouterr().err
