@@ -30,8 +30,9 @@ from .read import BadRows, DataError, iter_documents, read_records
 from .sft import sft_example
 
 CHUNK_RECORDS = 512  # records per tokenizer call: big enough to amortise the call, small enough to stream
-# ... or this many characters: prepare's peak memory is about a chunk's tokenizer output (Rust encodings of
-# ~100+ bytes a token), so it bounds it: 8 MB chunks peaked at 1.9 GB RSS with the byte tokenizer (docs/data.md)
+# ... or this many characters: prepare's peak memory is one call's tokenizer output (hundreds of bytes a token)
+# or its largest document's: 8 MB calls peaked at 1.24 GB RSS on 0.01 GB of text, 1 MB calls at 0.64 GB
+# (byte tokenizer, docs/data.md)
 CHUNK_CHARS = 1 << 20
 NO_LIMIT = sys.maxsize  # prepare keeps whole examples; each stage applies its own seq_len when packing
 
