@@ -6,6 +6,7 @@ no downloads) and tokenizer (the byte tokenizer; SmolLM2's, from its GGUF):
   and prepare's (build_store: read, tokenize, write), and their ratio;
 - a rank's own memory (USS) added by opening the store, packing a stage and taking its first batch, and
   the time that takes (the store present: what a requeue pays);
+- prepare's peak memory (RSS, its tokenizer processes included) against the corpus size;
 - disk bytes per token;
 - the in-memory pipeline's (pretraining_rows) peak memory and time, at the sizes given by --old-gb.
 
@@ -57,6 +58,23 @@ rows, _ = pretraining_rows([sys.argv[1]], "text", tokenizer, int(sys.argv[3]), s
 batch = next(BatchStream(rows, int(sys.argv[4]), seed=0, dp_rank=1, dp_size=int(sys.argv[5])))
 print(json.dumps({"old_first_batch_s": round(time.perf_counter() - start, 1),
                   "old_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+"""
+
+PREPARE = """
+import json, sys, time, resource, psutil
+from pathlib import Path
+from dist_ft.rank.model import load_tokenizer
+from dist_ft.store import DOCUMENTS, SourceSpec, build_store
+tokenizer = load_tokenizer(*json.loads(sys.argv[2]))
+before = psutil.Process().memory_info().rss
+start = time.perf_counter()
+store, _ = build_store(SourceSpec(DOCUMENTS, (sys.argv[1],)), tokenizer, Path(sys.argv[3]), workers=int(sys.argv[4]),
+                       progress=False)
+seconds = time.perf_counter() - start
+peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+print(json.dumps({"path": str(store.path), "seconds": seconds, "tokens": int(store.manifest["tokens"]),
+                  "documents": store.count, "disk": sum(store.manifest["files"].values()),
+                  "rss_before_mb": round(before / 2**20), "peak_rss_mb": round(peak / 1024)}))
 """
 
 TOKENIZERS = {"byte": [None, None, "byte"],
@@ -115,7 +133,6 @@ def raw_throughput(folder: Path, tokenizer) -> float:
 def measure(size: float, name: str, args: argparse.Namespace) -> dict:
     from dist_ft.plan.preflight import resolve_data_path
     from dist_ft.rank.model import load_tokenizer
-    from dist_ft.store import DOCUMENTS, SourceSpec, build_store
 
     folder = make_corpus(args.work / f"corpus_{size:g}gb", size)
     spec = [resolve_data_path(v, REPO) if v and v.startswith("package:") else v for v in TOKENIZERS[name]]
@@ -125,15 +142,18 @@ def measure(size: float, name: str, args: argparse.Namespace) -> dict:
     for workers in args.workers:
         stores = args.work / f"stores_{name}_{workers}"
         shutil.rmtree(stores, ignore_errors=True)
-        start = time.perf_counter()
-        store, _ = build_store(SourceSpec(DOCUMENTS, (str(folder),)), tokenizer, stores, workers=workers)
-        seconds = time.perf_counter() - start
-        tokens = int(store.manifest["tokens"])
-        result[f"prepare_w{workers}_tokens_per_s"] = round(tokens / seconds)
-        result[f"prepare_w{workers}_vs_raw"] = round(tokens / seconds / result["raw_tokens_per_s"], 2)
-    result.update(tokens=tokens, documents=store.count,
-                  disk_bytes_per_token=round(sum(store.manifest["files"].values()) / tokens, 3))
-    rank = subprocess.run([sys.executable, "-c", RANK, str(store.path), str(SEQ_LEN), str(MICRO), str(DP)],
+        # in a process of its own: its peak RSS (the largest of it and its tokenizer workers) is prepare's
+        built = json.loads(subprocess.run([sys.executable, "-c", PREPARE, str(folder), json.dumps(spec), str(stores),
+                                           str(workers)], capture_output=True, text=True, cwd=REPO,
+                                          check=True).stdout.strip().splitlines()[-1])
+        tokens = built["tokens"]
+        result[f"prepare_w{workers}_tokens_per_s"] = round(tokens / built["seconds"])
+        result[f"prepare_w{workers}_vs_raw"] = round(tokens / built["seconds"] / result["raw_tokens_per_s"], 2)
+        result[f"prepare_w{workers}_peak_rss_mb"] = built["peak_rss_mb"]
+        result[f"prepare_w{workers}_rss_before_mb"] = built["rss_before_mb"]
+    result.update(tokens=tokens, documents=built["documents"], disk_bytes_per_token=round(built["disk"] / tokens, 3))
+    store_path = built["path"]
+    rank = subprocess.run([sys.executable, "-c", RANK, store_path, str(SEQ_LEN), str(MICRO), str(DP)],
                           capture_output=True, text=True, cwd=REPO, check=True)
     result.update(json.loads(rank.stdout.strip().splitlines()[-1]))
     if size <= args.old_gb:

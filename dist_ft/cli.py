@@ -239,12 +239,12 @@ def cmd_launch(args: argparse.Namespace) -> int:
         _write(plan, files, args.intent)
         print(f"run dir: {plan.run_dir}")
     in_a_job = args.backend == "slurm" and needs_prepare_job(plan)  # data.prepare: job: prepare.sbatch does it
-    if not args.dry_run and not in_a_job:  # ranks never tokenize: build the missing stores here
-        from dist_ft.launcher.prepare import ensure_prepared
+    if not args.dry_run:  # ranks never tokenize: build the missing stores here (a prepare job: sample the rows)
+        from dist_ft.launcher.prepare import check_sampled_formats, ensure_prepared
         from dist_ft.store import DataError
 
         try:
-            ensure_prepared(plan)
+            check_sampled_formats(plan) if in_a_job else ensure_prepared(plan)
         except DataError as err:
             print(f"error: {err}", file=sys.stderr)
             return EXIT_BAD_INPUT

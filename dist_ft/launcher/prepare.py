@@ -7,6 +7,7 @@ histogram against each stage's seq_len, bad rows by reason and disk size."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import sys
@@ -18,10 +19,14 @@ import numpy as np
 
 from dist_ft.durable import write_atomic
 from dist_ft.plan.plan import Plan, StagePlan
-from dist_ft.store import (DOCUMENTS, DataError, SourceSpec, StoreError, TokenStore, build_store, open_source,
+from dist_ft.store import (DOCUMENTS, EXAMPLES, DataError, SourceSpec, StoreError, TokenStore, build_store, open_source,
                             open_store)
-from dist_ft.store.key import source_stamps
-from dist_ft.store.sources import hub_file, stage_specs
+from dist_ft.store.bins import packing_efficiency
+from dist_ft.store.build import check_format
+from dist_ft.store.read import BadRows, read_records
+from dist_ft.store.sft import format_problem, show_row
+from dist_ft.store.key import source_stamps, spec_json
+from dist_ft.store.sources import hub_file, is_saved_dataset, stage_specs
 
 
 SMALL_SOURCE_BYTES = 16 << 20  # below this, worker processes cost more to start than they save
@@ -82,20 +87,52 @@ def default_workers(spec: SourceSpec) -> int:
 
 
 def export_hub_dataset(data) -> Path:
-    """The hub dataset as JSON Lines under the cache dir, downloaded once (here, never on a rank)."""
+    """The hub dataset (or a local `save_to_disk` folder) as JSON Lines under the cache dir, read once, here
+    and never on a rank; a local folder is exported again when its files changed."""
     target = hub_file(data)
-    if target.is_file():
+    local = is_saved_dataset(data.hub_dataset)
+    stamp = _folder_stamp(Path(data.hub_dataset)) if local else None
+    recorded = target.with_name(target.name + ".source.json")
+    if target.is_file() and (not local or (recorded.is_file() and json.loads(recorded.read_text()) == stamp)):
         return target
-    from datasets import load_dataset
+    dataset = _load_rows(data, local)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "w") as out:  # row by row: the dataset is never held as one string
+            for row in dataset:
+                out.write(json.dumps(row) + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    if local:
+        write_atomic(recorded, json.dumps(stamp))  # after the rows: a crash in between exports again
+    return target
+
+
+def _load_rows(data, local: bool) -> Any:
+    import datasets
 
     try:
-        dataset = load_dataset(data.hub_dataset, split=data.hub_split)
-    except Exception as err:  # offline: say what to do instead
-        raise SystemExit(f"error: could not load hub dataset {data.hub_dataset!r} ({err}); run `dist-ft prepare` "
-                         "where there is network, or give `data.paths`") from None
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, "".join(json.dumps(row) + "\n" for row in dataset))
-    return target
+        if not local:
+            return datasets.load_dataset(data.hub_dataset, split=data.hub_split)
+        saved = datasets.load_from_disk(data.hub_dataset)
+        return saved[data.hub_split] if isinstance(saved, datasets.DatasetDict) else saved
+    except KeyError:
+        raise SystemExit(f"error: {data.hub_dataset} has no split {data.hub_split!r} (it has "
+                         f"{', '.join(saved)}): set data.hub_split") from None
+    except Exception as err:  # offline, or not a saved dataset: say what to do instead
+        fix = "give a folder written by `datasets.save_to_disk`" if local else \
+            "run `dist-ft prepare` where there is network"
+        raise SystemExit(f"error: could not load {'the saved dataset' if local else 'hub dataset'} "
+                         f"{data.hub_dataset!r} ({type(err).__name__}: {err}); {fix}, or give `data.paths`") from None
+
+
+def _folder_stamp(folder: Path) -> list[list[Any]]:
+    return [[str(f.relative_to(folder)), f.stat().st_size, f.stat().st_mtime_ns]
+            for f in sorted(folder.rglob("*")) if f.is_file()]
 
 
 def _summary(need: _Needed, store: TokenStore, built: bool) -> dict[str, Any]:
@@ -107,6 +144,10 @@ def _summary(need: _Needed, store: TokenStore, built: bool) -> dict[str, Any]:
         per_stage[stage.name] = {"seq_len": stage.seq_len, "fit_in_one_row": fits,
                                  "reach_seq_len": int((lengths >= stage.seq_len).sum()),
                                  "tokens_in_reaching": int(lengths[lengths >= stage.seq_len].sum())}
+        if store.prompt_lengths is not None and stage.data.packing:
+            method = stage.data.packing_method
+            rows, efficiency = packing_efficiency(lengths, np.asarray(store.prompt_lengths), stage.seq_len, method)
+            per_stage[stage.name].update(packing_method=method, rows=rows, packing_efficiency=round(efficiency, 4))
     disk = sum(manifest["files"].values())
     return {"what": need.spec.describe(), "path": str(store.path), "built_now": built, "kind": manifest["kind"],
             "count": store.count, "tokens": int(manifest["tokens"]), "dtype": manifest["dtype"],
@@ -126,10 +167,36 @@ def format_summary(summary: dict[str, Any]) -> str:
         lines.append("  lengths: " + ", ".join(f"<={k}: {n}" for k, n in s["length_histogram"].items()))
         for name, st in s["stages"].items():
             lines.append(f"  stage {name} (seq_len {st['seq_len']}): {st['fit_in_one_row']} fit one row, "
-                         f"{st['reach_seq_len']} reach seq_len ({st['tokens_in_reaching']} tokens)")
+                         f"{st['reach_seq_len']} reach seq_len ({st['tokens_in_reaching']} tokens)" +
+                         (f"; packed {st['packing_method']} into {st['rows']} rows, packing efficiency "
+                          f"{100 * st['packing_efficiency']:.1f}% (real tokens / row tokens)"
+                          if "rows" in st else ""))
         bad = s["bad_rows"]
         lines.append("  bad rows: " + (", ".join(f"{n} {r}" for r, n in sorted(bad.items())) if bad else "none"))
     return "\n".join(lines)
+
+
+SAMPLE_ROWS = 64
+
+
+def check_sampled_formats(plan: Plan) -> None:
+    """For `data.prepare: job`, before anything is submitted: each local fine-tuning source's first rows
+    against its format, refused (DataError) as prepare refuses the whole file; the job checks every row."""
+    for need in needed_stores(plan):
+        spec, bad, kept = need.spec, BadRows(), 0
+        if spec.kind != EXAMPLES:
+            continue
+        try:
+            for _, record in itertools.islice(read_records(spec.paths, bad), SAMPLE_ROWS):
+                row = spec.renamed({spec.text_field: record} if isinstance(record, str) else record) \
+                    if isinstance(record, (str, dict)) else record
+                problem = format_problem(row, spec.fmt, spec.text_field) if isinstance(row, dict) else "not_an_object"
+                if problem:
+                    bad.add(problem, show_row(row) if isinstance(row, dict) else repr(row)[:120])
+                kept += not problem
+        except DataError:  # not on this machine yet (a hub dataset): the job exports and checks it
+            continue
+        check_format(spec, kept, bad)
 
 
 def load_plan_tokenizer(plan: Plan) -> Any:
@@ -176,7 +243,7 @@ def data_budget(plan: Plan) -> list[str]:
 
 def _existing(need: _Needed) -> TokenStore | None:
     """A whole store of this spec under the cache dir, built with whichever tokenizer."""
-    wanted = {**need.spec.__dict__, "paths": list(need.spec.paths)}
+    wanted = spec_json(need.spec)
     for manifest in sorted(need.root.glob(f"{need.spec.kind}-*/manifest.json")):
         try:
             if json.loads(manifest.read_text()).get("spec") == wanted:

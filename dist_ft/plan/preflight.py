@@ -38,7 +38,7 @@ def resolve_recipe_paths(recipe: Recipe, base: Path) -> Recipe:
         cache = resolve_data_path(data.cache_dir, base) if data.cache_dir else \
             str(token_store_root(recipe.checkpointing.output_root).resolve())
         return dataclasses.replace(data, paths=[resolve_data_path(p, base) for p in data.paths], sources=sources,
-                                   cache_dir=cache,
+                                   cache_dir=cache, hub_dataset=_resolve_model_path(data.hub_dataset, base),
                                    validation_paths=[resolve_data_path(p, base) for p in data.validation_paths],
                                    test_paths=[resolve_data_path(p, base) for p in data.test_paths])
 
@@ -115,6 +115,10 @@ def check_inputs(recipe: Recipe) -> None:
                                         "install it or give a file path"))
             elif (unusable := data_path_problem(entry)) is not None:
                 problems.append(Problem(f"{path}.{field}", *unusable))
+        hub = data.hub_dataset if data else None
+        if hub and Path(hub).is_absolute() and not Path(hub).is_dir():  # resolved: a local saved dataset
+            problems.append(Problem(f"{path}.hub_dataset", f"{hub} is not a directory",
+                                    "give a folder written by `datasets.save_to_disk`, or a hub name (org/name)"))
     model = recipe.model
     if model.name_or_path:
         folder = resolve_model_dir(model.name_or_path)

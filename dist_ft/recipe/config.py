@@ -21,7 +21,7 @@ from .limits import (  # noqa: F401 - re-exported: the bounds are part of the re
     MAX_ADAPTER_SIZE, MAX_BATCH, MAX_EPOCHS, MAX_GPUS_PER_NODE, MAX_MICRO_BATCH, MAX_NAME, MAX_NODES,
     MAX_PROCS_PER_NODE, MAX_ROPE_FACTOR, MAX_ROPE_THETA, MAX_SEED, MAX_SEQ_LEN, MAX_STAGES, MAX_STEPS, MAX_TOKENS,
     MAX_TOKENS_PER_STEP)
-from .data_section import MAX_SOURCES, Data, Source, UpsampleLong  # noqa: F401 - re-exported: a stage's data
+from .data_section import FORMAT_FIELDS, MAX_SOURCES, Data, Source, UpsampleLong  # noqa: F401 - re-exported
 from .model_shape import SHAPE_KEYS
 from .optimization import (  # noqa: F401 - re-exported: the sections are the recipe's
     ADAM_FAMILY, FLOOR_SHORTHAND_DOC, OPTIMIZER_DEFAULTS, OPTIMIZER_DOC, SCHEDULER_DOC, WARMUP_SHORTHAND_DOC,
@@ -207,6 +207,9 @@ class LongContext:
         if self.eval_every and not self.data.has_validation:
             raise Invalid("eval_every", "has no held-out long documents to validate on",
                           "add `long_context.data.validation_fraction: 0.05` (or `validation_paths: [...]`)")
+        if self.data.columns:
+            raise Invalid("data.columns", "maps fine-tuning rows' fields; long-context documents read `text_field`",
+                          "remove columns and set `text_field: <column>`")
         if not self.data.packing:  # the ranks pack every long-context stage: false would be ignored
             raise Invalid("data.packing", "long-context stages always pack documents into full rows",
                           "remove long_context.data.packing (`long_documents` chooses what happens to a document "
@@ -299,6 +302,12 @@ class Finetune:
             raise Invalid("data.long_documents", "is read by long-context stages only: fine-tuning truncates an "
                           "example longer than seq_len (counted as `truncated` in the data report)",
                           "remove finetune.data.long_documents")
+        wrong = [f for f in self.data.columns if f not in FORMAT_FIELDS.get(self.format, ())]
+        if wrong:
+            raise Invalid(f"data.columns.{wrong[0]}", f"{self.format} rows have no field {wrong[0]!r}" +
+                          (f" (they read {', '.join(FORMAT_FIELDS[self.format])})" if self.format != "text" else
+                           " (text rows read `text_field`)"),
+                          "map this format's fields, or set `text_field` for text rows")
         if self.format != "text" and self.data.text_field != "text":
             raise Invalid("data.text_field", f"is read from text rows only; {self.format} rows have fixed fields "
                           "(instruction/input/output, or messages)", "remove text_field, or use `format: text`")

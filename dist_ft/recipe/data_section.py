@@ -13,6 +13,8 @@ from .limits import MAX_SEED, MAX_SEQ_LEN
 from .strict import Invalid, spec
 
 MAX_SOURCES = 64
+# The fields each fine-tuning format reads from a row (data.columns maps them to the rows' own names).
+FORMAT_FIELDS = {"instruction": ("instruction", "input", "output"), "chat": ("messages", "conversations")}
 
 
 @dataclass(frozen=True)
@@ -48,13 +50,21 @@ class Data:
     sources: list[Source] = spec(factory=list, doc="Long-context stages: a mixture of sources by weight instead "
                                                    "of `paths` (deterministic and resumable; the realised mixture "
                                                    "is reported per stage).")
-    hub_dataset: str | None = spec(None, doc="Hub dataset name; used only when online.")
+    hub_dataset: str | None = spec(None, doc="Hub dataset name, or a local folder written by `datasets.save_to_disk` "
+                                             "(its `hub_split` when it holds several); read by `dist-ft prepare` "
+                                             "only, never on a rank.")
     hub_split: str = spec("train", doc="Split of the hub dataset.")
     text_field: str = spec("text", doc="Field holding the text in json/jsonl/parquet rows.")
+    columns: dict[str, str] = spec(factory=dict, doc="Fine-tuning rows whose fields have other names: the format's "
+                                                     "field -> the rows' column, e.g. {instruction: question, "
+                                                     "output: answer} or {messages: dialog}. Checked against "
+                                                     "`format` at plan time; part of the token store's key.")
     packing: bool = spec(True, doc="Pack documents into full rows (per-document positions, no cross attention).")
     packing_method: Literal["next_fit", "best_fit_decreasing"] = spec(
-        "next_fit", doc="Fine-tuning: how examples fill rows (never split): next_fit keeps the shuffled order; "
-                        "best_fit_decreasing packs tighter (fewer rows; the efficiency is reported).")
+        "best_fit_decreasing", doc="Fine-tuning: how examples fill rows (never split; attention never crosses "
+                                   "them): best_fit_decreasing puts each, longest first, into the row it fills "
+                                   "best (fewest rows; rows are shuffled by the batch stream); next_fit keeps the "
+                                   "shuffled order. The packing efficiency (real / row tokens) is reported.")
     long_documents: Literal["split", "truncate", "skip"] = spec("split", doc="What to do with documents over seq_len.")
     validation_fraction: float = spec(0.0, min=0.0, max=0.5, doc="Share of the rows held out for validation "
                                                                   "(seeded); or give `validation_paths`.")
@@ -90,6 +100,11 @@ class Data:
         if self.paths and self.hub_dataset:  # the ranks read the paths and would never fetch the hub dataset
             raise Invalid("hub_dataset", "give either local `paths` or a `hub_dataset`, not both (the paths "
                           "would be read and the hub dataset ignored)", "remove one of them")
+        for field, column in self.columns.items():
+            if field not in FORMAT_FIELDS["instruction"] + FORMAT_FIELDS["chat"] or not column.strip():
+                raise Invalid(f"columns.{field}", f"maps {field!r} to {column!r}; the format fields are "
+                              f"{', '.join(FORMAT_FIELDS['instruction'] + FORMAT_FIELDS['chat'])}, each to a "
+                              "non-empty column name", "write `columns: {instruction: question, output: answer}`")
         if self.hub_split != "train" and not self.hub_dataset:
             raise Invalid("hub_split", f"{self.hub_split!r} is set without a hub_dataset (it would be ignored)",
                           "add `hub_dataset: org/name`, or remove hub_split")

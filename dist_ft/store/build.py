@@ -25,12 +25,15 @@ from tqdm import tqdm
 from dist_ft.durable import fsync_dir, write_atomic
 from .format import (DOCUMENTS, EXAMPLES, FORMAT_VERSION, IGNORE_INDEX, MANIFEST, MASK, OFFSETS, PROMPTS, TOKENS,
                      StoreError, TokenStore, open_store, token_dtype)
-from .key import SourceSpec, content_key, source_stamps, stale_files, store_path, tokenizer_fingerprint
+from .key import SourceSpec, content_key, spec_json, source_stamps, stale_files, store_path, tokenizer_fingerprint
 from .read import BadRows, DataError, iter_documents, read_records
 from .sft import sft_example
 
 CHUNK_RECORDS = 512  # records per tokenizer call: big enough to amortise the call, small enough to stream
-CHUNK_CHARS = 8 << 20  # ... or this many characters (a folder of large text files)
+# ... or this many characters: prepare's peak memory is one call's tokenizer output (hundreds of bytes a token)
+# or its largest document's: 8 MB calls peaked at 1.24 GB RSS on 0.01 GB of text, 1 MB calls at 0.64 GB
+# (byte tokenizer, docs/data.md)
+CHUNK_CHARS = 1 << 20
 NO_LIMIT = sys.maxsize  # prepare keeps whole examples; each stage applies its own seq_len when packing
 
 
@@ -65,10 +68,12 @@ def build_store(spec: SourceSpec, tokenizer: Any, root: Path, *, workers: int = 
         with writer, tqdm(desc=f"tokenizing {spec.describe()}", total=sum(s[1] for s in stamps), unit="B",
                           unit_scale=True, file=sys.stderr, disable=not progress, mininterval=1.0) as bar:
             bad = _tokenize_into(writer, spec, tokenizer, workers, _Progress(bar))
+        if spec.kind == EXAMPLES:
+            check_format(spec, writer.count, bad)
         if not writer.count:
             raise DataError(f"no usable {spec.kind} in {', '.join(spec.paths)}: {bad}")
         manifest = {"format_version": FORMAT_VERSION, "key": content_key(spec, fingerprint, stamps),
-                    "kind": spec.kind, "spec": {**spec.__dict__, "paths": list(spec.paths)},
+                    "kind": spec.kind, "spec": spec_json(spec),
                     "tokenizer": fingerprint, "dtype": writer.dtype.name, "count": writer.count,
                     "tokens": writer.end, "eos_id": tokenizer.eos_token_id, "pad_id": tokenizer.pad_token_id,
                     "sources": stamps, "bad_rows": dict(bad.counts), "bad_examples": bad.examples,
@@ -79,6 +84,25 @@ def build_store(spec: SourceSpec, tokenizer: Any, root: Path, *, workers: int = 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return open_source(spec, tokenizer, root, "dist-ft prepare"), True
+
+
+FORMAT_REASONS = ("missing_field", "bad_messages", "not_an_object")  # a row without the format's fields
+FORMAT_WANTS = {"instruction": "`instruction` and `output` strings (`input` optional)",
+                "chat": "`messages` [{role, content}] or ShareGPT `conversations` [{from, value}]"}
+
+
+def check_format(spec: SourceSpec, kept: int, bad: BadRows) -> None:
+    """Refuse (DataError) fine-tuning files of which more than half the rows lack their format's fields: the
+    recipe names the wrong format (or the rows' columns need `data.columns`), not a few bad rows."""
+    wrong = sum(bad.counts[reason] for reason in FORMAT_REASONS)
+    if wrong <= kept:
+        return
+    example = next(e for reason in FORMAT_REASONS for e in bad.examples.get(reason, []))
+    wants = FORMAT_WANTS.get(spec.fmt, f"a non-empty `{spec.text_field}` string")
+    mapped = f" (columns mapped: {dict(spec.columns)})" if spec.columns else ""
+    raise DataError(f"{wrong} of {wrong + kept} rows of {', '.join(spec.paths)} do not fit format {spec.fmt!r}, "
+                    f"which reads {wants}{mapped}; e.g. {example}. Set `finetune.format` to what the rows are, or "
+                    "map their fields with `data.columns` (e.g. `columns: {instruction: question, output: answer}`)")
 
 
 def _same_store_there(path: Path, key: str) -> bool:
@@ -184,7 +208,7 @@ def _example_rows(spec: SourceSpec, bad: BadRows) -> Iterator[dict]:
     for _, record in read_records(spec.paths, bad):
         row = {spec.text_field: record} if isinstance(record, str) else record
         if isinstance(row, dict):
-            yield row
+            yield spec.renamed(row)
         else:
             bad.add("not_an_object", repr(row)[:120])
 
@@ -216,7 +240,8 @@ def encode_texts(texts: list[str], tokenizer: Any = None) -> list[list[int]]:
     """Token ids per text, as training saw them: no special tokens added (packing appends EOS), and
     special-token text inside a document (a literal "<|eos|>") stays text."""
     tokenizer = tokenizer or _TOKENIZER
-    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    return tokenizer(texts, add_special_tokens=False, split_special_tokens=True,
+                     return_attention_mask=False)["input_ids"]
 
 
 def encode_rows(rows: list[dict], fmt: str, template: str | None, text_field: str,

@@ -1,7 +1,7 @@
 """What a token store is a function of, and where it lives.
 
 A store's folder is named by its *spec*: the kind (documents or examples), the source paths, the
-tokenizer's fingerprint, text field, format and template, and the format version. Its manifest also
+tokenizer's fingerprint, text field, format, template and column mapping, and the format version. Its manifest also
 records each source file's (resolved path, size, mtime_ns): a store whose files changed since is
 refused as stale, with the command that rebuilds it, rather than silently read. A second stage, run or
 recipe with the same spec finds the same folder and reuses it.
@@ -27,6 +27,12 @@ class SourceSpec:
     text_field: str = "text"
     fmt: str | None = None  # examples: instruction, chat or text
     template: str | None = None
+    columns: tuple[tuple[str, str], ...] = ()  # examples: (format field, the rows' column), sorted
+
+    def renamed(self, row: dict) -> dict:
+        """`row` with each mapped column also under its format field's name."""
+        return {**row, **{field: row[column] for field, column in self.columns if column in row}} \
+            if self.columns else row
 
     def describe(self) -> str:
         what = "documents" if self.kind == DOCUMENTS else f"{self.fmt} examples"
@@ -45,8 +51,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return hashlib.sha256(body.encode() + json.dumps(extra, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def spec_json(spec: SourceSpec) -> dict[str, Any]:
+    """The spec as its manifest records it (JSON types); no `columns` when none are mapped, so stores built
+    before column mappings existed keep their names."""
+    fields = json.loads(json.dumps(asdict(spec)))
+    if not spec.columns:
+        del fields["columns"]
+    return fields
+
+
 def spec_id(spec: SourceSpec, fingerprint: str) -> str:
-    text = json.dumps({"version": FORMAT_VERSION, **asdict(spec), "tokenizer": fingerprint}, sort_keys=True)
+    text = json.dumps({"version": FORMAT_VERSION, **spec_json(spec), "tokenizer": fingerprint}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 

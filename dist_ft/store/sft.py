@@ -54,27 +54,21 @@ def sft_example(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, fmt:
 
 def _pieces(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, fmt: str, template: str | None,
             text_field: str, bad: BadRows) -> list[Piece] | None:
+    problem = format_problem(row, fmt, text_field)
+    if problem:
+        bad.add(problem, _show(row))
+        return None
     if fmt == "chat":
         messages = row.get("messages") if "messages" in row else _sharegpt(row.get("conversations"))
-        if not _valid_messages(messages):
-            bad.add("bad_messages", _show(row))
-            return None
         return _chat_pieces(messages, tokenizer, template, row, bad)
     if fmt == "text":
-        text = row.get(text_field)
-        if not isinstance(text, str) or not text.strip():
-            bad.add("missing_field", _show(row))
-            return None
-        return [(text, True), (tokenizer.eos_token, True)]
+        return [(row[text_field], True), (tokenizer.eos_token, True)]
     return _instruction_pieces(row, tokenizer, template, bad)
 
 
 def _instruction_pieces(row: Mapping[str, Any], tokenizer: PreTrainedTokenizerBase, template: str | None,
-                        bad: BadRows) -> list[Piece] | None:
-    instruction, output, extra = row.get("instruction"), row.get("output"), row.get("input") or ""
-    if not (_nonempty(instruction) and _nonempty(output) and isinstance(extra, str)):
-        bad.add("missing_field", _show(row))
-        return None
+                        bad: BadRows) -> list[Piece]:
+    instruction, output, extra = row["instruction"], row["output"], row.get("input") or ""
     if uses_chat_template(template, bool(tokenizer.chat_template)):
         user = f"{instruction}\n\n{extra}" if extra else instruction
         messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
@@ -136,6 +130,24 @@ def _sharegpt(turns: Any) -> Any:
                                               for t in turns):
         return turns
     return [{"role": SHAREGPT_ROLES[t["from"]], "content": t.get("value")} for t in turns]
+
+
+def format_problem(row: Mapping[str, Any], fmt: str, text_field: str = "text") -> str | None:
+    """Why a row lacks what its format reads (the bad-row reason sft_example gives it), else None: a check
+    that needs no tokenizer (the launcher samples rows with it before a prepare job)."""
+    if fmt == "chat":
+        messages = row.get("messages") if "messages" in row else _sharegpt(row.get("conversations"))
+        return None if _valid_messages(messages) else "bad_messages"
+    if fmt == "text":
+        text = row.get(text_field)
+        return None if isinstance(text, str) and text.strip() else "missing_field"
+    extra = row.get("input") or ""
+    fits = _nonempty(row.get("instruction")) and _nonempty(row.get("output")) and isinstance(extra, str)
+    return None if fits else "missing_field"
+
+
+def show_row(row: Mapping[str, Any]) -> str:
+    return _show(row)
 
 
 def _valid_messages(messages: Any) -> bool:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from dist_ft.recipe.config import Data
@@ -13,9 +14,17 @@ HUB_FOLDER = "hub"
 
 
 def hub_file(data: Data) -> Path:
-    """Where prepare exports `data.hub_dataset` (its split) as JSON Lines, under the cache dir."""
-    name = f"{data.hub_dataset.replace('/', '__')}.{data.hub_split}.jsonl"
-    return Path(data.cache_dir) / HUB_FOLDER / name
+    """Where prepare exports `data.hub_dataset` (its split) as JSON Lines, under the cache dir. A local folder
+    (`datasets.save_to_disk` output, an absolute path once the plan resolved it) is named by a hash of its path."""
+    name = data.hub_dataset.replace('/', '__')
+    if is_saved_dataset(data.hub_dataset):
+        name = f"local-{hashlib.sha256(data.hub_dataset.encode()).hexdigest()[:16]}"
+    return Path(data.cache_dir) / HUB_FOLDER / f"{name}.{data.hub_split}.jsonl"
+
+
+def is_saved_dataset(name: str) -> bool:
+    """Whether `hub_dataset` names a local folder (written by `datasets.save_to_disk`), not a hub repository."""
+    return name.startswith("/")
 
 
 def source_spec(paths: list[str] | tuple[str, ...], data: Data, phase: str, fmt: str | None,
@@ -23,7 +32,7 @@ def source_spec(paths: list[str] | tuple[str, ...], data: Data, phase: str, fmt:
     """Documents for continued pre-training; fine-tuning examples (format, template) otherwise."""
     if phase == "continued_pretraining":
         return SourceSpec(DOCUMENTS, tuple(paths), data.text_field)
-    return SourceSpec(EXAMPLES, tuple(paths), data.text_field, fmt, template)
+    return SourceSpec(EXAMPLES, tuple(paths), data.text_field, fmt, template, tuple(sorted(data.columns.items())))
 
 
 def training_paths(data: Data) -> list[str]:

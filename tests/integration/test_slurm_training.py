@@ -45,19 +45,28 @@ def submit(raw: dict, run: Path) -> dict[str, int]:
     return {stage: int(job) for stage, job in json.loads((run / "jobs.json").read_text()).items()}
 
 
-def test_two_nodes_run_chained_stages_and_the_second_uses_the_firsts_weights(tmp_path):
-    run = tmp_path / "chain"
-    jobs = submit(slurm_recipe(steps=3, every=None, finetune=lora_finetune(steps=2)), run)
+def test_two_nodes_run_chained_stages_and_the_second_uses_the_firsts_weights(tmp_path, capsys):
+    """Both stages follow a prepare job (data.prepare: job): the launcher tokenizes nothing, prepare.sbatch
+    builds both stores on the cluster, and the first stage starts after it ended (afterok) and reads them."""
+    run, stores = tmp_path / "chain", tmp_path / "stores"
+    raw = slurm_recipe(steps=3, every=None, finetune=lora_finetune(steps=2))
+    raw["long_context"]["data"].update(prepare="job", cache_dir=str(stores))
+    raw["finetune"]["data"].update(prepare="job", cache_dir=str(stores))
+    jobs = submit(raw, run)
+    assert list(jobs) == ["prepare", "ctx", "sft"] and "preparing token stores" not in capsys.readouterr().err
     assert sh.wait_for_job(jobs["sft"], timeout=300) == "COMPLETED", _logs(run)
-    assert sh.job_state(jobs["ctx"]) == "COMPLETED"
+    assert sh.job_state(jobs["ctx"]) == sh.job_state(jobs["prepare"]) == "COMPLETED"
+    built = (run / "logs" / f"prepare.{jobs['prepare']}.out").read_text()
+    assert all(f"{kind}: built {next(stores.glob(name))}" in built for kind, name in
+               (("documents of json", "documents-*"), ("instruction examples of tiny_instructions.jsonl", "examples-*")))
     assert (run / "stages/ctx/DONE").exists() and (run / "stages/sft/DONE").exists()
     ranks = [json.loads(p.read_text()) for p in sorted((run / "stages/ctx/ranks").glob("rank*.json"))]
     assert [r["world_size"] for r in ranks] == [2, 2]
     adapter = json.loads((run / "stages/sft/export/adapter/adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(run / "stages/ctx/export")
-    first, second = sh.show_job(jobs["ctx"]), sh.show_job(jobs["sft"])
-    if first and second:  # still known to slurmctld (MinJobAge): the dependant started after the first ended
-        assert second["StartTime"] >= first["EndTime"]
+    shown = [sh.show_job(jobs[name]) for name in ("prepare", "ctx", "sft")]
+    if all(shown):  # still known to slurmctld (MinJobAge): each dependant started after the job before ended
+        assert shown[1]["StartTime"] >= shown[0]["EndTime"] and shown[2]["StartTime"] >= shown[1]["EndTime"]
 
 
 def test_requeue_mid_stage_resumes_to_the_same_losses_as_an_uninterrupted_run(tmp_path):

@@ -133,3 +133,27 @@ def test_sdpa_varlen_takes_one_row_of_positions_for_a_batch_and_refuses_cached_k
     torch.testing.assert_close(out, expected.transpose(1, 2))
     with pytest.raises(ValueError, match="as many keys as queries"):
         sdpa_varlen_attention(module, query, torch.randn(2, 4, 9, 8), torch.randn(2, 4, 9, 8), None)
+
+
+def test_examples_packed_best_fit_decreasing_each_see_only_themselves(tmp_path):
+    """The default fine-tuning packing: each example's logits inside its row equal the example alone."""
+    import json
+
+    from dist_ft.rank.data.packed import PackedExamples
+    from dist_ft.rank.tokenizer import byte_tokenizer
+    from dist_ft.store import EXAMPLES, BadRows, SourceSpec, build_store
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "q" * (3 + 5 * i), "output": "a" * (2 + i % 3)}) + "\n"
+                            for i in range(6)))
+    store, _ = build_store(SourceSpec(EXAMPLES, (str(data),), "text", "instruction", "Q: {instruction}\\nA: "),
+                           byte_tokenizer(), tmp_path / "s", progress=False)
+    packed = PackedExamples(store, 96, seed=0, packing=True, bad=BadRows(), method="best_fit_decreasing")
+    model = tiny_model("sdpa_varlen")
+    seen = 0
+    for row in packed:
+        out = logits(model, row["input_ids"], row["position_ids"])
+        for start, end in segments(row):
+            torch.testing.assert_close(out[start:end], logits(model, row["input_ids"][start:end]), atol=1e-5, rtol=0)
+            seen += 1
+    assert len(packed) < store.count == seen == 6

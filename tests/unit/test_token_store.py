@@ -218,11 +218,11 @@ def test_bad_rows_are_counted_when_prepare_reads_the_files(tokenizer, tmp_path):
 
 def test_fine_tuning_rows_that_do_not_fit_their_format_are_counted_at_prepare(tokenizer, tmp_path):
     data = tmp_path / "sft.jsonl"
-    data.write_text("\n".join([json.dumps({"instruction": "say hi", "output": "hi"}), json.dumps({"text": "x"}),
-                               json.dumps({"instruction": "", "output": "x"})]) + "\n")
+    good = [json.dumps({"instruction": f"say hi {i}", "output": "hi"}) for i in range(2)]
+    data.write_text("\n".join([*good, json.dumps({"text": "x"}), json.dumps({"instruction": "", "output": "x"})]) + "\n")
     spec = SourceSpec(EXAMPLES, (str(data),), "text", "instruction", None)
     store, _ = build_store(spec, tokenizer, tmp_path / "s", workers=2, progress=False)
-    assert store.count == 1 and store.manifest["bad_rows"] == {"missing_field": 2}
+    assert store.count == 2 and store.manifest["bad_rows"] == {"missing_field": 2}
     assert int(store.prompt_lengths[0]) == int(np.argmax(store.mask[:store.offsets[1]] == 1)) > 0
 
 
@@ -363,7 +363,10 @@ def test_the_plan_shows_the_data_budget_before_and_after_prepare(tmp_path, capsy
     assert f"data (token stores in {tmp_path}/token_store):" in before
     assert before.count("no store yet: `dist-ft prepare` builds it") == 2
     assert main(["prepare", *args, "--workers", "1"]) == 0 and main(["plan", *args]) == 0
-    after = capsys.readouterr().out.split("data (token stores")[-1]
+    printed = capsys.readouterr().out
+    assert "stage sft (seq_len 256): 480 fit one row, 0 reach seq_len (0 tokens); packed best_fit_decreasing into " \
+           "147 rows, packing efficiency 86.6% (real tokens / row tokens)" in printed  # next_fit: 159 rows, 80.0%
+    after = printed.split("data (token stores")[-1]
     assert "34 documents, 435651 tokens" in after and "480 examples, 32580 tokens" in after
     assert "ctx512: trains 49152 tokens = 0.11 passes; 34 documents reach seq_len 512" in after
     assert "ctx1k: trains 49152 tokens = 0.11 passes; 32 documents reach seq_len 1024" in after

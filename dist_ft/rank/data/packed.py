@@ -8,13 +8,13 @@ concatenation (each with its EOS), positions restarting at each document and at 
 
 from __future__ import annotations
 
-import bisect
 import random
 from collections.abc import Sequence
 
 import numpy as np
 
 from dist_ft.store import IGNORE_INDEX, BadRows, TokenStore
+from dist_ft.store.bins import best_fit_decreasing, next_fit
 from .pack import LONG_DOC_POLICIES
 
 Row = dict[str, list[int]]
@@ -128,9 +128,9 @@ class PackedExamples(Sequence):
         self.order = kept[shuffled(len(kept), seed)]
         self.take = np.minimum(lengths[self.order], seq_len)
         if packing and method == "best_fit_decreasing":
-            self.members, bounds = _best_fit_decreasing(self.take, seq_len)
+            self.members, bounds = best_fit_decreasing(self.take, seq_len)
         else:
-            self.members, bounds = np.arange(len(self.take)), _next_fit(self.take.tolist(), seq_len, packing)
+            self.members, bounds = np.arange(len(self.take)), next_fit(self.take.tolist(), seq_len, packing)
         self.bounds = np.asarray(bounds, dtype=np.int64)
 
     @property
@@ -151,45 +151,6 @@ class PackedExamples(Sequence):
             ids = self.store.tokens[span].astype(np.int64)
             row.add(ids.tolist(), np.where(self.store.mask[span] == 1, ids, IGNORE_INDEX).tolist())
         return row.padded(self.seq_len, self.pad)
-
-
-def _next_fit(lengths: list[int], seq_len: int, packing: bool) -> list[int]:
-    """Row boundaries (indices into the examples): each row takes examples while they fit."""
-    bounds, used = [0], 0
-    for index, length in enumerate(lengths):
-        if used and (not packing or used + length > seq_len):
-            bounds.append(index)
-            used = 0
-        used += length
-    return bounds + [len(lengths)] if lengths else bounds
-
-
-def _best_fit_decreasing(lengths: np.ndarray, seq_len: int) -> tuple[np.ndarray, list[int]]:
-    """(examples grouped by row, row boundaries): longest first, each into the open row it fills best
-    (the least room left that still fits), else a new row. Never worse than first-fit decreasing's bound
-    (11/9 of the optimum + 6/9 rows). O(n log n + n * distinct room values)."""
-    rows: list[list[int]] = []
-    by_room: dict[int, list[int]] = {}  # room left -> rows with that room
-    rooms: list[int] = []  # the distinct rooms with a row, sorted
-    for example in np.argsort(-lengths, kind="stable").tolist():
-        need = int(lengths[example])
-        at = bisect.bisect_left(rooms, need)
-        if at < len(rooms):
-            room = rooms[at]
-            row = by_room[room].pop()
-            if not by_room[room]:
-                del by_room[room], rooms[at]
-        else:
-            room, row = seq_len, len(rows)
-            rows.append([])
-        rows[row].append(example)
-        left = room - need
-        if left not in by_room:
-            by_room[left] = []
-            bisect.insort(rooms, left)
-        by_room[left].append(row)
-    bounds = np.cumsum([0] + [len(r) for r in rows]).tolist()
-    return np.asarray([e for r in rows for e in r], dtype=np.int64), bounds
 
 
 class _RowBuilder:
