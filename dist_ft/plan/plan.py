@@ -22,7 +22,7 @@ from dist_ft.recipe.strict import Problem, RecipeError, build
 from dist_ft.recipe.timelimit import parse_time_limit
 
 from . import batching, memory, oom_advice, schedule
-from .method_options import check_options
+from .method_options import check_long_context_method, check_options
 from .sp_checks import check_sequence_lengths, check_sequence_parallel
 from .rope import addressable_length, rope_parameters, scaled_context
 from .run_dir import RunDir, ds_config_name, sbatch_name, token_store_root
@@ -296,8 +296,9 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
     _check_positions(shape, stage.seq_len, _table_length(shape, previous), stage.extend_positions, path, problems)
     global_seqs = max(1, round(lc.tokens_per_step / stage.seq_len))
     micro = _packing_safe_micro(recipe, lc.data, stage.micro_batch_size, f"{path}.micro_batch_size", problems)
-    batch = _batch(recipe, shape, "full", lc.data.packing, stage.seq_len, global_seqs, micro, dp, budget,
-                   (stage.name, f"{path}.micro_batch_size"), problems, warnings)
+    check_long_context_method(recipe, stage.method, stage.options, path, shape, problems, warnings)
+    batch = _batch(recipe, shape, stage.method, lc.data.packing, stage.seq_len, global_seqs, micro, dp, budget,
+                   (stage.name, f"{path}.micro_batch_size"), problems, warnings, stage.options)
     micro, accum, global_seqs, mem = batch
     tokens_per_step = batching.tokens_per_step(global_seqs, stage.seq_len)
     if tokens_per_step != lc.tokens_per_step:
@@ -307,8 +308,8 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
     _check_training(recipe, stage, steps, path, problems, warnings)
     return StagePlan(
         index=index, name=stage.name, phase="continued_pretraining", seq_len=stage.seq_len,
-        rope_parameters=rope, max_position_embeddings=_max_positions(shape, stage.seq_len, rope), method="full",
-        method_options=None, data=lc.data, data_format="text", template=None,
+        rope_parameters=rope, max_position_embeddings=_max_positions(shape, stage.seq_len, rope),
+        method=stage.method, method_options=None if stage.method == "full" else stage.options, data=lc.data, data_format="text", template=None,
         micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs, tokens_per_step=tokens_per_step,
         steps=steps, epochs=None, lr=stage.lr, optimizer=stage.optimizer, scheduler=stage.schedule,
         init_from=previous.name if previous else None, eval_every=None,
@@ -336,7 +337,7 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
     micro = _packing_safe_micro(recipe, ft.data, ft.micro_batch_size, "finetune.micro_batch_size", problems)
     micro, accum, global_seqs, mem = _batch(recipe, shape, ft.method, ft.data.packing, seq_len, ft.global_batch_size,
                                             micro, dp, budget, (ft.name, "finetune.micro_batch_size"), problems,
-                                            warnings)
+                                            warnings, ft.options)
     if global_seqs != ft.global_batch_size:  # dp does not divide it: said, as for long-context tokens_per_step
         warnings.append(f"{ft.name}: {global_seqs} sequences per step (asked {ft.global_batch_size}): {micro} x "
                         f"{accum} accumulation x {dp} data-parallel ranks")
@@ -420,7 +421,8 @@ def _check_optimizer(recipe: Recipe, opt: Optimizer, path: str, problems: list[P
 
 def _batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int, global_seqs: int,
            micro_override: int | None, dp: int, budget: oom_advice.Budget, where: tuple[str, str],
-           problems: list[Problem], warnings: list[str]) -> tuple[int, int, int, dict | None]:
+           problems: list[Problem], warnings: list[str],
+           opts: MethodOptions | None = None) -> tuple[int, int, int, dict | None]:
     """(micro, accum, global sequences, memory) with global = micro x accum x dp. `where`: the stage's
     name and its micro-batch field."""
     name, path = where
@@ -431,13 +433,13 @@ def _batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, 
     candidates = [micro_override] if micro_override else \
         _divisors_desc(per_rank, max(1, MAX_MICRO_TOKENS * sp // seq_len))
     for micro in candidates:
-        mem = _memory(recipe, shape, method, packed, seq_len, micro)
+        mem = _memory(recipe, shape, method, packed, seq_len, micro, opts)
         if mem is None or mem.total_gib <= oom_advice.TIGHT_FRACTION * budget.gib:
             break
     accum = batching.grad_accum_for(global_seqs, micro, dp)
     stage = oom_advice.Stage(name, path.rsplit(".", 1)[0], seq_len, method, micro, path, bool(micro_override))
     oom_advice.check_fit(recipe, shape, stage, mem, budget,
-                         lambda r, m: _memory(r, shape, method, packed, seq_len, m), problems, warnings)
+                         lambda r, m: _memory(r, shape, method, packed, seq_len, m, opts), problems, warnings)
     return micro, accum, batching.train_batch_size(micro, accum, dp), mem.as_dict() if mem else None
 
 
@@ -458,10 +460,10 @@ def _divisors_desc(n: int, limit: int) -> list[int]:
 
 
 def _memory(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int,
-            micro: int) -> memory.MemoryEstimate | None:
+            micro: int, opts: MethodOptions | None = None) -> memory.MemoryEstimate | None:
     if shape is None:
         return None
-    par, opts, model = recipe.parallelism, recipe.finetune.options if recipe.finetune else MethodOptions(), recipe.model
+    par, opts, model = recipe.parallelism, opts or MethodOptions(), recipe.model
     dp = batching.data_parallel_size(recipe.cluster.world_size, par.sequence_parallel)
     return memory.estimate(memory.MemoryInputs(
         shape=shape, trainable_params=memory.trainable_params(shape, method, opts), dtype=recipe.model.dtype,

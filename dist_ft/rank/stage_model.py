@@ -41,7 +41,7 @@ def build_stage_model(plan: Plan, stage: StagePlan, ds_config: dict, tokenizer) 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if m.tiled_mlp_tokens:
         tile_mlps(model, m.tiled_mlp_tokens)
-    if stage.phase == "finetune":
+    if stage.phase == "finetune" or stage.method != "full":
         zero3 = ds_config["zero_optimization"]["stage"] == 3
         model = apply_method(model, stage.method, stage.method_options,
                              gradient_checkpointing=m.gradient_checkpointing, tokenizer=tokenizer,
@@ -78,6 +78,9 @@ def export_stage(plan: Plan, stage: StagePlan, engine, tokenizer, env: DistEnv) 
     model = engine.module.lm
     zero3 = ds.is_zero3(engine)
     out = plan.run.stage(stage.name)
+    if is_peft_model(model) and stage.phase == "continued_pretraining":
+        _export_merged_stage(plan, stage, engine, tokenizer, env)
+        return
     if is_peft_model(model):
         trainable = [p for p in model.parameters() if p.requires_grad]
         with ds.gathered(trainable, enabled=zero3):
@@ -90,6 +93,29 @@ def export_stage(plan: Plan, stage: StagePlan, engine, tokenizer, env: DistEnv) 
     state = ds.full_state_dict(engine, env.is_main)
     if env.is_main:
         export_model_dir(model, tokenizer, out.export, state_dict=state)
+
+
+def _export_merged_stage(plan: Plan, stage: StagePlan, engine, tokenizer, env: DistEnv) -> None:
+    """A long-context adapter stage: the adapter alone (stages/<stage>/adapter) and merged into the export,
+    which the next stage and evaluation load as a plain model with the stage's RoPE in config.json.
+    The merge rebuilds the stage's peft model on rank 0 from the engine's full weights (a rebuilt random-init
+    or ZeRO-3-initialised base would differ); qlora's 4-bit base is rebuilt in full precision instead."""
+    model, out, zero3 = engine.module.lm, plan.run.stage(stage.name), ds.is_zero3(engine)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with ds.gathered(trainable, enabled=zero3):
+        if env.is_main:
+            save_trained(model, out.merged_from, tokenizer=tokenizer)
+    ds.barrier()
+    if stage.method == "qlora":
+        if env.is_main:
+            _export_merged(plan, stage, out.merged_from, out.export, tokenizer)
+        return
+    state = ds.full_state_dict(engine, env.is_main)
+    if env.is_main:
+        base = _base_model(plan, stage, tokenizer, quantize=False).float()
+        rebuilt = apply_method(base, stage.method, stage.method_options)
+        rebuilt.load_state_dict(state, strict=True)
+        save_trained(rebuilt, out.export, tokenizer=tokenizer, merge=True)
 
 
 def export_path(plan: Plan, stage: StagePlan) -> Path:

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 from .finetune_options import (  # noqa: F401 - re-exported: the method's vocabulary is the recipe's
     ANSWER_METRICS, BASE_CHANGING_INITS, EVAL_METRICS, LORA_FAMILY, LOSS_METRICS, MAX_NEW_TOKENS, MAX_SAMPLES,
     OPTION_METHODS, PEFT_ADAPTERS, PEFT_WITH_MODULES_TO_SAVE, VIRTUAL_TOKEN_METHODS, WARN_ONLY_OPTIONS,
-    EarlyStopping, LoraBias, LoraInit, Method, MethodOptions, Samples, metric_direction)
+    EarlyStopping, LONG_CONTEXT_METHOD_DOC, LongContextMethod, LoraBias, LoraInit, Method, MethodOptions, Samples, metric_direction)
 from .limits import (  # noqa: F401 - re-exported: the bounds are part of the recipe's vocabulary
     MAX_ADAPTER_SIZE, MAX_BATCH, MAX_EPOCHS, MAX_GPUS_PER_NODE, MAX_MICRO_BATCH, MAX_NAME, MAX_NODES,
     MAX_PROCS_PER_NODE, MAX_ROPE_FACTOR, MAX_ROPE_THETA, MAX_SEED, MAX_SEQ_LEN, MAX_STAGES, MAX_STEPS, MAX_TOKENS,
@@ -223,6 +223,8 @@ class Stage:
     extend_positions: PositionExtension = spec("none", doc=EXTEND_POSITIONS_DOC)
     micro_batch_size: int | None = spec(None, min=1, max=MAX_MICRO_BATCH,
                                         doc="Sequences per rank per micro-step; planned when unset.")
+    method: LongContextMethod = spec("full", doc=LONG_CONTEXT_METHOD_DOC)
+    options: MethodOptions = spec(factory=MethodOptions, doc="Method options (as finetune.options).")
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -251,6 +253,8 @@ class Progressive:
     rope: Rope = spec(factory=Rope, doc="Applied to every stage; factor derived per stage when unset.")
     extend_positions: PositionExtension = spec("none", doc="Applied to every stage: " + EXTEND_POSITIONS_DOC)
     name_prefix: str = spec("ctx", doc="Stage names are prefix + seq_len (ctx8k, ctx16k, ...).")
+    method: LongContextMethod = spec("full", doc="Every stage's method: " + LONG_CONTEXT_METHOD_DOC)
+    options: MethodOptions = spec(factory=MethodOptions, doc="Every stage's method options (as finetune.options).")
 
     def __post_init__(self) -> None:
         if self.target < self.start:
@@ -278,7 +282,8 @@ class Progressive:
     def expand(self) -> list[Stage]:
         return [Stage(name=f"{self.name_prefix}{_short(n)}", seq_len=n, steps=self.steps, tokens=self.tokens,
                       lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps, rope=self.rope,
-                      extend_positions=self.extend_positions, optimizer=self.optimizer, scheduler=self.scheduler)
+                      extend_positions=self.extend_positions, optimizer=self.optimizer, scheduler=self.scheduler,
+                      method=self.method, options=self.options)
                 for n in self.lengths()]
 
 

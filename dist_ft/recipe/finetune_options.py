@@ -17,6 +17,11 @@ Method = Literal["full", "lora", "qlora", "dora", "prefix", "prompt", "ptuning",
 PEFT_ADAPTERS = ("lora", "qlora", "dora", "prefix", "prompt", "ptuning", "ia3", "longlora")
 LORA_FAMILY = ("lora", "qlora", "dora", "longlora")
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
+# What a long-context (continued-pretraining) stage may train: every weight, or the LoRA family.
+LongContextMethod = Literal["full", "longlora", "lora", "qlora", "dora"]
+LONG_CONTEXT_METHOD_DOC = ("Which parameters train: full (every weight), longlora (LoRA+: LoRA plus trainable "
+                           "embeddings and norms, as in LongLoRA), lora, qlora (CUDA only), dora. An adapter is "
+                           "merged into the stage's export, so the next stage starts from merged weights.")
 
 LoraBias = Literal["none", "all", "lora_only"]
 LoraInit = Literal["default", "gaussian", "pissa", "olora"]
