@@ -46,6 +46,7 @@ def main(spec_path: str) -> int:
     trainer.train()
     if args.process_index == 0:
         Path(spec["out"]).write_text(json.dumps(clock.result(model)) + "\n")
+    torch.distributed.destroy_process_group()  # as our ranks do: no gloo threads left to exit-time destructors
     return 0
 
 

@@ -272,9 +272,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     plan = Plan.from_json(RunDir(Path(args.run)).plan_file.read_text())
     stage = plan.stage(args.stage)
     _quiet_libraries(plan.device == "cuda")
+    from dist_ft.rank.engine import shutdown_distributed
     from dist_ft.rank.trainer import train_stage
 
-    return train_stage(plan, stage)
+    status = train_stage(plan, stage)
+    shutdown_distributed()  # only after a clean return: a rank that raised must not wait on the others
+    return status
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -86,13 +86,22 @@ def run_stages(plan: Plan, dry_run: bool) -> int:
         watch = HangWatch(plan.run, stage.name, after_s=collective_timeout_s(plan))
         status = run_supervised(["bash", "-c", stage_script(plan, stage)], kill_after_s=2 * _grace(plan),
                                 watch=watch)
-        if status != 0:
+        if status != 0 and plan.run.stage(stage.name).finished():
+            print(crashed_after_done(stage.name, status), file=sys.stderr, flush=True)
+        elif status != 0:
             print(f"error: stage {stage.name} failed with exit status {status}; later stages were not run. "
                   f"Re-run the same command to resume from its last checkpoint.", file=sys.stderr)
             for line in stale_lines(plan.run, stage.name):
                 print("  " + line, file=sys.stderr)
             return status
     return 0
+
+
+def crashed_after_done(stage: str, status: int) -> str:
+    """Rank 0 writes DONE after the stage's last barrier: a crash after it (an abort at process teardown)
+    lost nothing, so the stage counts as complete and the next one starts."""
+    return (f"warning: stage {stage} wrote DONE and then exited with status {status} on its way out; "
+            "its results are complete and the run goes on")
 
 
 def collective_timeout_s(plan: Plan) -> float:

@@ -29,7 +29,8 @@ from dist_ft.plan.run_dir import RunDir
 from dist_ft.recipe.hostfile import address
 from dist_ft.recipe.launch_script import training_python
 from .heartbeat_status import EXIT_SILENT_RANK, HangWatch
-from .local_launch import _die_with_parent, _grace, collective_timeout_s, kill_descendants, prelude
+from .local_launch import (_die_with_parent, _grace, collective_timeout_s, crashed_after_done, kill_descendants,
+                           prelude)
 
 SSH_BASE = ("ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=20", "-o", "ServerAliveInterval=15",
             "-o", "ServerAliveCountMax=4")
@@ -168,7 +169,9 @@ def run_stages_ssh(plan: Plan, dry_run: bool) -> int:
         print(f"[{stage.name}] attempt {attempt} on {', '.join(hosts)} (rendezvous {rdzv.endpoint}); logs: "
               f"{log_path(run, stage.name, 0, hosts[0], attempt).name} ...", flush=True)
         status, failed_host = _run_stage(plan, stage, rdzv, attempt)
-        finished = status == 0 and run.stage(stage.name).finished()
+        finished = run.stage(stage.name).finished()
+        if finished and status != 0:
+            print(crashed_after_done(stage.name, status), file=sys.stderr, flush=True)
         record["stages"][stage.name].update(state="done" if finished else ("stopped" if status in (0, 130, 143)
                                                                             else "failed"),
                                             ended=_now(), exit=status)

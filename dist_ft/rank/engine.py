@@ -215,6 +215,14 @@ def barrier() -> None:
     torch.distributed.barrier()
 
 
+def shutdown_distributed() -> None:
+    """Destroy the process group before the interpreter exits. Left to exit-time destructors, gloo's worker
+    threads can be torn down while still joinable ("terminate called without an active exception", SIGABRT
+    after the work is done, seen under ZeRO-3 on gloo); torch asks for this call before exit."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def collective_timeout_s() -> float | None:
     """The world group's collective timeout as torch holds it (None where torch hides it)."""
     try:

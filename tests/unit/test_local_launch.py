@@ -28,6 +28,10 @@ log={log}
 printf '%s\\n' "$@" > "$log/args"
 env > "$log/env"
 echo $$ >> "$log/pids"
+if [ "${{FAKE_DONE:-}}" = 1 ]; then  # the ranks finished and wrote DONE, then aborted on the way out
+  for a in "$@"; do case "$a" in --run-dir=*) run=${{a#--run-dir=}} ;; --stage=*) stage=${{a#--stage=}} ;; esac; done
+  mkdir -p "$run/stages/$stage/export" && touch "$run/stages/$stage/DONE"
+fi
 if [ "${{FAKE_EXIT:-}}" != "" ]; then exit "$FAKE_EXIT"; fi
 if [ "${{FAKE_DEAF:-}}" = 1 ]; then trap "" TERM INT; fi  # a torchrun that hangs on its way out
 for rank in 0 1; do
@@ -66,6 +70,16 @@ def test_setup_and_env_reach_the_ranks_in_the_sbatch_order(tmp_path):
     assert args[:2] == ["-m", "torch.distributed.run"] and "--standalone" in args
     assert f"--run-dir={tmp_path / 'run'}" in args and "--stage=ctx512" in args
     assert "stage ctx512 failed with exit status 7" in err
+
+
+def test_a_stage_that_wrote_done_and_then_aborted_is_complete(tmp_path):
+    proc = launch(tmp_path, env={"FAKE_EXIT": "134", "FAKE_DONE": "1"})
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert [line for line in err.splitlines() if "wrote DONE" in line] == [
+        f"warning: stage {stage} wrote DONE and then exited with status 134 on its way out; its results are "
+        "complete and the run goes on" for stage in ("ctx512", "ctx1k", "sft")]
+    assert "--stage=sft" in (tmp_path / "log" / "args").read_text().splitlines()
 
 
 @pytest.mark.parametrize("deaf", ["0", "1"], ids=["torchrun dies, ranks orphaned", "torchrun hangs too"])

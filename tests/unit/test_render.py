@@ -14,6 +14,7 @@ import pytest
 from dist_ft.cli import main
 from dist_ft.launcher.deepspeed_config import find_auto
 from dist_ft.plan.plan import Plan
+from dist_ft.plan.run_dir import RunDir
 from tests.conftest import LAUNCH, RECIPES
 
 
@@ -118,6 +119,8 @@ exec "$@"
     "python": """#!/bin/bash
 printf '%s\\n' "$@" > "$STANDIN_LOG/python.args"
 env > "$STANDIN_LOG/python.env"
+if [ -n "${STANDIN_TOUCH:-}" ]; then mkdir -p "$(dirname "$STANDIN_TOUCH")"; touch "$STANDIN_TOUCH"; fi
+exit "${STANDIN_EXIT:-0}"
 """,
 }
 
@@ -163,6 +166,17 @@ def test_sbatch_runs_one_torchrun_per_node_with_c10d_on_the_head(tmp_path):
     assert f"--run-dir={out}" in args and "--stage=ctx512" in args
     srun = (tmp_path / "log" / "srun.args").read_text()
     assert "--ntasks-per-node=1" in srun and "--nodes=2" in srun
+
+
+@pytest.mark.parametrize("wrote_done, expected", [(True, 0), (False, 134)])
+def test_a_crash_after_done_is_not_a_failed_stage(tmp_path, wrote_done, expected):
+    """Ranks that wrote DONE and then aborted on the way out (SIGABRT at teardown: 134) finished the stage."""
+    out = render_demo(tmp_path)
+    done = RunDir(out).stage("ctx512").done
+    touch = {"STANDIN_TOUCH": str(done)} if wrote_done else {}
+    result = run_sbatch(out / "ctx512.sbatch", tmp_path, {"STANDIN_EXIT": "134", **touch})
+    assert result.returncode == expected, result.stderr
+    assert ("the stage is complete" in result.stdout) == wrote_done
 
 
 def test_the_rendezvous_port_follows_the_job_id_unless_the_recipe_fixes_it(tmp_path):
