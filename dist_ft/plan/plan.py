@@ -22,6 +22,7 @@ from dist_ft.recipe.strict import Problem, RecipeError, build
 from dist_ft.recipe.timelimit import parse_time_limit
 
 from . import batching, memory, oom_advice, schedule
+from .attention_checks import shifted_sparse_group
 from .method_options import check_long_context_method, check_options
 from .sp_checks import check_sequence_lengths, check_sequence_parallel
 from .rope import addressable_length, rope_parameters, scaled_context
@@ -67,6 +68,8 @@ class StagePlan:
     metrics: list[str] = field(default_factory=lambda: ["loss"])  # on validation and test data (finetune.metrics)
     metric_rows: int | None = None
     samples: Samples | None = None
+    attention: str = "full"  # training-time attention (long_context.attention)
+    attention_group: int | None = None  # S²-Attn tokens per group
 
 
 @dataclass(frozen=True)
@@ -314,7 +317,8 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
         steps=steps, epochs=None, lr=stage.lr, optimizer=stage.optimizer, scheduler=stage.schedule,
         init_from=previous.name if previous else None, eval_every=None,
         early_stopping=None, merge_adapter=False, memory=mem, ds_config=ds_config_name(stage.name),
-        sbatch=sbatch_name(stage.name), extend_positions=stage.extend_positions,
+        sbatch=sbatch_name(stage.name), extend_positions=stage.extend_positions, attention=lc.attention,
+        attention_group=shifted_sparse_group(recipe, shape, stage.seq_len, problems),
     )
 
 

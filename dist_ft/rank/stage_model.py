@@ -13,6 +13,7 @@ from .attention import SDPA_VARLEN
 from .distributed import DistEnv
 from .methods import MethodError, apply_method, is_peft_model, load_trained, save_trained
 from .model import build_model, export_model_dir, load_tokenizer, resolve_attn_implementation
+from .shifted_sparse import register as register_shifted_sparse
 from .tiled_mlp import tile_mlps
 
 
@@ -41,6 +42,8 @@ def build_stage_model(plan: Plan, stage: StagePlan, ds_config: dict, tokenizer) 
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     if m.tiled_mlp_tokens:
         tile_mlps(model, m.tiled_mlp_tokens)
+    if stage.attention == "shifted_sparse":  # training only: the export reloads with the ordinary attention
+        model.set_attn_implementation(register_shifted_sparse(stage.attention_group))
     if stage.phase == "finetune" or stage.method != "full":
         zero3 = ds_config["zero_optimization"]["stage"] == 3
         model = apply_method(model, stage.method, stage.method_options,

@@ -287,6 +287,14 @@ class Progressive:
                 for n in self.lengths()]
 
 
+ATTENTION_DOC = ("Training-time attention of every long-context stage. full: causal attention over each packed "
+                 "document; shifted_sparse: LongLoRA's S²-Attn: each document cut into groups of "
+                 "shifted_sparse_group tokens, half of the heads attend within groups, the other half within "
+                 "groups shifted by half a group (never across documents). Exports and evaluation always use "
+                 "full attention.")
+GROUP_DOC = "S²-Attn tokens per group (even); unset: a quarter of each stage's seq_len (LongLoRA's choice)."
+
+
 @dataclass(frozen=True)
 class LongContext:
     tokens_per_step: int = spec(min=16, max=MAX_TOKENS_PER_STEP,
@@ -294,8 +302,13 @@ class LongContext:
     data: Data = spec(doc="Long documents for continued pretraining.")
     stages: list[Stage] = spec(factory=list, doc="Explicit stages, seq_len increasing.")
     progressive: Progressive | None = spec(None, doc="Compact form: start, target, growth.")
+    attention: Literal["full", "shifted_sparse"] = spec("full", doc=ATTENTION_DOC)
+    shifted_sparse_group: int | None = spec(None, min=2, max=MAX_SEQ_LEN, doc=GROUP_DOC)
 
     def __post_init__(self) -> None:
+        if self.shifted_sparse_group is not None and self.attention != "shifted_sparse":
+            raise Invalid("shifted_sparse_group", "is read by `attention: shifted_sparse` only",
+                          "set `attention: shifted_sparse`, or remove shifted_sparse_group")
         if not self.data.packing:  # the ranks pack every long-context stage: false would be ignored
             raise Invalid("data.packing", "long-context stages always pack documents into full rows",
                           "remove long_context.data.packing (`long_documents` chooses what happens to a document "

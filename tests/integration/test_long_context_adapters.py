@@ -1,5 +1,6 @@
-"""Adapter methods in long-context stages (issue 28): a LongLoRA (LoRA+) stage on 2 CPU ranks under ZeRO-3
-and ZeRO-2, resumed on another world size, exported merged with its RoPE and reloaded without DeepSpeed."""
+"""Adapter methods in long-context stages (issue 28): a LongLoRA (LoRA+) stage with S²-Attn on 2 CPU ranks under
+ZeRO-3 and ZeRO-2, resumed on another world size, exported merged with its RoPE and reloaded without DeepSpeed
+(with full attention)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ def _recipe(base, zero: int) -> dict:
     raw = tiny_recipe(zero=zero, steps=4, every=2)
     raw["model"] = {"name_or_path": str(base), "tokenizer": "byte", "dtype": "fp32"}
     raw["long_context"]["stages"][0].update(method="longlora", options={"r": 4, "alpha": 8, "dropout": 0.0})
+    raw["long_context"].update(attention="shifted_sparse", shifted_sparse_group=64)  # S²-Attn while training
     return raw
 
 
@@ -46,6 +48,7 @@ def test_longlora_stage_trains_resumes_on_another_world_size_and_exports_merged_
     merged = AutoModelForCausalLM.from_pretrained(whole / "stages/ctx/export")
     rope = merged.config.rope_parameters
     assert rope["rope_type"] == "yarn" and rope["factor"] == 2.0 and merged.config.max_position_embeddings == 256
+    assert merged.config._attn_implementation == "sdpa"  # S²-Attn was training-only
     assert not (whole / "stages/ctx/export/adapter_config.json").exists()
     rebuilt = AutoModelForCausalLM.from_pretrained(base, rope_parameters=rope, max_position_embeddings=256)
     adapter = PeftModel.from_pretrained(rebuilt, whole / "stages/ctx/adapter").merge_and_unload()

@@ -42,3 +42,15 @@ def test_explicit_stages_refuse_qlora_on_cpu_and_misplaced_options_with_dotted_p
 def test_methods_outside_the_lora_family_are_refused_by_the_recipe(method):
     with pytest.raises(RecipeError, match=f"{PROG}.method"):
         plan_of([f"{PROG}.method={method}"])
+
+
+def test_shifted_sparse_attention_plans_a_quarter_group_per_stage_and_refuses_what_it_cannot_do():
+    plan = plan_of(["long_context.attention=shifted_sparse"])
+    assert [(s.attention, s.attention_group) for s in plan.stages] == [
+        ("shifted_sparse", 128), ("shifted_sparse", 256), ("full", None)]
+    assert "attention S²-Attn (groups of 128, half the heads shifted)" in format_plan(plan)
+    found = problems_of(["long_context.attention=shifted_sparse", "long_context.shifted_sparse_group=2048",
+                         "parallelism.sequence_parallel=2"])
+    assert set(found) >= {"long_context.shifted_sparse_group", "long_context.attention"}
+    with pytest.raises(RecipeError, match="long_context.shifted_sparse_group"):
+        plan_of(["long_context.shifted_sparse_group=64"])  # without attention: shifted_sparse
