@@ -163,6 +163,20 @@ def check_long_context_method(recipe: Recipe, method: str, o: MethodOptions, pat
                                 "partition here", "use `zero_stage: 2` with qlora"))
 
 
+def carries_adapter(recipe: Recipe, method: str, o: MethodOptions, previous, path: str,
+                    problems: list[Problem]) -> bool:
+    """Whether a long-context stage keeps training the previous stage's adapter (long_context.adapter: carry):
+    both are adapter stages, with the same method and options (else refused: there is nothing to carry)."""
+    if recipe.long_context.adapter != "carry" or previous is None or "full" in (method, previous.method):
+        return False
+    if (method, o) != (previous.method, previous.method_options):
+        problems.append(Problem(f"{path}.method", f"carries stage {previous.name}'s adapter, which is {previous.method} "
+                                "with other options", "give adapter stages one method and options under "
+                                "`adapter: carry`, or set `long_context.adapter: merge`"))
+        return False
+    return True
+
+
 def check_method_options(recipe: Recipe, method: str, o: MethodOptions, path: str, shape: ModelShape | None,
                          problems: list[Problem], warnings: list[str]) -> None:
     """A stage's method options (the section at `path`: finetune, long_context.stages[i], ...)."""

@@ -23,7 +23,7 @@ from dist_ft.recipe.timelimit import parse_time_limit
 
 from . import batching, memory, oom_advice, schedule
 from .attention_checks import shifted_sparse_group
-from .method_options import check_long_context_method, check_options
+from .method_options import carries_adapter, check_long_context_method, check_options
 from .sp_checks import check_sequence_lengths, check_sequence_parallel
 from .rope import addressable_length, rope_parameters, scaled_context
 from .run_dir import RunDir, ds_config_name, sbatch_name, token_store_root
@@ -70,6 +70,7 @@ class StagePlan:
     samples: Samples | None = None
     attention: str = "full"  # training-time attention (long_context.attention)
     attention_group: int | None = None  # S²-Attn tokens per group
+    carry_adapter: bool = False  # keeps training the previous stage's adapter, over its base
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,7 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
         early_stopping=None, merge_adapter=False, memory=mem, ds_config=ds_config_name(stage.name),
         sbatch=sbatch_name(stage.name), extend_positions=stage.extend_positions, attention=lc.attention,
         attention_group=shifted_sparse_group(recipe, shape, stage.seq_len, problems),
+        carry_adapter=carries_adapter(recipe, stage.method, stage.options, previous, path, problems),
     )
 
 

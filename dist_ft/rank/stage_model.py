@@ -11,7 +11,7 @@ from dist_ft.recipe.config import TORCH_DTYPE_NAMES, VIRTUAL_TOKEN_METHODS
 from . import engine as ds
 from .attention import SDPA_VARLEN
 from .distributed import DistEnv
-from .methods import MethodError, apply_method, is_peft_model, load_trained, save_trained
+from .methods import MethodError, apply_method, is_peft_model, load_adapter_weights, load_trained, save_trained
 from .model import build_model, export_model_dir, load_tokenizer, resolve_attn_implementation
 from .shifted_sparse import register as register_shifted_sparse
 from .tiled_mlp import tile_mlps
@@ -27,6 +27,8 @@ def weights_source(plan: Plan, stage: StagePlan) -> tuple[str | None, str | None
     """(name_or_path, gguf_file): the previous stage's export, or the recipe's model."""
     if stage.init_from is None:
         return plan.model.name_or_path, plan.model.gguf_file
+    if stage.carry_adapter:  # the adapter is carried over the previous stage's own base
+        return weights_source(plan, plan.stage(stage.init_from))
     export = plan.run.stage(stage.init_from).export
     if not (export / "config.json").is_file():
         raise SystemExit(f"error: stage {stage.name} starts from stage {stage.init_from}, whose export "
@@ -49,6 +51,9 @@ def build_stage_model(plan: Plan, stage: StagePlan, ds_config: dict, tokenizer) 
         model = apply_method(model, stage.method, stage.method_options,
                              gradient_checkpointing=m.gradient_checkpointing, tokenizer=tokenizer,
                              gather=lambda params: ds.gathered(params, enabled=zero3))
+        if stage.carry_adapter:
+            carried = plan.run.stage(stage.init_from).merged_from
+            load_adapter_weights(model, carried, lambda params: ds.gathered(params, zero3, modifier_rank=0))
     return model
 
 

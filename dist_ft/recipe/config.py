@@ -304,6 +304,10 @@ class LongContext:
     progressive: Progressive | None = spec(None, doc="Compact form: start, target, growth.")
     attention: Literal["full", "shifted_sparse"] = spec("full", doc=ATTENTION_DOC)
     shifted_sparse_group: int | None = spec(None, min=2, max=MAX_SEQ_LEN, doc=GROUP_DOC)
+    adapter: Literal["merge", "carry"] = spec("merge", doc="Adapter stages: merge (the next stage trains a new "
+                                                           "adapter over the merged weights) or carry (it keeps "
+                                                           "training this adapter over the same base). The export "
+                                                           "is merged either way.")
 
     def __post_init__(self) -> None:
         if self.shifted_sparse_group is not None and self.attention != "shifted_sparse":

@@ -59,3 +59,35 @@ def test_longlora_stage_trains_resumes_on_another_world_size_and_exports_merged_
     trained = {name for name, p in merged.named_parameters()
                if not torch.equal(p, dict(LlamaForCausalLM.from_pretrained(base).named_parameters())[name])}
     assert "model.embed_tokens.weight" in trained and "model.norm.weight" in trained  # LoRA+: both train
+
+
+def test_carried_adapter_continues_over_the_first_base_and_the_export_is_still_merged(tmp_path):
+    """ZeRO-3, 2 ranks: the second stage (lr 0) starts from the first stage's adapter, over the first base."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    LlamaForCausalLM(LlamaConfig(**llama_kwargs(TINY_CONFIG))).save_pretrained(base)
+    raw = _recipe(base, zero=3)
+    lora = {"method": "longlora", "options": {"r": 4, "alpha": 8, "dropout": 0.0}}
+    raw["long_context"] = {**raw["long_context"], "adapter": "carry", "stages": [
+        {"name": "a", "seq_len": 128, "steps": 2, "lr": 2e-3, "rope": {"type": "none"}, **lora},
+        {"name": "b", "seq_len": 256, "steps": 1, "lr": 0.0, "rope": {"type": "yarn"}, **lora}]}
+    run = tmp_path / "carry"
+    plan = render(raw, run)
+    assert [s.carry_adapter for s in plan.stages] == [False, True]
+    train(run, "a")
+    train(run, "b")
+    first, second = (load_file(run / f"stages/{s}/adapter/adapter_model.safetensors") for s in "ab")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    config = json.loads((run / "stages/b/adapter/adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base)
+    merged = AutoModelForCausalLM.from_pretrained(run / "stages/b/export")
+    rope = merged.config.rope_parameters
+    rebuilt = AutoModelForCausalLM.from_pretrained(base, rope_parameters=rope, max_position_embeddings=256)
+    adapter = PeftModel.from_pretrained(rebuilt, run / "stages/b/adapter").merge_and_unload()
+    ids = torch.randint(0, 259, (1, 256))
+    with torch.no_grad():
+        assert rope["rope_type"] == "yarn" and torch.allclose(adapter(ids).logits, merged(ids).logits, atol=1e-5)

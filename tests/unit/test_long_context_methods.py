@@ -54,3 +54,13 @@ def test_shifted_sparse_attention_plans_a_quarter_group_per_stage_and_refuses_wh
     assert set(found) >= {"long_context.shifted_sparse_group", "long_context.attention"}
     with pytest.raises(RecipeError, match="long_context.shifted_sparse_group"):
         plan_of(["long_context.shifted_sparse_group=64"])  # without attention: shifted_sparse
+
+
+def test_carry_needs_one_adapter_method_across_the_stages():
+    stages = ('[{"name": "a", "seq_len": 512, "steps": 2, "method": "lora"}, '
+              '{"name": "b", "seq_len": 1024, "steps": 2, "method": "%s"}]')
+    base = [f"{PROG}=null", "long_context.adapter=carry"]
+    plan = plan_of([*base, f"long_context.stages={stages % 'lora'}"])
+    assert [s.carry_adapter for s in plan.stages] == [False, True, False]
+    found = problems_of([*base, f"long_context.stages={stages % 'dora'}"])
+    assert set(found) == {"long_context.stages[1].method"}
