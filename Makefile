@@ -1,6 +1,6 @@
 # Two commands: `make demo` (set up, run the embedded default) and `make test` (set up, run the tests).
-# On a CPU-only machine the constraints file pins the local CPU build of torch; without it pip
-# would pull several GB of CUDA wheels. On a GPU cluster, install with plain `pip install -e .`.
+# The constraints file pins torch's version for every later install; which build (CPU or CUDA) arrives is
+# the pip configuration's choice (README, "The two commands"). On a GPU cluster: plain `pip install -e .`.
 VENV      ?= .venv
 PYTHON    ?= python3
 PY        := $(VENV)/bin/python

@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = recipe_command("render", "write the run dir (plan, DeepSpeed configs, sbatch scripts); submit nothing")
     p.add_argument("--out", help="run dir (default: checkpointing.output_root/name)")
-    p.add_argument("--force", action="store_true", help="overwrite a run dir that holds a different plan")
+    _intent_flags(p)
     p.set_defaults(func=cmd_render)
 
     p = recipe_command("launch", "render, then run locally with torchrun or submit to SLURM")
@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                         "cluster.hostfile / cluster.hosts")
     p.add_argument("--dry-run", action="store_true", help="render and print the commands; run nothing")
     p.add_argument("--out", help="run dir (default: checkpointing.output_root/name)")
-    p.add_argument("--force", action="store_true")
+    _intent_flags(p)
     p.set_defaults(func=cmd_launch)
 
     p = sub.add_parser("status", help="each stage of a run: job state or hosts, restarts, DONE, last metrics, "
@@ -165,6 +165,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from dist_ft.store import DataError
 
     _, plan = _load_plan(args)
+    if not _fetch_hub_model(plan):
+        return EXIT_BAD_INPUT
+    _, plan = _load_plan(args)  # a fetched model is now planned from its local snapshot
     try:
         summary = prepare(plan, load_plan_tokenizer(plan), workers=args.workers)
     except DataError as err:
@@ -174,10 +177,47 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fetch_hub_model(plan: Plan) -> bool:
+    """`prepare` is the one command that may touch the network: a hub model the cache lacks is fetched here."""
+    from dist_ft.plan.hub_model import fetch, looks_like_hub_id
+
+    name = plan.model.name_or_path
+    if not looks_like_hub_id(name):
+        return True
+    try:
+        print(f"model {name}: {fetch(name, plan.model.revision)}", flush=True)
+    except OSError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return False
+    return True
+
+
+def _intent_flags(p: argparse.ArgumentParser) -> None:
+    """What to do with a run dir that holds a different plan (launcher/run_changes.py); a change of
+    `cluster` alone (nodes, GPUs, ranks) needs neither flag."""
+    intent = p.add_mutually_exclusive_group()
+    intent.add_argument("--continue", dest="intent", action="store_const", const="continue",
+                        help="keep the finished stages and resume the others from their checkpoints under the "
+                             "changed plan")
+    intent.add_argument("--fresh", dest="intent", action="store_const", const="fresh",
+                        help="start over: the old run dir is moved aside (RUN.replaced-DATE), nothing is deleted")
+    intent.add_argument("--force", dest="intent", action="store_const", const="force", help=argparse.SUPPRESS)
+
+
+def _write(plan: Plan, files: dict[str, str], intent: str | None) -> None:
+    if intent == "force":
+        raise RunDirConflict("--force is gone: it kept finished stages and checkpoints without saying so. Choose "
+                             "--continue (keep them, resume under the changed plan) or --fresh (start over; the old "
+                             "run dir is moved aside)")
+    for note in write_run_dir(Path(plan.run_dir), files, intent=intent, access=plan.checkpointing.run_dir_access,
+                               stages=tuple(stage.name for stage in plan.stages)):
+        print(note)
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     recipe, plan = _load_plan(args)
     files = render_files(recipe, plan)
-    write_run_dir(Path(plan.run_dir), files, force=args.force, access=plan.checkpointing.run_dir_access)
+    _write(plan, files, args.intent)
     print(f"wrote {plan.run_dir}: " + ", ".join(sorted(files)))
     return 0
 
@@ -194,7 +234,7 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.dry_run:  # nothing written: a second dry run with other settings must not meet this one's plan
         print(f"dry run: nothing written; the run dir would be {plan.run_dir} (`dist-ft render` writes it)")
     else:
-        write_run_dir(Path(plan.run_dir), files, force=args.force, access=plan.checkpointing.run_dir_access)
+        _write(plan, files, args.intent)
         print(f"run dir: {plan.run_dir}")
     in_a_job = args.backend == "slurm" and needs_prepare_job(plan)  # data.prepare: job: prepare.sbatch does it
     if not args.dry_run and not in_a_job:  # ranks never tokenize: build the missing stores here

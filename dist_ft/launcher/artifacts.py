@@ -17,10 +17,11 @@ import yaml
 
 from dist_ft.durable import fsync_dir
 from dist_ft.plan.plan import Plan
-from dist_ft.plan.run_dir import LOCAL_SCRIPT, NODES_SCRIPT, PLAN_FILE, PREPARE_SBATCH, RECIPE_FILE, SUBDIRS
+from dist_ft.plan.run_dir import LOCAL_SCRIPT, NODES_SCRIPT, PLAN_FILE, PREPARE_SBATCH, RECIPE_FILE, SUBDIRS, RunDir
 from dist_ft.recipe.config import Recipe, to_dict
 from .deepspeed_config import render_ds_config
 from .local_launch import local_script, nodes_script
+from .run_changes import CONTINUE, FRESH, only_where_it_runs, recipe_changes, set_aside, what_continues
 from .slurm import needs_prepare_job, render_prepare_sbatch, render_sbatch
 
 
@@ -45,19 +46,22 @@ def render_files(recipe: Recipe, plan: Plan) -> dict[str, str]:
     return files
 
 
-def write_run_dir(run_dir: Path, files: dict[str, str], force: bool = False, access: str = "group") -> None:
+def write_run_dir(run_dir: Path, files: dict[str, str], intent: str | None = None, access: str = "group",
+                  stages: tuple[str, ...] = ()) -> list[str]:
     """Create run_dir with `files`, or re-render a run dir that holds the same plan (its checkpoints
-    stay, so a resume may re-render). Every file is written and synced in a fresh private folder
-    first, so a full disk or a crash while writing leaves the run dir as it was; `access`
-    (checkpointing.run_dir_access) is then given to the run dir, its folders and the rendered files."""
+    stay, so a resume may re-render). A different plan needs an intent (run_changes.py) unless only
+    `cluster` changed. Every file is written and synced in a fresh private folder first, so a full disk
+    or a crash while writing leaves the run dir as it was; `access` (checkpointing.run_dir_access) is then
+    given to the run dir, its folders and the rendered files. Returns what the user should be told."""
     mode = ACCESS_MODES[access]
     fresh = not os.path.lexists(run_dir)
-    if not fresh:
-        _check_rerender(run_dir, files, force)
-    staging = _staging_dir(run_dir, fresh)
+    notes, start_over = ([], False) if fresh else _check_rerender(run_dir, files, intent, stages)
+    staging = _staging_dir(run_dir, fresh or start_over)
     try:
         _write_all(staging, files, run_dir, mode)
-        if fresh:
+        if start_over:
+            notes.append(f"started over: the old run dir is now {set_aside(run_dir)} (nothing was deleted)")
+        if fresh or start_over:
             os.chmod(staging, mode)  # mkdtemp made it 0700
             os.rename(staging, run_dir)  # the whole run dir appears at once
             fsync_dir(run_dir.parent)
@@ -65,9 +69,12 @@ def write_run_dir(run_dir: Path, files: dict[str, str], force: bool = False, acc
             _move_in(staging, run_dir, files, mode)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return notes
 
 
-def _check_rerender(run_dir: Path, files: dict[str, str], force: bool) -> None:
+def _check_rerender(run_dir: Path, files: dict[str, str], intent: str | None,
+                    stages: tuple[str, ...]) -> tuple[list[str], bool]:
+    """(what to tell the user, whether to start over) for a run dir that exists."""
     if run_dir.is_symlink() or not run_dir.is_dir():
         raise RunDirConflict(f"{run_dir} exists and is not a directory: choose another --out")
     plan_file = run_dir / PLAN_FILE
@@ -75,13 +82,28 @@ def _check_rerender(run_dir: Path, files: dict[str, str], force: bool) -> None:
         if any(run_dir.iterdir()):
             raise RunDirConflict(f"{run_dir} is not empty and holds no {PLAN_FILE}: it is not a dist-ft run dir, and "
                                  "rendering would overwrite files in it. Choose a new or empty --out.")
-        return
-    if not force and _text_or_none(plan_file) != files[PLAN_FILE]:
-        raise RunDirConflict(f"{run_dir} already holds a different plan; its checkpoints belong to that plan. "
-                             "Use another `name`, delete the run dir, or pass --force to overwrite its files.")
+        return [], False
+    if intent == FRESH:
+        return [], True
     for name in files:
         if (run_dir / name).is_dir() and not (run_dir / name).is_symlink():
             raise RunDirConflict(f"{run_dir / name} is a directory where a rendered file goes: move it away")
+    if _text_or_none(plan_file) == files[PLAN_FILE]:
+        return [], False
+    changes = recipe_changes(_text_or_none(run_dir / RECIPE_FILE) or "", files[RECIPE_FILE])
+    listed = "; ".join(map(str, changes[:8])) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+    keeps = what_continues(RunDir(run_dir), list(stages))
+    if only_where_it_runs(changes):
+        return [f"the plan changed only where it runs ({listed}): the run goes on from where it was", *keeps], False
+    if intent == CONTINUE:
+        why = listed or "same recipe, another plan: another dist-ft version or changed model files"
+        return [f"continuing under a changed plan ({why})", *keeps], False
+    what = f"these settings changed: {listed}" if changes else \
+        "the recipe is the same but the plan is not (another dist-ft version, or the model's files changed)"
+    raise RunDirConflict(f"{run_dir} already holds a different plan; {what}. Say what you mean: --continue keeps "
+                         "its finished stages and resumes the others from their checkpoints with the new settings; "
+                         "--fresh starts over (the old run dir is moved aside, nothing is deleted); or choose "
+                         "another `name` or --out.")
 
 
 def _text_or_none(path: Path) -> str | None:

@@ -16,7 +16,13 @@ def loss_path(method: str, zero_stage: int, loss_kernel: str, on_gpu: bool, micr
         return "transformers' own loss (the method prepends virtual tokens): full logits for the micro-batch"
     if loss_kernel == "liger" or (loss_kernel == "auto" and on_gpu and zero_stage != 3):
         liger = "Liger's fused linear cross-entropy"
-        return liger if loss_kernel == "liger" else f"{liger} where liger-kernel is installed, else as on CPU below"
+        if loss_kernel == "liger":
+            return liger
+        return f"{liger} where liger-kernel is installed, else {_chunked(zero_stage, micro_tokens, chunk_tokens)}"
+    return _chunked(zero_stage, micro_tokens, chunk_tokens)
+
+
+def _chunked(zero_stage: int, micro_tokens: int, chunk_tokens: int) -> str:
     chunks = -(-micro_tokens // chunk_tokens)
     if chunks == 1:
         return (f"one chunk, no recompute: {micro_tokens} tokens per micro-batch fit in loss_chunk_tokens "

@@ -17,7 +17,8 @@ from dist_ft.recipe.raw_recipe import without_keys
 from dist_ft.recipe.strict import Problem, RecipeError
 
 from .plan import Plan, make_plan
-from .preflight import check_inputs, check_model_type, model_shape, read_hosts, resolve_recipe_paths
+from .preflight import (check_inputs, check_model_type, model_shape, read_hosts, resolve_hub_model,
+                        resolve_recipe_paths)
 
 DROPPABLE = ("unknown key", "was replaced")  # what the loader says of keys the planner never reads
 
@@ -28,6 +29,7 @@ def plan_recipe(raw: dict, base: Path, run_dir_of: Callable[[Recipe], str],
     recipe, problems = _load(raw)
     recipe = resolve_recipe_paths(recipe, base)
     found = _Found(problems)
+    recipe = found.run(resolve_hub_model, recipe, base) or recipe
     found.run(check_inputs, recipe)
     recipe = found.run(read_hosts, recipe) or recipe
     shape = found.run(model_shape, recipe)

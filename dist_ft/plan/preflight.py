@@ -14,8 +14,10 @@ from dist_ft.plan.run_dir import token_store_root
 from dist_ft.recipe.config import Data, Recipe
 from dist_ft.recipe.data_files import data_path_problem
 from dist_ft.recipe.hostfile import parse_hostfile
-from dist_ft.recipe.model_shape import ModelShape, ShapeError, is_file, read_model_shape, resolve_model_dir
+from dist_ft.recipe.model_shape import ModelShape, ShapeError, is_dir, is_file, read_model_shape, resolve_model_dir
 from dist_ft.recipe.strict import Invalid, Problem, RecipeError
+
+from . import hub_model
 
 
 def resolve_data_path(entry: str, base: Path) -> str:
@@ -60,6 +62,45 @@ def _resolve_model_path(name: str | None, base: Path) -> str | None:
     if name and name != "byte" and (name.startswith("package:") or _looks_local(name, base)):
         return resolve_data_path(name, base)
     return name
+
+
+def resolve_hub_model(recipe: Recipe, base: Path) -> Recipe:
+    """A hub id the local cache holds becomes its snapshot folder (hub_model.py); a name that reads as a
+    missing path, a folder with no config.json, or a revision the cache lacks is refused."""
+    m = recipe.model
+    if m.name_or_path is None:
+        return recipe
+    local = Path(m.name_or_path).is_absolute()
+    if local:
+        _check_model_folder(m.name_or_path, m.gguf_file, m.revision)
+        return recipe
+    if (problem := hub_model.path_problem(m.name_or_path, base)) is not None:
+        raise RecipeError([problem])
+    snapshot = hub_model.cached_snapshot(m.name_or_path, m.revision) if hub_model.looks_like_hub_id(m.name_or_path) \
+        else None
+    if snapshot is None:
+        if m.revision:
+            raise RecipeError([Problem("model.revision", f"{m.name_or_path} at {m.revision} is not in this machine's "
+                                       f"Hugging Face cache ({hub_model.hub_cache()})", "fetch it once with `dist-ft "
+                                       "prepare RECIPE` (HF_HOME on the shared file system), or fix the revision")])
+        return recipe
+    tokenizer = str(snapshot) if m.tokenizer == m.name_or_path else m.tokenizer
+    return dataclasses.replace(recipe, model=dataclasses.replace(m, name_or_path=str(snapshot), tokenizer=tokenizer))
+
+
+def _check_model_folder(folder: str, gguf_file: str | None, revision: str | None) -> None:
+    path = Path(folder)
+    if revision:
+        raise RecipeError([Problem("model.revision", f"pins a hub revision, but name_or_path is the local folder "
+                                   f"{folder}", "remove model.revision (a folder is already one version)")])
+    if gguf_file or not is_dir(path) or is_file(path / "config.json"):
+        return
+    ggufs = sorted(p.name for p in path.glob("*.gguf"))
+    if ggufs:
+        raise RecipeError([Problem("model.gguf_file", f"{folder} holds no config.json but GGUF file(s): "
+                                   f"{', '.join(ggufs[:5])}", f"set model.gguf_file: {ggufs[0]}")])
+    raise RecipeError([Problem("model.name_or_path", f"{folder} holds no config.json: not a Hugging Face model "
+                               "folder", "point at the folder save_pretrained wrote (config.json, weights)")])
 
 
 def check_inputs(recipe: Recipe) -> None:

@@ -232,3 +232,14 @@ def apply_context(config, rope_parameters: Mapping[str, Any] | None,
         config.max_position_embeddings = max_position_embeddings
     if rope is not None:
         config.validate_rope()  # after the context grows: yarn/llama3 compare their original against it
+
+
+def max_positions(shape: ModelShape | None, seq_len: int, rope: dict[str, Any]) -> int:
+    """The context the stage's model declares: what it trains on, and what its RoPE scaling addresses."""
+    return max(seq_len, shape.max_position_embeddings if shape else 0, scaled_context(rope) or 0)
+
+
+def inherited_theta(earlier: list[dict[str, Any]]) -> float | None:
+    """The RoPE base the stages so far (their rope parameters, in order) leave the model with (None: the
+    model's own)."""
+    return next((params["rope_theta"] for params in reversed(earlier) if "rope_theta" in params), None)

@@ -22,7 +22,8 @@ from .distributed import DistEnv, read_env
 from .early_stopping import Rule
 from .heartbeat import Heartbeat
 from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
-from .loss import LanguageModelLoss, TokenMean, choose_head_kernel
+from .head_loss import choose_head_kernel
+from .loss import LanguageModelLoss, TokenMean
 from .methods import trainable_summary
 from .metrics import NullMetrics, RankZeroMetrics, mfu, quiet_progress_bars
 from .optimizer import client_optimizer, parameter_groups

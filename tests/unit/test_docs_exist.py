@@ -75,3 +75,29 @@ def test_every_file_the_code_cites_exists():
                for path in REPO_PATH.findall(source.read_text())
                if path.startswith(("tests/", "docs/")) and not (ROOT / path).exists()]
     assert missing == []
+
+
+DOTTED = re.compile(r"(?<![\w/.-])(dist_ft(?:\.[A-Za-z_]\w*)+)")
+
+
+def resolves(dotted: str) -> bool:
+    """`dist_ft.a.b.name`: the longest prefix that is a module of the checkout, then attributes of it."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        path = ROOT.joinpath(*parts[:cut])
+        if path.with_suffix(".py").is_file() or (path / "__init__.py").is_file():
+            target = importlib.import_module(".".join(parts[:cut]))
+            for name in parts[cut:]:
+                if not hasattr(target, name):
+                    return False
+                target = getattr(target, name)
+            return True
+    return False
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+def test_every_module_and_function_named_exists(doc: Path):
+    named = {m for _, code in code_of(doc.read_text()) for m in DOTTED.findall(code)} - {"dist_ft.json"}
+    assert sorted(m for m in named if not resolves(m)) == []

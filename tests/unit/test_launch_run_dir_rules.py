@@ -19,7 +19,7 @@ def mode(path) -> int:
 def test_a_multi_node_plan_gets_no_local_sh_and_a_re_render_removes_a_stale_one(tmp_path):
     out = tmp_path / "run"
     assert main(["render", DEMO, "--out", str(out)]) == 0 and (out / "local.sh").is_file()
-    assert main(["render", DEMO, "--out", str(out), "--set", "cluster.nodes=2", "--force"]) == 0
+    assert main(["render", DEMO, "--out", str(out), "--set", "cluster.nodes=2"]) == 0
     assert not (out / "local.sh").exists() and (out / "nodes.sh").is_file()
 
 

@@ -93,7 +93,7 @@ def test_rejects_a_non_positive_chunk():
 
 
 def test_auto_head_kernel_is_chunked_without_cuda_or_where_liger_cannot_read_the_head():
-    from dist_ft.rank.loss import choose_head_kernel, fused_head_problem
+    from dist_ft.rank.head_loss import choose_head_kernel, fused_head_problem
 
     model = tiny()
     assert choose_head_kernel("auto", model, on_cuda=False) == "chunked"
@@ -146,7 +146,7 @@ def test_frozen_body_and_head_still_send_gradients_to_the_adapters_below():
 
 
 def test_the_fused_head_runs_the_head_once_per_chunk_and_the_recomputed_one_twice():
-    from dist_ft.rank.loss import chunked_head_loss_sum, fused_head_loss_sum, head_logits
+    from dist_ft.rank.head_loss import chunked_head_loss_sum, fused_head_loss_sum, head_logits
 
     model = tiny()
     head = model.get_output_embeddings()
@@ -168,7 +168,7 @@ def test_the_fused_head_runs_the_head_once_per_chunk_and_the_recomputed_one_twic
 
 
 def test_the_fused_head_gradient_scales_with_the_upstream_gradient():
-    from dist_ft.rank.loss import fused_head_loss_sum, head_logits
+    from dist_ft.rank.head_loss import fused_head_loss_sum, head_logits
 
     model = tiny()
     head = model.get_output_embeddings()

@@ -15,7 +15,8 @@ from tests.unit.test_plan import plan_of
     (("full", 1, "auto", False, 4097, 4096), "2 fused chunks"),
     (("lora", 3, "auto", False, 16384, 4096), "4 fused chunks of 4096 tokens, no recompute: ZeRO-3 gathers"),
     (("full", 3, "auto", True, 16384, 4096), "ZeRO-3 gathers the LM head (and a LoRA adapter on it) once"),
-    (("full", 2, "auto", True, 16384, 4096), "Liger's fused linear cross-entropy where liger-kernel is installed"),
+    (("full", 2, "auto", True, 16384, 4096), "Liger's fused linear cross-entropy where liger-kernel is installed, "
+                                             "else 4 fused chunks of 4096 tokens: each chunk's gradients"),
     (("prompt", 2, "auto", False, 16384, 4096), "transformers' own loss"),
 ])
 def test_each_path_and_its_reason(args, says):

@@ -40,6 +40,9 @@ def test_builds_are_quiet_and_the_wheel_carries_the_assets(hook, project, tmp_pa
         names = set(zipfile.ZipFile(tmp_path / result.stdout.split()[-1]).namelist())
         assert {"dist_ft/ds_configs/zero3.json", "dist_ft/slurm_templates/stage.sbatch.tmpl",
                 "dist_ft/slurm_templates/local_cluster/up.sh"} <= names
+        # every package of the checkout, so a new folder missing from pyproject's list fails here, not at a user's
+        packages = {str(p.relative_to(ROOT)) for p in (ROOT / "dist_ft").rglob("__init__.py")}
+        assert sorted(packages - names) == []
 
 
 def test_test_modules_have_unique_basenames():

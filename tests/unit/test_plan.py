@@ -170,3 +170,17 @@ def test_the_fused_loss_holds_a_trainable_heads_fp32_gradient_where_it_chunks():
     one_chunk = long_stage_memory("model.loss_chunk_tokens=32768")
     per_row = (zero3["logits_gib"] - head) / 4096
     assert abs(one_chunk["logits_gib"] - 32768 * per_row) < 1e-2
+
+
+def test_a_first_stage_inside_the_native_window_is_warned_about():
+    """The flagship once spent a billion tokens at Llama-3's native 8k with YaRN factor 1.0."""
+    plan = plan_of(["long_context.progressive.start=256"])  # the demo model's native window is 256
+    assert [w for w in plan.warnings if "extends nothing" in w] == [
+        "long_context.progressive: stage ctx256 trains at seq_len 256, inside the model's native 256 tokens: it "
+        "extends nothing (its tokens are continued pretraining at a length the model already has); start the "
+        "schedule above 256 or drop the stage"]
+    assert not [w for w in plan_of().warnings if "extends nothing" in w]
+    flagship = plan_of(raw=yaml_cluster_recipe(), shape=LLAMA8B)
+    assert not [w for w in flagship.warnings if "extends nothing" in w]
+    assert [(s.name, s.seq_len) for s in flagship.stages] == [("ctx16k", 16384), ("ctx32k", 32768),
+                                                              ("ctx64k", 65536), ("chat-lora", 8192)]

@@ -87,7 +87,7 @@ def test_plan_deepspeed_config_data_and_world_size_change_share_one_batch_arithm
     assert resumed["train_batch_size"] == cfg["train_batch_size"] == stage.global_batch_size
     assert resumed["gradient_accumulation_steps"] == 2 * cfg["gradient_accumulation_steps"]
     assert {"dist_ft.plan.plan", "dist_ft.rank.stage_data", "dist_ft.rank.trainer"} <= spied["data_parallel_size"]
-    assert {"dist_ft.plan.plan", "dist_ft.launcher.deepspeed_config", "dist_ft.rank.stage_data",
+    assert {"dist_ft.plan.micro_batch", "dist_ft.launcher.deepspeed_config", "dist_ft.rank.stage_data",
             "dist_ft.rank.trainer", "dist_ft.rank.data.batches"} <= spied["train_batch_size"]
     assert spied["data_parallel_rank"] == {"dist_ft.rank.stage_data"}
     assert spied["exact_grad_accum"] == {"dist_ft.rank.trainer"}

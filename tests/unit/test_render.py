@@ -72,7 +72,7 @@ def test_rendering_twice_is_harmless_and_a_different_plan_is_refused(tmp_path):
     assert main(["render", str(recipe), "--out", str(out)]) == 0
     assert main(["render", str(recipe), "--out", str(out)]) == 0
     assert main(["render", str(recipe), "--out", str(out), "--set", "seed=7"]) == 2
-    assert main(["render", str(recipe), "--out", str(out), "--set", "seed=7", "--force"]) == 0
+    assert main(["render", str(recipe), "--out", str(out), "--set", "seed=7", "--continue"]) == 0
 
 
 def test_launch_dry_run_prints_commands_for_both_backends(tmp_path, capsys):

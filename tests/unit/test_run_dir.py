@@ -23,7 +23,7 @@ def test_a_full_disk_while_rerendering_leaves_the_run_dir_as_it_was(tmp_path, ca
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (4000, limits[1]))
     try:
-        status = main(["render", DEMO, "--out", str(out), "--set", "seed=7", "--force"])
+        status = main(["render", DEMO, "--out", str(out), "--set", "seed=7", "--continue"])
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
     assert status == 2 and "nothing in it was changed" in capsys.readouterr().err
@@ -40,7 +40,7 @@ def test_planted_links_in_the_run_dir_redirect_no_write(tmp_path):
         (out / f".{name}.tmp").symlink_to(victim)
     (out / "local.sh").unlink()
     (out / "local.sh").symlink_to(victim)
-    assert main(["render", DEMO, "--out", str(out), "--set", "seed=7", "--force"]) == 0
+    assert main(["render", DEMO, "--out", str(out), "--set", "seed=7", "--continue"]) == 0
     assert victim.read_text() == "keep me"
     assert not (out / "local.sh").is_symlink() and '"seed": 7' in (out / "plan.json").read_text()
 
@@ -52,7 +52,7 @@ def test_a_foreign_folder_is_refused_and_left_alone(tmp_path, capsys):
     assert main(["render", DEMO, "--out", str(foreign)]) == 2
     assert "not a dist-ft run dir" in capsys.readouterr().err
     assert snapshot(foreign) == {"local.sh": b"mine"}
-    assert main(["render", DEMO, "--out", str(foreign), "--force"]) == 2  # --force is about plans, not folders
+    assert main(["render", DEMO, "--out", str(foreign), "--fresh"]) == 2  # --fresh moves run dirs, not folders
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main(["render", DEMO, "--out", str(empty)]) == 0 and (empty / "plan.json").is_file()
