@@ -137,6 +137,10 @@ def merge_stage_adapter(plan: Plan, stage: StagePlan, out: Path) -> Path:
     """`dist-ft export --merge`: the finished stage's adapter folded into its base, at any time after
     training; RoPE scaling and context length in config.json as the stage trained them."""
     adapter = plan.run.stage(stage.name).adapter
+    if stage.phase == "continued_pretraining" and stage.method != "full":
+        raise SystemExit(f"error: stage {stage.name} is a long-context {stage.method} stage: its export "
+                         f"{plan.run.stage(stage.name).export} is already merged (the adapter alone is in "
+                         f"{plan.run.stage(stage.name).merged_from})")
     if not (adapter / "adapter_config.json").is_file():
         raise SystemExit(f"error: stage {stage.name} has no adapter at {adapter} (method {stage.method}"
                          f"{'' if plan.run.stage(stage.name).done.exists() else ', not finished'}): "
