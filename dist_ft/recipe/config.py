@@ -16,7 +16,8 @@ from typing import Any, ClassVar, Literal
 from .finetune_options import (  # noqa: F401 - re-exported: the method's vocabulary is the recipe's
     ANSWER_METRICS, BASE_CHANGING_INITS, EVAL_METRICS, LORA_FAMILY, LOSS_METRICS, MAX_NEW_TOKENS, MAX_SAMPLES,
     OPTION_METHODS, PEFT_ADAPTERS, PEFT_WITH_MODULES_TO_SAVE, VIRTUAL_TOKEN_METHODS, WARN_ONLY_OPTIONS,
-    EarlyStopping, LONG_CONTEXT_METHOD_DOC, LongContextMethod, LoraBias, LoraInit, Method, MethodOptions, Samples, metric_direction)
+    ATTENTION_DOC, GROUP_DOC, LONG_CONTEXT_METHOD_DOC, EarlyStopping, LongContextMethod, LoraBias, LoraInit, Method,
+    MethodOptions, Samples, metric_direction)
 from .limits import (  # noqa: F401 - re-exported: the bounds are part of the recipe's vocabulary
     MAX_ADAPTER_SIZE, MAX_BATCH, MAX_EPOCHS, MAX_GPUS_PER_NODE, MAX_MICRO_BATCH, MAX_NAME, MAX_NODES,
     MAX_PROCS_PER_NODE, MAX_ROPE_FACTOR, MAX_ROPE_THETA, MAX_SEED, MAX_SEQ_LEN, MAX_STAGES, MAX_STEPS, MAX_TOKENS,
@@ -194,14 +195,6 @@ class Progressive:
                       extend_positions=self.extend_positions, optimizer=self.optimizer, scheduler=self.scheduler,
                       method=self.method, options=self.options)
                 for n in self.lengths()]
-
-
-ATTENTION_DOC = ("Training-time attention of every long-context stage. full: causal attention over each packed "
-                 "document; shifted_sparse: LongLoRA's S²-Attn: each document cut into groups of "
-                 "shifted_sparse_group tokens, half of the heads attend within groups, the other half within "
-                 "groups shifted by half a group (never across documents). Exports and evaluation always use "
-                 "full attention.")
-GROUP_DOC = "S²-Attn tokens per group (even); unset: a quarter of each stage's seq_len (LongLoRA's choice)."
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,12 @@ LongContextMethod = Literal["full", "longlora", "lora", "qlora", "dora"]
 LONG_CONTEXT_METHOD_DOC = ("Which parameters train: full (every weight), longlora (LoRA+: LoRA plus trainable "
                            "embeddings and norms, as in LongLoRA), lora, qlora (CUDA only), dora. An adapter is "
                            "merged into the stage's export, so the next stage starts from merged weights.")
+ATTENTION_DOC = ("Training-time attention of every long-context stage. full: causal attention over each packed "
+                 "document; shifted_sparse: LongLoRA's S²-Attn: each document cut into groups of "
+                 "shifted_sparse_group tokens, half of the heads attend within groups, the other half within "
+                 "groups shifted by half a group (never across documents). Exports and evaluation always use "
+                 "full attention.")
+GROUP_DOC = "S²-Attn tokens per group (even); unset: a quarter of each stage's seq_len (LongLoRA's choice)."
 
 LoraBias = Literal["none", "all", "lora_only"]
 LoraInit = Literal["default", "gaussian", "pissa", "olora"]
