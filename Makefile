@@ -27,7 +27,7 @@ demo: setup
 test: setup
 	bash slurm/local_cluster/up.sh || echo "local SLURM cluster unavailable: the slurm tests will say why they skip"
 	bash tests/ssh/up.sh || echo "test sshd unavailable: the ssh backend tests will say why they skip"
-	$(PY) -m pytest -q --durations=25; status=$$?; bash slurm/local_cluster/down.sh; bash tests/ssh/down.sh; exit $$status
+	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25; status=$$?; bash slurm/local_cluster/down.sh; bash tests/ssh/down.sh; exit $$status
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm"

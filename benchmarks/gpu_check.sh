@@ -101,8 +101,9 @@ pytest_step() {
 demo_step() {
   local profile=(--set tracking.mode=disabled --set "checkpointing.output_root=$WORK/runs")
   if [ "$SMOKE" = 1 ]; then
+    # one long-context stage and the fine-tuning (the device run trains all three): one torchrun start less
     profile+=(--set cluster.procs_per_node=1 --set long_context.progressive.steps=2
-              --set long_context.progressive.warmup_steps=1 --set finetune.steps=2
+              --set long_context.progressive.target=512 --set long_context.progressive.warmup_steps=1 --set finetune.steps=2
               --set finetune.eval_every=1 --set finetune.metric_rows=2 --set evaluation.lengths=[256]
               --set evaluation.passkey_lengths=[256])
   else

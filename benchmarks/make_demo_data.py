@@ -18,6 +18,8 @@ import json
 import random
 from pathlib import Path
 
+from task_rows import unique_rows
+
 OUT = Path(__file__).resolve().parents[1] / "launch" / "data" / "demo_tasks.jsonl"
 ROWS = 480
 WORDS = """apple river stone cloud maple tiger lemon ocean pixel raven candle forest garden silver bridge window
@@ -72,15 +74,7 @@ def _repeat(rng: random.Random) -> dict[str, str]:
 
 def rows(tasks: tuple[str, ...], count: int, rng: random.Random) -> list[dict[str, str]]:
     """`count` rows cycling through `tasks`; a (task, input) pair appears once."""
-    seen: set[str] = set()
-    out: list[dict[str, str]] = []
-    while len(out) < count:
-        row = BY_RULE[tasks[len(out) % len(tasks)]](rng)
-        key = row["instruction"] + row["input"]
-        if key not in seen:
-            seen.add(key)
-            out.append(row)
-    return out
+    return unique_rows([BY_RULE[task] for task in tasks], count, rng, set())
 
 
 def main() -> None:

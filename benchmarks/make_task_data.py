@@ -14,6 +14,8 @@ import json
 import random
 from pathlib import Path
 
+from task_rows import unique_rows
+
 OUT = Path(__file__).resolve().parents[1] / "launch" / "data"
 SPLITS = {"train": 600, "validation": 60, "test": 60}
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -47,14 +49,7 @@ def sort_row(rng: random.Random) -> dict[str, str]:
 
 def rows(count: int, rng: random.Random, seen: set[str]) -> list[dict[str, str]]:
     """`count` rows cycling through the tasks; no input appears in two splits."""
-    makers, out = (date_row, name_row, sort_row), []
-    while len(out) < count:
-        row = makers[len(out) % len(makers)](rng)
-        key = row["instruction"] + row["input"]
-        if key not in seen:
-            seen.add(key)
-            out.append(row)
-    return out
+    return unique_rows((date_row, name_row, sort_row), count, rng, seen)
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from dist_ft.plan.plan_recipe import plan_recipe
 from dist_ft.plan.preflight import host_memory_gib
 from dist_ft.plan.run_dir import RunDir
 from dist_ft.recipe.config import apply_overrides
+from dist_ft.recipe.launch_script import training_python
 from dist_ft.recipe.recipe_yaml import read_recipe
 from dist_ft.recipe.strict import Problem, RecipeError
 
@@ -154,7 +155,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     from dist_ft.launcher.prepare import data_budget
 
-    print(format_plan(plan) + "\n" + "\n".join(data_budget(plan)))
+    print(format_plan(plan, training_python(plan.cluster.python)) + "\n" + "\n".join(data_budget(plan)))
     return 0
 
 
@@ -216,7 +217,7 @@ def _write(plan: Plan, files: dict[str, str], intent: str | None) -> None:
 
 def cmd_render(args: argparse.Namespace) -> int:
     recipe, plan = _load_plan(args)
-    files = render_files(recipe, plan)
+    files = render_files(recipe, plan, training_python(plan.cluster.python))
     _write(plan, files, args.intent)
     print(f"wrote {plan.run_dir}: " + ", ".join(sorted(files)))
     return 0
@@ -230,7 +231,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
     if args.backend == "ssh" and not plan.cluster.hosts:
         raise RecipeError([Problem("cluster.hosts", "the ssh backend needs the hosts to run on",
                                    "set cluster.hostfile (`HOST slots=N` per line) or cluster.hosts: [a, b]")])
-    files = render_files(recipe, plan)
+    python = training_python(plan.cluster.python)  # once: the scripts written and the stages run agree
+    files = render_files(recipe, plan, python)
     if args.dry_run:  # nothing written: a second dry run with other settings must not meet this one's plan
         print(f"dry run: nothing written; the run dir would be {plan.run_dir} (`dist-ft render` writes it)")
     else:
@@ -250,16 +252,16 @@ def cmd_launch(args: argparse.Namespace) -> int:
         from dist_ft.launcher.slurm_jobs import submit_stages
 
         return submit_stages(plan, dry_run=args.dry_run)
-    return _run_local(plan, dry_run=args.dry_run, backend=args.backend)
+    return _run_local(plan, python, dry_run=args.dry_run, backend=args.backend)
 
 
-def _run_local(plan: Plan, dry_run: bool, backend: str = "local") -> int:
+def _run_local(plan: Plan, python: str, dry_run: bool, backend: str = "local") -> int:
     if backend == "ssh":
         from dist_ft.launcher.ssh_launch import run_stages_ssh
 
-        status = run_stages_ssh(plan, dry_run)
+        status = run_stages_ssh(plan, python, dry_run)
     else:
-        status = run_stages(plan, dry_run)
+        status = run_stages(plan, python, dry_run)
     if status == 0 and not dry_run:
         from dist_ft.launcher.summary import pipeline_summary
 

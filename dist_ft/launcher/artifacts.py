@@ -32,17 +32,19 @@ class RunDirConflict(Exception):
     """The run dir cannot take the rendered files (a foreign folder, another plan, something in the way)."""
 
 
-def render_files(recipe: Recipe, plan: Plan) -> dict[str, str]:
+def render_files(recipe: Recipe, plan: Plan, python: str) -> dict[str, str]:
+    """Every file of the run dir by name. `python`: the interpreter the scripts train with
+    (`launch_script.training_python`, resolved once by the command)."""
     files = {RECIPE_FILE: yaml.safe_dump(to_dict(recipe), sort_keys=False),
              PLAN_FILE: plan.to_json() + "\n",
-             NODES_SCRIPT: nodes_script(plan)}
+             NODES_SCRIPT: nodes_script(plan, python)}
     if plan.nodes == 1:  # local.sh runs one node: for several it would start one node's ranks and wait forever
-        files[LOCAL_SCRIPT] = local_script(plan, plan.cluster.rdzv_port)
+        files[LOCAL_SCRIPT] = local_script(plan, python, plan.cluster.rdzv_port)
     for stage in plan.stages:
         files[stage.ds_config] = json.dumps(render_ds_config(plan, stage), indent=2) + "\n"
-        files[stage.sbatch] = render_sbatch(plan, stage)
+        files[stage.sbatch] = render_sbatch(plan, stage, python)
     if needs_prepare_job(plan):
-        files[PREPARE_SBATCH] = render_prepare_sbatch(plan)
+        files[PREPARE_SBATCH] = render_prepare_sbatch(plan, python)
     return files
 
 

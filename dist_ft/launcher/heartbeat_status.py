@@ -4,46 +4,38 @@ ended: the process is stopped, frozen, swapping or gone without a word."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from dist_ft.plan.run_dir import RunDir
+from dist_ft.plan.run_records import HeartbeatRow, read_record
 
 STALE_BEATS = 6
 MIN_STALE_S = 30.0
 EXIT_SILENT_RANK = 124  # a launcher's status when its watch stopped a stage (as timeout(1) exits)
 
 
-def read_heartbeats(run: RunDir, stage: str) -> list[dict]:
-    folder = run.path / "heartbeats" / stage
-    out = []
-    for path in sorted(folder.glob("rank*.json")) if folder.is_dir() else []:
-        try:
-            row = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(row, dict) and isinstance(row.get("rank"), int) and isinstance(row.get("time"), (int, float)):
-            out.append(row)
-    return sorted(out, key=lambda r: r["rank"])
+def read_heartbeats(run: RunDir, stage: str) -> list[HeartbeatRow]:
+    """Every rank's last beat that can be read (a file cut short or of another shape is left out), by rank."""
+    rows = [read_record(path, HeartbeatRow) for path in run.heartbeat_files(stage)]
+    return sorted((row for row in rows if row is not None), key=lambda r: r.rank)
 
 
-def stale_after_s(row: dict) -> float:
-    interval = row.get("interval_s")
-    return max(MIN_STALE_S, STALE_BEATS * interval) if isinstance(interval, (int, float)) else MIN_STALE_S
+def stale_after_s(row: HeartbeatRow) -> float:
+    return max(MIN_STALE_S, STALE_BEATS * row.interval_s)
 
 
-def is_stale(row: dict, now: float) -> bool:
-    return not row.get("ended") and now - row["time"] > stale_after_s(row)
+def is_stale(row: HeartbeatRow, now: float) -> bool:
+    return not row.ended and now - row.time > stale_after_s(row)
 
 
-def describe(row: dict, now: float) -> str:
-    step = row.get("step")
-    where = f"rank {row['rank']} on {row.get('host', '?')} (pid {row.get('pid', '?')})"
+def describe(row: HeartbeatRow, now: float) -> str:
+    step = row.step
+    where = f"rank {row.rank} on {row.host} (pid {row.pid})"
     at = f"step {step}" if step is not None else "before its first step"
-    age = now - row["time"]
-    if row.get("ended"):
-        return f"{where}: {row['ended']} at {at}"
+    age = now - row.time
+    if row.ended:
+        return f"{where}: {row.ended} at {at}"
     state = f"STALE: no heartbeat for {age:.0f} s (stopped, frozen or killed)" if is_stale(row, now) else \
         f"alive {age:.0f} s ago"
     return f"{where}: {at}, {state}"
@@ -67,20 +59,20 @@ class HangWatch:
         self.since = time.time() if since is None else since
         self._next_look = 0.0
 
-    def silent_rank(self, now: float | None = None) -> dict | None:
+    def silent_rank(self, now: float | None = None) -> HeartbeatRow | None:
         """The first silent rank's heartbeat row (looked at every `every_s` at most), or None."""
         now = time.time() if now is None else now
         if now < self._next_look:
             return None
         self._next_look = now + self.every_s
         return next((row for row in read_heartbeats(self.run, self.stage)
-                     if not row.get("ended") and row.get("started", 0) >= self.since
-                     and now - row["time"] > self.after_s), None)
+                     if not row.ended and row.started >= self.since
+                     and now - row.time > self.after_s), None)
 
-    def message(self, row: dict, now: float | None = None) -> str:
+    def message(self, row: HeartbeatRow, now: float | None = None) -> str:
         now = time.time() if now is None else now
-        return (f"dist-ft: rank {row['rank']} on {row.get('host', '?')} (pid {row.get('pid', '?')}) sent no "
-                f"heartbeat for {now - row['time']:.0f} s, more than the collective timeout "
+        return (f"dist-ft: rank {row.rank} on {row.host} (pid {row.pid}) sent no "
+                f"heartbeat for {now - row.time:.0f} s, more than the collective timeout "
                 f"({self.after_s:.0f} s): it is stopped, frozen or swapping; stopping the stage")
 
 

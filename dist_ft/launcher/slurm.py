@@ -21,7 +21,7 @@ from pathlib import Path
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.plan.run_dir import RunDir
 from dist_ft.rank.distributed import RDZV_PORT_BASE, RDZV_PORT_SPAN
-from dist_ft.recipe.launch_script import omp_threads_line, training_python
+from dist_ft.recipe.launch_script import omp_threads_line
 from .assets import asset
 
 _PLAIN = re.compile(r"^[A-Za-z0-9_.,:@%/+=-]+$")
@@ -43,10 +43,9 @@ def output_path(run_dir: str, stage: str) -> str:
     path holds a backslash: then it expands nothing and only drops one level of
     backslash escapes. Such a run dir gets one output file for all the stage's jobs.
     """
-    logs = str(RunDir(Path(run_dir)).logs)
     if "\\" in run_dir:
-        return f"{logs}/{stage}.out".replace("\\", "\\\\")
-    return f"{logs.replace('%', '%%')}/{stage}.%j.out"
+        return str(RunDir(Path(run_dir)).slurm_output(stage, None)).replace("\\", "\\\\")
+    return str(RunDir(Path(run_dir.replace("%", "%%"))).slurm_output(stage, "%j"))
 
 
 def job_name(plan: Plan, stage: StagePlan) -> str:
@@ -86,7 +85,7 @@ def needs_prepare_job(plan: Plan) -> bool:
     return any(stage.data.prepare == "job" for stage in plan.stages)
 
 
-def render_prepare_sbatch(plan: Plan) -> str:
+def render_prepare_sbatch(plan: Plan, python: str) -> str:
     """A one-task CPU job on the cluster's partition and account that runs `dist-ft prepare` on the run's
     resolved recipe (absolute paths, the cache dir included)."""
     c = plan.cluster
@@ -102,11 +101,11 @@ def render_prepare_sbatch(plan: Plan) -> str:
         "set -euo pipefail", "\n".join(c.setup) or ":",
         "\n".join(f"export {key}={shlex.quote(value)}" for key, value in sorted(c.env.items())) or ":",
         f"mkdir -p {shlex.quote(str(run.logs))}",
-        f"exec {shlex.quote(training_python(c.python))} -m dist_ft prepare {shlex.quote(str(run.recipe_file))} "
+        f"exec {shlex.quote(python)} -m dist_ft prepare {shlex.quote(str(run.recipe_file))} "
         f"--out={shlex.quote(plan.run_dir)}", ""])
 
 
-def render_sbatch(plan: Plan, stage: StagePlan, template: str | None = None) -> str:
+def render_sbatch(plan: Plan, stage: StagePlan, python: str, template: str | None = None) -> str:
     text = template if template is not None else load_template()
     c = plan.cluster
     lines = [f"#SBATCH --{key}" + (f"={sbatch_value(value)}" if value is not None else "")
@@ -119,7 +118,7 @@ def render_sbatch(plan: Plan, stage: StagePlan, template: str | None = None) -> 
         "STAGE_NAME": stage.name,
         "RUN_DIR": shlex.quote(plan.run_dir),
         "STAGE": shlex.quote(stage.name),
-        "PYTHON": shlex.quote(training_python(c.python)),
+        "PYTHON": shlex.quote(python),
         "RDZV_PORT": rendezvous_port(c.rdzv_port),
         "RANKS_PER_NODE": str(int(plan.ranks_per_node)),
         "MAX_RESTARTS": str(int(c.max_restarts)),
@@ -131,6 +130,9 @@ def render_sbatch(plan: Plan, stage: StagePlan, template: str | None = None) -> 
         "STOP_FILE": shlex.quote(str(run.stop_file(stage.name))),
         "DONE_FILE": shlex.quote(str(run.stage(stage.name).done)),
         "LOGS_DIR": shlex.quote(str(run.logs)),
+        # the shell expands the job id and restart count; the name is RunDir's
+        "ATTEMPT_LOG": shlex.quote(str(run.logs)) + '/"' +
+        run.attempt_log("$STAGE", "${SLURM_JOB_ID}", "${DIST_FT_RESTART_COUNT}").name + '"',
     }
     return re.sub(r"@@([A-Z_]+)@@", lambda m: values[m.group(1)], text)
 

@@ -220,17 +220,15 @@ def read_stage_files(run_dir: Path, stage: str) -> StageFiles:
     """DONE, the last metrics row and the tail of the stage's newest log."""
     run = RunDir(run_dir)
     folder = run.stage(stage)
-    log = _newest_log(run.logs, stage)
+    log = _newest_log(run, stage)
     return StageFiles(done=folder.done.exists(), last_metrics=_last_metrics(folder.metrics),
                       log=str(log.relative_to(run_dir)) if log else None,
                       log_tail=_tail(log, LOG_TAIL_LINES) if log else [])
 
 
-def _newest_log(logs: Path, stage: str) -> Path | None:
-    """The newest training log (<stage>.<job>.attempt<n>.log), else the newest batch output."""
-    stage_re = re.escape(stage)
-    for pattern in (rf"{stage_re}\.\d+\..*\.log", rf"{stage_re}(\.\d+)?\.out"):
-        found = [p for p in logs.glob(f"{stage}.*") if re.fullmatch(pattern, p.name)] if logs.is_dir() else []
+def _newest_log(run: RunDir, stage: str) -> Path | None:
+    """The newest training log (an attempt's), else the newest batch output."""
+    for found in run.stage_logs(stage):
         if found:
             return max(found, key=lambda p: p.stat().st_mtime)
     return None

@@ -8,7 +8,6 @@ there), and to the launcher when it runs on this machine.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import signal
@@ -19,8 +18,9 @@ from pathlib import Path
 
 from dist_ft.plan.plan import Plan
 from dist_ft.plan.run_dir import RunDir
+from dist_ft.plan.run_records import NodeRecord, SshRecord, read_record
 from dist_ft.recipe.hostfile import host_problem
-from .ssh_launch import read_record, ssh_argv
+from .ssh_launch import ssh_argv
 from .summary import read_metrics
 
 AGENT_MODULE = "dist_ft.launcher.ssh_node"
@@ -30,39 +30,33 @@ def is_ssh_run(run_dir: Path) -> bool:
     return RunDir(run_dir).ssh_file.is_file()
 
 
-def _launcher_alive(record: dict) -> bool | None:
-    """None: it runs on another machine (cannot tell from here)."""
-    launcher = record.get("launcher") or {}
-    if launcher.get("host") != socket.gethostname() or not isinstance(launcher.get("pid"), int):
+def _launcher_alive(record: SshRecord | None) -> bool | None:
+    """None: it runs on another machine, or the record is unreadable (cannot tell from here)."""
+    if record is None or record.launcher.host != socket.gethostname():
         return None
     try:
-        cmdline = Path(f"/proc/{launcher['pid']}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{record.launcher.pid}/cmdline").read_bytes()
     except OSError:
         return False
     return b"dist_ft" in cmdline or b"dist-ft" in cmdline
 
 
-def node_records(run: RunDir, stage: str, attempt: int | None) -> list[dict]:
-    out = []
-    for path in sorted((run.control / "nodes").glob(f"{stage}.node*.json")):
-        try:
-            row = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(row, dict) and (attempt is None or row.get("attempt") == attempt):
-            out.append(row)
-    return out
+def node_records(run: RunDir, stage: str, attempt: int | None) -> list[NodeRecord]:
+    """The node agents' records of `stage` (of one attempt, unless None) that can be read."""
+    rows = [read_record(path, NodeRecord) for path in run.node_record_files(stage)]
+    return [row for row in rows if row is not None and (attempt is None or row.attempt == attempt)]
 
 
 def ssh_status_lines(run_dir: Path, plan: Plan) -> list[str]:
-    run, record = RunDir(run_dir), read_record(RunDir(run_dir))
+    run = RunDir(run_dir)
+    record = read_record(run.ssh_file, SshRecord)
     alive = _launcher_alive(record)
-    launcher = record.get("launcher") or {}
     state = {True: "running", False: "not running", None: "on another machine"}[alive]
-    lines = [f"run {plan.name} in {run_dir}: ssh backend on {', '.join(record.get('hosts', []))}; launcher pid "
-             f"{launcher.get('pid', '?')} on {launcher.get('host', '?')} ({state})"]
+    hosts, launcher = (", ".join(record.hosts), record.launcher) if record else ("?", None)
+    lines = [f"run {plan.name} in {run_dir}: ssh backend on {hosts}; launcher pid "
+             f"{launcher.pid if launcher else '?'} on {launcher.host if launcher else '?'} ({state})"]
     for stage in plan.stages:
-        info = (record.get("stages") or {}).get(stage.name)
+        info = record.stages.get(stage.name) if record else None
         rows = read_metrics(run.stage(stage.name).metrics)
         last = f"; last step {rows[-1]['step']} loss {rows[-1]['loss']:.4f}" if rows else ""
         if run.stage(stage.name).finished():
@@ -71,39 +65,39 @@ def ssh_status_lines(run_dir: Path, plan: Plan) -> list[str]:
         if not info:
             lines.append(f"[{stage.name}] not started")
             continue
-        st = info.get("state", "?")
+        st = info.state
         if st == "running" and alive is False:
             st = "interrupted (the launcher is gone)"
-        lines.append(f"[{stage.name}] {st}, attempt {info.get('attempt', '?')}, since {info.get('started', '?')}"
-                     f"{' until ' + info['ended'] if info.get('ended') else ''}{last}")
-        for node in node_records(run, stage.name, info.get("attempt")):
-            since = time.strftime("%H:%M:%S", time.localtime(node.get("started", 0)))
-            lines.append(f"  node {node.get('node_rank')} on {node.get('host')}: agent pid {node.get('pid')} "
-                         f"since {since}")
+        lines.append(f"[{stage.name}] {st}, attempt {info.attempt or '?'}, since {info.started or '?'}"
+                     f"{' until ' + info.ended if info.ended else ''}{last}")
+        for node in node_records(run, stage.name, info.attempt):
+            since = time.strftime("%H:%M:%S", time.localtime(node.started))
+            lines.append(f"  node {node.node_rank} on {node.host}: agent pid {node.pid} since {since}")
     return lines
 
 
 def ssh_cancel(run_dir: Path, plan: Plan) -> int:
-    run, record = RunDir(run_dir), read_record(RunDir(run_dir))
-    running = {name: info for name, info in (record.get("stages") or {}).items() if info.get("state") == "running"}
+    run = RunDir(run_dir)
+    record = read_record(run.ssh_file, SshRecord)
+    running = {name: info for name, info in (record.stages if record else {}).items() if info.state == "running"}
     if not running:
         print("nothing to cancel: no stage of this run is running")
         return 0
     status = 0
     for name, info in running.items():
-        for node in node_records(run, name, info.get("attempt")):
-            host, pid = node.get("host"), node.get("pid")
-            if not isinstance(host, str) or host_problem(host) or not isinstance(pid, int):
+        for node in node_records(run, name, info.attempt):
+            host, pid = node.host, node.pid
+            if host_problem(host):
                 continue
             result = subprocess.run(ssh_argv(plan, host, _stop_agent_script(pid)), capture_output=True, text=True,
                                     timeout=60, stdin=subprocess.DEVNULL)
             said = (result.stdout.strip() or result.stderr.strip() or f"exit {result.returncode}").splitlines()[-1]
-            print(f"[{name}] node {node.get('node_rank')} on {host}: {said}")
+            print(f"[{name}] node {node.node_rank} on {host}: {said}")
             status = status or (0 if result.returncode == 0 else 1)
     if _launcher_alive(record):
         try:
-            os.kill(record["launcher"]["pid"], signal.SIGTERM)
-            print(f"sent SIGTERM to the launcher (pid {record['launcher']['pid']})")
+            os.kill(record.launcher.pid, signal.SIGTERM)
+            print(f"sent SIGTERM to the launcher (pid {record.launcher.pid})")
         except ProcessLookupError:
             pass  # it saw its hosts stop and exited meanwhile
     print("the ranks checkpoint at their next step; `dist-ft launch` with the same recipe resumes from there")

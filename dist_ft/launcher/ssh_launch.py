@@ -12,7 +12,6 @@ Pure parts (commands, scripts) are separate from the process handling at the bot
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shlex
@@ -21,13 +20,13 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.plan.run_dir import RunDir
+from dist_ft.plan.run_records import LauncherProcess, SshRecord, StageAttempt, read_record, write_record
 from dist_ft.recipe.hostfile import address
-from dist_ft.recipe.launch_script import training_python
 from .heartbeat_status import EXIT_SILENT_RANK, HangWatch
 from .local_launch import (_die_with_parent, _grace, collective_timeout_s, crashed_after_done, kill_descendants,
                            prelude)
@@ -45,7 +44,7 @@ def ssh_argv(plan: Plan, host: str, remote_script: str) -> list[str]:
     return [*SSH_BASE, *plan.cluster.ssh_options, "--", host, "bash -c " + shlex.quote(remote_script)]
 
 
-def dry_run_text(plan: Plan) -> list[str]:
+def dry_run_text(plan: Plan, python: str) -> list[str]:
     """What each host would run for each stage, as a person can read and paste it: `ssh ... HOST bash -s`
     with the node's script on stdin (a quoted here-document: nothing in it is expanded locally), instead of
     the script quoted into one word of the command line. The rendezvous port and token are chosen at launch."""
@@ -54,7 +53,7 @@ def dry_run_text(plan: Plan) -> list[str]:
              "at launch"]
     for stage in plan.stages:
         for rank, host in enumerate(plan.cluster.hosts):
-            script = node_script(plan, stage, rank, rdzv, 1).rstrip("\n")
+            script = node_script(plan, stage, python, rank, rdzv, 1).rstrip("\n")
             end = _heredoc_end(script)
             command = shlex.join([*SSH_BASE, *plan.cluster.ssh_options, "--", host, "bash", "-s"])
             lines += ["", f"# [{stage.name}] node {rank} on {host}", f"{command} <<'{end}'", script, end]
@@ -69,11 +68,11 @@ def _heredoc_end(script: str) -> str:
     return end
 
 
-def preflight_script(plan: Plan, token: str) -> str:
+def preflight_script(plan: Plan, python: str, token: str) -> str:
     """Runs on every host before the first stage: the recipe's setup, then the run dir's token read back
     (exit 3 when it differs), then a free port from the training interpreter (dist_ft importable)."""
     token_file = shlex.quote(str(RunDir(Path(plan.run_dir)).ssh_token))
-    python = shlex.quote(training_python(plan.cluster.python))
+    python = shlex.quote(python)
     probe = ("import socket, dist_ft; s = socket.socket(); s.bind(('', 0)); "
              "print('dist-ft-port', s.getsockname()[1])")
     return "\n".join([
@@ -89,9 +88,9 @@ class Rendezvous:
     run_id: str
 
 
-def node_script(plan: Plan, stage: StagePlan, node_rank: int, rdzv: Rendezvous, attempt: int) -> str:
-    """What one host runs for one stage: setup and env, then the node agent (which runs torchrun)."""
-    python = training_python(plan.cluster.python)
+def node_script(plan: Plan, stage: StagePlan, python: str, node_rank: int, rdzv: Rendezvous, attempt: int) -> str:
+    """What one host runs for one stage: setup and env, then the node agent (which runs torchrun) on the
+    training interpreter `python` (`launch_script.training_python`, resolved once by the command)."""
     agent = [python, "-m", "dist_ft.launcher.ssh_node", f"--run-dir={plan.run_dir}", f"--stage={stage.name}",
              f"--node-rank={node_rank}", f"--endpoint={rdzv.endpoint}", f"--rdzv-id={rdzv.run_id}",
              f"--attempt={attempt}", f"--host={plan.cluster.hosts[node_rank]}"]
@@ -108,79 +107,58 @@ def torchrun_command(plan: Plan, stage: StagePlan, python: str, node_rank: int, 
             f"--stage={stage.name}"]
 
 
-def log_path(run: RunDir, stage: str, node_rank: int, host: str, attempt: int) -> Path:
-    return run.logs / f"{stage}.node{node_rank}.{host}.attempt{attempt}.log"
-
-
 def next_attempt(run: RunDir, stage: str) -> int:
     """1 + the highest attempt with a log for this stage (launches of it so far)."""
-    seen = [int(p.name.rsplit(".attempt", 1)[1].split(".")[0]) for p in run.logs.glob(f"{stage}.node*.attempt*.log")
-            if p.name.rsplit(".attempt", 1)[1].split(".")[0].isdigit()]
-    return max(seen, default=0) + 1
+    return max(run.node_log_attempts(stage), default=0) + 1
 
 
-# ---- the run's record for `dist-ft status` / `cancel` ---------------------------------------------
-
-def read_record(run: RunDir) -> dict:
-    try:
-        return json.loads(run.ssh_file.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_record(run: RunDir, record: dict) -> None:
-    tmp = run.ssh_file.with_name(run.ssh_file.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    os.replace(tmp, run.ssh_file)
-
+# ---- running ------------------------------------------------------------------------------------
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
-# ---- running ------------------------------------------------------------------------------------
-
-def run_stages_ssh(plan: Plan, dry_run: bool) -> int:
+def run_stages_ssh(plan: Plan, python: str, dry_run: bool) -> int:
     run, hosts = plan.run, plan.cluster.hosts
     token = secrets.token_hex(16)
     if dry_run:
-        print("\n".join(dry_run_text(plan)))
+        print("\n".join(dry_run_text(plan, python)))
         return 0
     run.ssh_token.parent.mkdir(parents=True, exist_ok=True)
     run.ssh_token.write_text(token + "\n")
-    port, error = _preflight(plan, token)
+    port, error = _preflight(plan, python, token)
     if error:
         print(error, file=sys.stderr)
         return 2 if "shared filesystem" in error else 1
     port = plan.cluster.rdzv_port or port
-    record = {"backend": "ssh", "hosts": list(hosts), "launcher": {"host": socket.gethostname(), "pid": os.getpid()},
-              "started": _now(), "stages": read_record(run).get("stages", {})}
-    write_record(run, record)
+    previous = read_record(run.ssh_file, SshRecord)  # for `dist-ft status` / `cancel` (ssh_control.py)
+    record = SshRecord(hosts=list(hosts), launcher=LauncherProcess(socket.gethostname(), os.getpid()),
+                       started=_now(), stages=previous.stages if previous else {})
+    write_record(run.ssh_file, record)
     for stage in plan.stages:
         if run.stage(stage.name).finished():
             print(f"[{stage.name}] already complete; skipped", flush=True)
-            record["stages"][stage.name] = {**record["stages"].get(stage.name, {}), "state": "done"}
+            record = record.with_stage(stage.name, replace(record.stages.get(stage.name, StageAttempt("done")),
+                                                           state="done"))
             continue
         attempt = next_attempt(run, stage.name)
         rdzv = Rendezvous(f"{address(hosts[0])}:{port}", f"{plan.name}-{stage.name}-{token[:8]}-{attempt}")
-        record["stages"][stage.name] = {"state": "running", "attempt": attempt, "started": _now(),
-                                        "endpoint": rdzv.endpoint, "hosts": list(hosts)}
-        write_record(run, record)
+        running = StageAttempt("running", attempt=attempt, started=_now(), endpoint=rdzv.endpoint, hosts=list(hosts))
+        write_record(run.ssh_file, record := record.with_stage(stage.name, running))
         print(f"[{stage.name}] attempt {attempt} on {', '.join(hosts)} (rendezvous {rdzv.endpoint}); logs: "
-              f"{log_path(run, stage.name, 0, hosts[0], attempt).name} ...", flush=True)
-        status, failed_host = _run_stage(plan, stage, rdzv, attempt)
+              f"{run.node_log(stage.name, 0, hosts[0], attempt).name} ...", flush=True)
+        status, failed_host = _run_stage(plan, stage, python, rdzv, attempt)
         finished = run.stage(stage.name).finished()
         if finished and status != 0:
             print(crashed_after_done(stage.name, status), file=sys.stderr, flush=True)
-        record["stages"][stage.name].update(state="done" if finished else ("stopped" if status in (0, 130, 143)
-                                                                            else "failed"),
-                                            ended=_now(), exit=status)
-        write_record(run, record)
+        state = "done" if finished else "stopped" if status in (0, 130, 143) else "failed"
+        record = record.with_stage(stage.name, replace(running, state=state, ended=_now(), exit=status))
+        write_record(run.ssh_file, record)
         if not finished:
             _explain_failure(plan, stage, status, failed_host, attempt)
             return status or 1
         if stage is not plan.stages[-1]:
-            port = plan.cluster.rdzv_port or _fresh_port(plan, token) or port
+            port = plan.cluster.rdzv_port or _fresh_port(plan, python, token) or port
     return 0
 
 
@@ -204,7 +182,7 @@ def _explain_failure(plan: Plan, stage: StagePlan, status: int, failed_host: str
         print("  " + line, file=sys.stderr)
     if failed_host:
         node = plan.cluster.hosts.index(failed_host)
-        log = log_path(run, stage.name, node, failed_host, attempt)
+        log = run.node_log(stage.name, node, failed_host, attempt)
         print(f"  last lines of {log}:", file=sys.stderr)
         for line in _tail(log, 8):
             print("    " + line, file=sys.stderr)
@@ -217,9 +195,9 @@ def _tail(path: Path, n: int) -> list[str]:
         return []
 
 
-def _preflight(plan: Plan, token: str) -> tuple[int, str | None]:
+def _preflight(plan: Plan, python: str, token: str) -> tuple[int, str | None]:
     """(a free port on the first host, None), or (0, a one-line error naming the host)."""
-    script = preflight_script(plan, token)
+    script = preflight_script(plan, python, token)
     procs = [(host, subprocess.Popen(ssh_argv(plan, host, script), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)) for host in plan.cluster.hosts]
     port, errors = 0, []
@@ -251,19 +229,20 @@ def _preflight(plan: Plan, token: str) -> tuple[int, str | None]:
     return port, None
 
 
-def _fresh_port(plan: Plan, token: str) -> int:
-    port, error = _preflight(plan, token)
+def _fresh_port(plan: Plan, python: str, token: str) -> int:
+    port, error = _preflight(plan, python, token)
     return 0 if error else port
 
 
-def _run_stage(plan: Plan, stage: StagePlan, rdzv: Rendezvous, attempt: int) -> tuple[int, str | None]:
+def _run_stage(plan: Plan, stage: StagePlan, python: str, rdzv: Rendezvous,
+               attempt: int) -> tuple[int, str | None]:
     """One ssh per host; the first host to fail takes the others down. Returns (exit status, failed host)."""
     run, hosts = plan.run, plan.cluster.hosts
     run.logs.mkdir(parents=True, exist_ok=True)
     procs: list[subprocess.Popen] = []
     for i, host in enumerate(hosts):
-        with open(log_path(run, stage.name, i, host, attempt), "ab") as log:
-            procs.append(subprocess.Popen(ssh_argv(plan, host, node_script(plan, stage, i, rdzv, attempt)),
+        with open(run.node_log(stage.name, i, host, attempt), "ab") as log:
+            procs.append(subprocess.Popen(ssh_argv(plan, host, node_script(plan, stage, python, i, rdzv, attempt)),
                                           stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT,
                                           start_new_session=True, preexec_fn=_die_with_parent(os.getpid())))
     watch = HangWatch(run, stage.name, after_s=collective_timeout_s(plan))
@@ -294,7 +273,7 @@ def supervise_hosts(procs: list[subprocess.Popen], hosts: list[str], kill_after_
                                if p.returncode not in (None, 0)), None)
             if failed is None and watch is not None and (silent := watch.silent_rank()):
                 print(watch.message(silent), file=sys.stderr, flush=True)
-                failed = (EXIT_SILENT_RANK, silent.get("host") if silent.get("host") in hosts else None)
+                failed = (EXIT_SILENT_RANK, silent.host if silent.host in hosts else None)
             if (received or failed) and stopping_since is None:
                 stopping_since = time.monotonic()
                 for p in procs:

@@ -9,7 +9,6 @@ stdin as a stop request: the launcher closes it to stop the run, and so does a d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 
 from dist_ft.plan.plan import Plan
 from dist_ft.plan.run_dir import RunDir
+from dist_ft.plan.run_records import NodeRecord, write_record
 from dist_ft.rank.heartbeat import HOST_ENV
 from dist_ft.recipe.hostfile import address
 from .local_launch import _grace, run_supervised
@@ -42,9 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                            address(args.host))
     record = run.node_record(args.stage, args.node_rank)
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"host": args.host, "hostname": socket.gethostname(), "pid": os.getpid(),
-                                  "node_rank": args.node_rank, "attempt": args.attempt, "started": time.time(),
-                                  "endpoint": args.endpoint}) + "\n")
+    write_record(record, NodeRecord(host=args.host, hostname=socket.gethostname(), pid=os.getpid(),
+                                    node_rank=args.node_rank, attempt=args.attempt, started=time.time(),
+                                    endpoint=args.endpoint))
     print(f"dist-ft node {args.node_rank} on {socket.gethostname()} (pid {os.getpid()}): {' '.join(cmd)}",
           flush=True)
     stop = threading.Event()

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from dist_ft.plan.plan import Plan
+from dist_ft.plan.run_records import BestWeights, DoneMarker, read_record
 
 
 def read_metrics(path: Path) -> list[dict]:
@@ -46,10 +47,10 @@ def evaluation_lines(folder, indent: str) -> list[str]:
     """What the stage's evaluation found: the best weights it exported, the last validation metrics,
     the test metrics, and samples before and after the stage."""
     lines = []
-    done = _read_json(folder.done)
-    best = done.get("best")
-    if isinstance(best, dict) and isinstance(best.get("value"), (int, float)):
-        lines.append(f"{indent}exported the best weights: step {best['step']}, {best['metric']} {best['value']:.4f}")
+    done = read_record(folder.done, DoneMarker)
+    best = done.best if done else None
+    if best is not None:
+        lines.append(f"{indent}exported the best weights: step {best.step}, {best.metric} {best.value:.4f}")
     evals = [r for r in read_rows(folder.metrics) if any(k.startswith("eval_") for k in r)]
     if evals:
         lines.append(f"{indent}{_eval_line(evals, best)}")
@@ -58,7 +59,7 @@ def evaluation_lines(folder, indent: str) -> list[str]:
         lines.append(f"{indent}test (weights of step {test.get('step')}): {_values(test, 'test_')}")
     samples = read_rows(folder.samples)
     if samples:
-        after = best["step"] if isinstance(best, dict) else done.get("step", max(r.get("step", 0) for r in samples))
+        after = best.step if best else done.step if done else max(r.get("step", 0) for r in samples)
         for label, step in (("before", 0), ("after", after)):
             shown = [r for r in samples if r.get("step") == step][:SAMPLES_SHOWN]
             if shown and (label == "before" or step != 0):
@@ -67,10 +68,10 @@ def evaluation_lines(folder, indent: str) -> list[str]:
     return lines
 
 
-def _eval_line(evals: list[dict], best) -> str:
+def _eval_line(evals: list[dict], best: BestWeights | None) -> str:
     """The validation metrics of the exported weights (the best evaluation's, else the last), set against
     the model before the stage (its step-0 evaluation) when there is one: what the stage bought."""
-    best_step = best.get("step") if isinstance(best, dict) else None
+    best_step = best.step if best else None
     after = next((r for r in reversed(evals) if r.get("step") == best_step), evals[-1])
     before = next((r for r in evals if r.get("step") == 0), None)
     if before is None or before is after:

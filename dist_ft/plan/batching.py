@@ -2,12 +2,14 @@
 
 The plan, the DeepSpeed config, each rank's data stream and the trainer's world-size change on
 resume all call these functions, so no two of them can disagree (tests/unit/test_plan_contract.py
-spies on them).
+spies on them). On a rank they arrive as one `RankBatch` (`rank_batch`, through `Plan.rank_batch`):
+the loop, the batch stream and the DeepSpeed config take their numbers from it.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def data_parallel_size(world_size: int, sequence_parallel: int) -> int:
@@ -66,3 +68,31 @@ def steps_per_epoch(rows: int, global_batch: int) -> int:
 def steps_for_epochs(epochs: float, steps_in_epoch: int) -> int:
     """Optimizer steps of a stage given in epochs: known only once the data is read, on the ranks."""
     return max(1, math.ceil(epochs * steps_in_epoch))
+
+
+@dataclass(frozen=True)
+class RankBatch:
+    """A stage's batch as one rank of the live world runs it (a resume may run on more or fewer ranks
+    than planned: the global batch stays, gradient accumulation changes)."""
+    micro: int  # sequences per micro-step on this rank (the plan's micro_batch_size)
+    accum: int  # micro-steps per optimizer step
+    dp: int  # data-parallel ranks: batch streams
+    dp_rank: int  # the stream this rank reads
+
+    @property
+    def global_batch(self) -> int:
+        """Sequences per optimizer step (DeepSpeed's train_batch_size)."""
+        return train_batch_size(self.micro, self.accum, self.dp)
+
+
+def rank_batch(micro_batch_size: int, global_batch: int, world_size: int, rank: int,
+               sequence_parallel: int) -> RankBatch:
+    """Rank `rank`'s batch in a world of `world_size` ranks that keeps `global_batch` sequences per step
+    at `micro_batch_size`. Raises ValueError when no whole accumulation does, or the sequence-parallel
+    degree does not divide the world."""
+    dp = data_parallel_size(world_size, sequence_parallel)
+    accum = exact_grad_accum(global_batch, micro_batch_size, dp)
+    if accum is None or world_size % sequence_parallel:
+        raise ValueError(f"world size {world_size} cannot keep the planned {global_batch} sequences per step "
+                         f"with micro-batch {micro_batch_size}")
+    return RankBatch(micro_batch_size, accum, dp, data_parallel_rank(rank, sequence_parallel))

@@ -128,6 +128,11 @@ class Plan:
         ranks only default WANDB_DIR to the run dir), else the run dir's. W&B adds `wandb/` to either."""
         return self.run.wandb_under(self.cluster.env.get("WANDB_DIR"))
 
+    def rank_batch(self, stage: StagePlan, world_size: int, rank: int) -> batching.RankBatch:
+        """`stage`'s batch on rank `rank` of a live world of `world_size` ranks (the planned one, or another on
+        a resume). Raises ValueError when that world cannot keep the stage's global batch."""
+        return batching.rank_batch(stage.micro_batch_size, stage.global_batch_size, world_size, rank, self.sp)
+
     def stage(self, name: str) -> StagePlan:
         for stage in self.stages:
             if stage.name == name:

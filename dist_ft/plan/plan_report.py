@@ -5,28 +5,27 @@ from __future__ import annotations
 import shlex
 
 from dist_ft.recipe.config import LORA_FAMILY, VIRTUAL_TOKEN_METHODS, Model
-from dist_ft.recipe.launch_script import training_python
 from . import batching, schedule
 from .loss_path import loss_path
 from .method_options import trainable_params
 from .plan import Plan, StagePlan
 
 
-def format_plan(plan: Plan) -> str:
+def format_plan(plan: Plan, python: str) -> str:
+    """What `dist-ft plan` prints; `python`: the training interpreter (`launch_script.training_python`)."""
     head = [
         f"run {plan.name}  ->  {plan.run_dir}",
         f"cluster: {plan.nodes} node(s) x {plan.ranks_per_node} {'GPU' if plan.device == 'cuda' else 'CPU rank'}(s)"
         f" = world {plan.world_size}; data-parallel {plan.dp} x sequence-parallel {plan.sp}",
         f"model: {_model_line(plan)}",
-        f"ranks run: {_python_line(plan)}",
+        f"ranks run: {_python_line(plan, python)}",
     ]
     blocks = [_stage_block(plan, s) for s in plan.stages]
     tail = [f"warning: {w}" for w in plan.warnings]
     return "\n".join(head + [""] + blocks + tail)
 
 
-def _python_line(plan: Plan) -> str:
-    python = training_python(plan.cluster.python)
+def _python_line(plan: Plan, python: str) -> str:
     source = "cluster.python" if plan.cluster.python else "the interpreter rendering this plan"
     return f"{shlex.quote(python)} -m torch.distributed.run ({source})"
 

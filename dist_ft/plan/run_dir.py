@@ -1,11 +1,14 @@
-"""The layout of a run dir, in one place. Pure: paths only; nothing here reads or writes them.
+"""The layout of a run dir, in one place. Pure: paths only; nothing here writes them, and only the
+listings (`*_files`, `stage_logs`, `node_log_attempts`) read a folder.
 
     RUN/plan.json  recipe.resolved.yaml  local.sh  nodes.sh  jobs.json   what the launcher renders and submits
     RUN/ds_config.<stage>.json  RUN/<stage>.sbatch                  one of each per stage
     RUN/prepare.sbatch                                              with data.prepare: job (SLURM)
     RUN/ssh.json  RUN/control/ssh.token  RUN/control/nodes/<stage>.node<N>.json   the ssh backend's record
     RUN/heartbeats/<stage>/rank<N>.json                             each rank's (step, time), every few seconds
-    RUN/logs/  RUN/control/<stage>.stop  RUN/wandb/
+    RUN/logs/<stage>.<job>.out  <stage>.<job>.attempt<restart>.log   SLURM: a job's output, each attempt's ranks
+    RUN/logs/<stage>.node<N>.<host>.attempt<A>.log                  ssh: one host's part of an attempt
+    RUN/control/<stage>.stop  RUN/wandb/
     RUN/eval/<stage>/                                               `dist-ft eval` after a stage
     RUN/stages/<stage>/DONE  metrics.jsonl  loss.png  ranks/rank<N>.json
     RUN/stages/<stage>/samples.jsonl  test_metrics.json              evaluation during and after fine-tuning
@@ -20,6 +23,7 @@ token_store_root(checkpointing.output_root); dist_ft/store/format.py describes o
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -137,6 +141,33 @@ class RunDir:
     def logs(self) -> Path:
         return self.path / "logs"
 
+    def slurm_output(self, stage: str, job: str | None) -> Path:
+        """SLURM's --output of a stage's job: one per job id (`%j` as rendered), or one for all (None)."""
+        return self.logs / (f"{stage}.{job}.out" if job else f"{stage}.out")
+
+    def attempt_log(self, stage: str, job: str, restart: str) -> Path:
+        """What the ranks of one SLURM attempt print (stage.sbatch renders it with its shell variables)."""
+        return self.logs / f"{stage}.{job}.attempt{restart}.log"
+
+    def stage_logs(self, stage: str) -> tuple[list[Path], list[Path]]:
+        """(the stage's SLURM attempt logs, its SLURM job outputs) there are (reads the folder)."""
+        if not self.logs.is_dir():
+            return [], []
+        names = [p for p in self.logs.glob(f"{stage}.*")]
+        name = re.escape(stage)
+        return ([p for p in names if re.fullmatch(rf"{name}\.\d+\.attempt.*\.log", p.name)],
+                [p for p in names if re.fullmatch(rf"{name}(\.\d+)?\.out", p.name)])
+
+    def node_log(self, stage: str, node_rank: int, host: str, attempt: int) -> Path:
+        """What one host's node agent and ranks print for one ssh attempt of a stage."""
+        return self.logs / f"{stage}.node{node_rank}.{host}.attempt{attempt}.log"
+
+    def node_log_attempts(self, stage: str) -> list[int]:
+        """The ssh attempts of `stage` that left a node log (reads the folder)."""
+        found = (re.fullmatch(rf"{re.escape(stage)}\.node\d+\..*\.attempt(\d+)\.log", p.name)
+                 for p in self.logs.glob(f"{stage}.node*.attempt*.log"))
+        return sorted({int(m.group(1)) for m in found if m})
+
     @property
     def control(self) -> Path:
         return self.path / "control"
@@ -166,8 +197,21 @@ class RunDir:
         """Written by the ssh node agent: its host, pid and start time."""
         return self.control / "nodes" / f"{stage}.node{node_rank}.json"
 
+    def node_record_files(self, stage: str) -> list[Path]:
+        """Every node's `node_record` file of the stage there is (reads the folder)."""
+        return sorted((self.control / "nodes").glob(f"{stage}.node*.json"))
+
+    def heartbeats(self, stage: str) -> Path:
+        """The stage's heartbeat folder: one `heartbeat(stage, rank)` file per rank."""
+        return self.path / "heartbeats" / stage
+
     def heartbeat(self, stage: str, rank: int) -> Path:
-        return self.path / "heartbeats" / stage / f"rank{rank}.json"
+        return self.heartbeats(stage) / f"rank{rank}.json"
+
+    def heartbeat_files(self, stage: str) -> list[Path]:
+        """Every rank's `heartbeat` file there is (reads the folder)."""
+        folder = self.heartbeats(stage)
+        return sorted(folder.glob("rank*.json")) if folder.is_dir() else []
 
     def stop_file(self, stage: str) -> Path:
         """Touched (by the sbatch script on a signal, or by hand) to make a stage checkpoint and stop."""

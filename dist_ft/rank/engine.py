@@ -34,10 +34,11 @@ def init_distributed(env: DistEnv, timeout_minutes: float = 60.0) -> None:
 
 
 @contextlib.contextmanager
-def model_construction(ds_config: dict[str, Any]) -> Iterator[None]:
+def model_construction(ds_config: dict[str, Any], zero3: bool) -> Iterator[None]:
     """Under ZeRO-3, build the model already partitioned: from_pretrained and from_config both
-    consult transformers' HfDeepSpeedConfig, which must stay alive while the model is built."""
-    if ds_config["zero_optimization"]["stage"] != 3:
+    consult transformers' HfDeepSpeedConfig (made from `ds_config`), which must stay alive while the
+    model is built."""
+    if not zero3:
         yield
         return
     from transformers.integrations import HfDeepSpeedConfig
@@ -85,13 +86,13 @@ def sequence_parallel_group(mpu, ds_config: dict[str, Any]) -> SequenceParallel:
                             size=mpu.get_sequence_parallel_world_size())
 
 
-def token_mean_gradient_factor(ds_config: dict[str, Any], data_parallel: int, sequence_parallel: int) -> float:
+def token_mean_gradient_factor(zero_stage: int, data_parallel: int, sequence_parallel: int) -> float:
     """The factor on each rank's share of the loss gradient (loss.TokenMean) that makes DeepSpeed's
     reduction the gradient of the mean over all ranks' tokens. DeepSpeed 0.19 averages gradients over
     the data-parallel ranks and sums the sequence-parallel ranks' under ZeRO-1/2, but ZeRO-3's
     reduce-scatter averages over all ranks. The equality tests (tests/integration/test_sequence_parallel.py,
     test_uneven_ranks.py) pin both for every DeepSpeed upgrade."""
-    averaged_over = data_parallel * (sequence_parallel if ds_config["zero_optimization"]["stage"] == 3 else 1)
+    averaged_over = data_parallel * (sequence_parallel if zero_stage == 3 else 1)
     return float(averaged_over)
 
 

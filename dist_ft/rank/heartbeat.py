@@ -5,13 +5,14 @@ launchers can name the rank, and its host, whose heartbeat went stale."""
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from dist_ft.plan.run_records import HeartbeatRow, write_record
 
 HEARTBEAT_INTERVAL_S = 5.0
 HOST_ENV = "DIST_FT_HOST"  # the hostfile's name for this host, set by the ssh node agent
@@ -43,10 +44,7 @@ class Heartbeat:
 
     def _write(self, ended: str | None = None) -> None:
         step = getattr(self.state, "step", None)
-        row = {**self._info, "step": step, "time": time.time(), **({"ended": ended} if ended else {})}
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(row) + "\n")
-            os.replace(tmp, self.path)
+            write_record(self.path, HeartbeatRow(**self._info, step=step, time=time.time(), ended=ended))
         except OSError:
             pass  # a full or vanished disk must not take training down; status will call it stale

@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from dist_ft.plan import batching
 from dist_ft.plan.plan import Plan, StagePlan
@@ -15,23 +14,21 @@ from dist_ft.store.sources import source_spec, training_paths
 from .data import BatchStream
 from .data.packed import PackedDocuments, PackedExamples, RowSet
 from .data.select import SourceRows, mix, split_set
-from .distributed import DistEnv
 
 
 @dataclass
 class StageData:
     train: BatchStream
     validation: Sequence[dict[str, list[int]]]  # read from the memory map row by row
-    dp_rank: int
-    dp_size: int
     steps_per_epoch: int
     report: str
     eval_copies: int = 1  # forward batch size for one validation row (see evaluate_loss)
     test: Sequence[dict[str, list[int]]] = field(default_factory=list)
 
 
-def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_config: dict[str, Any]) -> StageData:
-    """The stage's rows from its token stores (built by `dist-ft prepare`; a rank never tokenizes)."""
+def load_stage_data(plan: Plan, stage: StagePlan, batch: batching.RankBatch, tokenizer) -> StageData:
+    """The stage's rows from its token stores (built by `dist-ft prepare`; a rank never tokenizes), and this
+    rank's stream of them (`batch`: `Plan.rank_batch` for the live world)."""
     data = stage.data
     seed = data.seed + plan.seed
     reader = _StoreReader(plan, stage, tokenizer, seed)
@@ -48,20 +45,16 @@ def load_stage_data(plan: Plan, stage: StagePlan, env: DistEnv, tokenizer, ds_co
     except (DataError, StoreError) as err:
         raise SystemExit(f"error: [{stage.name}] {err}") from None
     bad, efficiency = reader.bad, reader.efficiency
-    sp = plan.sp
-    dp_size = batching.data_parallel_size(env.world_size, sp)
-    dp_rank = batching.data_parallel_rank(env.rank, sp)
-    micro = ds_config["train_micro_batch_size_per_gpu"]
-    per_step = batching.train_batch_size(micro, ds_config["gradient_accumulation_steps"], dp_size)
+    per_step = batch.global_batch
     if len(train) < per_step:
         raise SystemExit(f"error: [{stage.name}] {len(train)} training rows of {stage.seq_len} tokens cannot fill "
                          f"one step of {per_step} sequences: add data or lower the batch size")
-    stream = BatchStream(train, micro, seed=seed, dp_rank=dp_rank, dp_size=dp_size)
-    return StageData(train=stream, validation=validation, dp_rank=dp_rank, dp_size=dp_size,
+    stream = BatchStream(train, batch.micro, seed=seed, dp_rank=batch.dp_rank, dp_size=batch.dp)
+    return StageData(train=stream, validation=validation,
                      steps_per_epoch=batching.steps_per_epoch(len(train), per_step),
                      report=_report(stage, len(train), len(validation), len(test), bad) + _mixture_report(mixture)
                      + (f"; packing efficiency {100 * efficiency[0]:.1f}%" if efficiency else ""),
-                     eval_copies=micro if sp > 1 else 1, test=test)
+                     eval_copies=batch.micro if plan.sp > 1 else 1, test=test)
 
 
 def _mixture_report(mixture: list[SourceRows]) -> str:

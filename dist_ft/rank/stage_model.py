@@ -37,8 +37,9 @@ def weights_source(plan: Plan, stage: StagePlan) -> tuple[str | None, str | None
 
 
 def build_stage_model(plan: Plan, stage: StagePlan, ds_config: dict, tokenizer) -> torch.nn.Module:
-    m = plan.model
-    with ds.model_construction(ds_config):
+    """The stage's model, partitioned as it is built under ZeRO-3 (`ds_config`: the config the engine gets)."""
+    m, zero3 = plan.model, plan.parallelism.zero_stage == 3
+    with ds.model_construction(ds_config, zero3):
         model = _base_model(plan, stage, tokenizer)
     if m.gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -47,7 +48,6 @@ def build_stage_model(plan: Plan, stage: StagePlan, ds_config: dict, tokenizer) 
     if stage.attention == "shifted_sparse":  # training only: the export reloads with the ordinary attention
         model.set_attn_implementation(register_shifted_sparse(stage.attention_group))
     if stage.phase == "finetune" or stage.method != "full":
-        zero3 = ds_config["zero_optimization"]["stage"] == 3
         model = apply_method(model, stage.method, stage.method_options,
                              gradient_checkpointing=m.gradient_checkpointing, tokenizer=tokenizer,
                              gather=lambda params: ds.gathered(params, enabled=zero3))
@@ -124,12 +124,6 @@ def _export_merged_stage(plan: Plan, stage: StagePlan, engine, tokenizer, env: D
         rebuilt = apply_method(base, stage.method, stage.method_options)
         rebuilt.load_state_dict(state, strict=True)
         save_trained(rebuilt, out.export, tokenizer=tokenizer, merge=True)
-
-
-def export_path(plan: Plan, stage: StagePlan) -> Path:
-    """Where a finished stage's model is: the full directory, or the adapter directory."""
-    return plan.run.stage(stage.name).model()
-
 
 
 

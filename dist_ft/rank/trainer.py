@@ -16,6 +16,7 @@ from dist_ft.evaluation.evaluate import evaluate_after_stage
 from dist_ft.plan import batching
 from dist_ft.plan.plan import Plan, StagePlan
 from dist_ft.plan.run_dir import StageDir
+from dist_ft.plan.run_records import BestWeights, DoneMarker, finite_values, write_record
 from dist_ft.plan.schedule import lr_multiplier
 from . import engine as ds
 from .distributed import DistEnv, read_env
@@ -42,6 +43,7 @@ class StageRun:
     stage: StagePlan
     env: DistEnv
     folder: StageDir
+    batch: batching.RankBatch
     data: StageData
     engine: Any
     tokenizer: Any
@@ -80,41 +82,38 @@ class StageRun:
     def finish(self, state: LoopState, outcome: str) -> None:
         """The export (the best evaluation's weights under early stopping), the test set on them, then DONE:
         a stage counts as finished only once its model is on disk."""
-        done: dict[str, Any] = {"step": state.step, "outcome": outcome}
         best = self._restore_best(state)
-        if best is not None:
-            done["best"] = best
         export_stage(self.plan, self.stage, self.engine, self.tokenizer, self.env)
-        exported = best["step"] if best else state.step
+        exported = best.step if best else state.step
         test = self.evaluation.test(exported)
         if test:
             self._log({"step": state.step, "exported_step": exported, **test})
-            done["test"] = test
         if self.env.is_main:
-            self.folder.done.write_text(json.dumps(done) + "\n")
+            write_record(self.folder.done, DoneMarker(step=state.step, outcome=outcome, best=best,
+                                                      test=finite_values(test) if test else None))
 
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
 
-    def _restore_best(self, state: LoopState) -> dict[str, Any] | None:
+    def _restore_best(self, state: LoopState) -> BestWeights | None:
         """Under early stopping, the engine back at the best evaluation's checkpoint (every rank loads it);
-        what it was: {step, metric, value}. None without early stopping or an evaluation to go by."""
+        which one it was. None without early stopping or an evaluation to go by."""
         rule = self.stage.early_stopping
         if rule is None or state.best_step is None:
             return None
         if state.best_step != state.step:
             self.checkpoints.load_weights(self.engine, self.checkpoints.best_point(state.best_step))
-        best = {"step": state.best_step, "metric": rule.metric, "value": state.best_value}
+        best = BestWeights(step=state.best_step, metric=rule.metric, value=state.best_value)
         self.env.say(f"[{self.stage.name}] exporting the best weights: step {state.best_step}, {rule.metric} "
                      f"{state.best_value:.4f}")
         return best
 
     def _loop_config(self) -> LoopConfig:
         rule = Rule.from_config(self.stage.early_stopping) if self.stage.early_stopping else None
-        return LoopConfig(total_steps=self.total_steps, grad_accum=self.engine.gradient_accumulation_steps(),
-                          data_parallel=self.data.dp_size, checkpoint_every=self.plan.checkpointing.every_steps,
+        return LoopConfig(total_steps=self.total_steps, grad_accum=self.batch.accum,
+                          data_parallel=self.batch.dp, checkpoint_every=self.plan.checkpointing.every_steps,
                           eval_every=self.stage.eval_every, early_stopping=rule)
 
     def _hooks(self, stop: StopRequest) -> LoopHooks:
@@ -175,29 +174,32 @@ def train_stage(plan: Plan, stage: StagePlan) -> int:
 def _build(plan: Plan, stage: StagePlan, env: DistEnv, folder: StageDir) -> tuple[StageRun, LoopState]:
     """Data, model, engine and the state to start from (a checkpoint's, when there is one)."""
     torch.manual_seed(plan.seed + stage.index)
-    ds_config = _ds_config_for_world(plan, stage, env)
+    batch = _rank_batch(plan, stage, env)
+    ds_config = _ds_config(plan, stage, batch)
     tokenizer = stage_tokenizer(plan)
-    data = load_stage_data(plan, stage, env, tokenizer, ds_config)
+    data = load_stage_data(plan, stage, batch, tokenizer)
     env.say(data.report)
     model = build_stage_model(plan, stage, ds_config, tokenizer)
     total_steps = stage.steps or batching.steps_for_epochs(stage.epochs, data.steps_per_epoch)
-    checkpoints = StageCheckpoints(folder, plan.checkpointing, env, data.dp_size,
+    checkpoints = StageCheckpoints(folder, plan.checkpointing, env, batch.dp,
                                    frozen_excluded=stage.method != "full")
     resume = checkpoints.resume_point()
     if resume and resume.universal:
         ds_config["checkpoint"] = {"load_universal": True}
-    engine = _engine(plan, stage, model, ds_config, data.dp_size, total_steps)
+    engine = _engine(plan, stage, model, ds_config, batch, total_steps)
     state = checkpoints.restore(engine, resume, data.train)
-    _write_rank_info(folder, env, data, engine)
+    _write_rank_info(folder, env, batch, engine)
     evaluation = StageEvaluation(stage, engine, tokenizer, env, folder, data.validation, data.test, data.eval_copies)
-    return StageRun(plan, stage, env, folder, data, engine, tokenizer, checkpoints, total_steps, evaluation), state
+    return StageRun(plan, stage, env, folder, batch, data, engine, tokenizer, checkpoints, total_steps,
+                    evaluation), state
 
 
-def _engine(plan: Plan, stage: StagePlan, model, ds_config: dict[str, Any], dp_size: int, total_steps: int):
+def _engine(plan: Plan, stage: StagePlan, model, ds_config: dict[str, Any], batch: batching.RankBatch,
+            total_steps: int):
     """DeepSpeed's engine around the model's loss (chunked or fused head, sequence-parallel slice)."""
-    mpu, sp = _sequence_parallel(plan.sp, model, ds_config)
+    mpu, sp = _sequence_parallel(plan.sp, model, batch.micro, ds_config)
     kernel = choose_head_kernel(plan.model.loss_kernel, model, torch.cuda.is_available())
-    token_mean = TokenMean(ds.token_mean_gradient_factor(ds_config, dp_size, plan.sp))
+    token_mean = TokenMean(ds.token_mean_gradient_factor(plan.parallelism.zero_stage, batch.dp, plan.sp))
     wrapped = LanguageModelLoss(model, plan.model.loss_chunk_tokens, sequence_parallel=sp,
                                 offload_activations=plan.model.offload_activations, head_kernel=kernel,
                                 token_mean=token_mean)
@@ -215,11 +217,11 @@ def _release_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _sequence_parallel(degree: int, model, ds_config: dict[str, Any]):
+def _sequence_parallel(degree: int, model, micro: int, ds_config: dict[str, Any]):
     """(DeepSpeed's mpu, our slice of each batch) under Ulysses; (None, None) without it."""
     if degree == 1:
         return None, None
-    mpu = ds.enable_sequence_parallel(model, degree, ds_config["train_micro_batch_size_per_gpu"])
+    mpu = ds.enable_sequence_parallel(model, degree, micro)
     return mpu, ds.sequence_parallel_group(mpu, ds_config)
 
 
@@ -231,29 +233,31 @@ def _resume_note(outcome: str, state: LoopState) -> str:
     return " (checkpointed; resume continues here)"
 
 
-def _ds_config_for_world(plan: Plan, stage: StagePlan, env: DistEnv) -> dict[str, Any]:
-    """The rendered config, re-balanced if this run has another world size than planned (a resume on
-    fewer or more ranks keeps the global batch by changing gradient accumulation)."""
+def _rank_batch(plan: Plan, stage: StagePlan, env: DistEnv) -> batching.RankBatch:
+    """This rank's batch in the live world: the planned one, or on a resume at another world size the
+    same global batch by another gradient accumulation (said once)."""
+    try:
+        batch = plan.rank_batch(stage, env.world_size, env.rank)
+    except ValueError as err:
+        raise SystemExit(f"error: {err}; re-render the run for this size") from None
+    if env.world_size != plan.world_size:
+        env.say(f"[{stage.name}] world size {env.world_size} differs from the plan's {plan.world_size}: "
+                f"gradient accumulation {batch.accum} keeps {batch.global_batch} sequences per step")
+    return batch
+
+
+def _ds_config(plan: Plan, stage: StagePlan, batch: batching.RankBatch) -> dict[str, Any]:
+    """The rendered config with the live world's batch (the rendered one unless the world size changed)."""
     cfg = json.loads(plan.run.ds_config(stage.name).read_text())
-    dp = batching.data_parallel_size(env.world_size, plan.sp)
-    if dp == plan.dp:
-        return cfg
-    per_step = stage.global_batch_size
-    accum = batching.exact_grad_accum(per_step, stage.micro_batch_size, dp)
-    if accum is None or env.world_size % plan.sp:
-        raise SystemExit(f"error: world size {env.world_size} cannot keep the planned {per_step} sequences per "
-                         f"step with micro-batch {stage.micro_batch_size}; re-render the run for this size")
-    cfg["gradient_accumulation_steps"] = accum
-    cfg["train_batch_size"] = batching.train_batch_size(stage.micro_batch_size, accum, dp)
-    env.say(f"[{stage.name}] world size {env.world_size} differs from the plan's {plan.world_size}: "
-              f"gradient accumulation {cfg['gradient_accumulation_steps']} keeps {per_step} sequences per step")
+    cfg.update(train_micro_batch_size_per_gpu=batch.micro, gradient_accumulation_steps=batch.accum,
+               train_batch_size=batch.global_batch)
     return cfg
 
 
-def _write_rank_info(folder: StageDir, env: DistEnv, data: StageData, engine) -> None:
+def _write_rank_info(folder: StageDir, env: DistEnv, batch: batching.RankBatch, engine) -> None:
     """What this rank holds: evidence that ZeRO shards for real (tests and humans read it)."""
     held, total = ds.parameter_residency(engine)
-    info = {"rank": env.rank, "world_size": env.world_size, "dp_rank": data.dp_rank, "dp_size": data.dp_size,
+    info = {"rank": env.rank, "world_size": env.world_size, "dp_rank": batch.dp_rank, "dp_size": batch.dp,
             "zero_stage": engine.zero_optimization_stage(), "param_elements_held": held,
             "param_elements_total": total, "trainable_elements": trainable_summary(engine.module)[0], "device": env.device, "restart": env.restart_count,
             "collective_timeout_s": ds.collective_timeout_s()}

@@ -110,12 +110,6 @@ class ModelShape:
         """Whether `layout` is this model's own module tree (else a Llama-shaped estimate)."""
         return self.model_type in LAYOUT_TYPES and not self.mixture_of_experts
 
-    def linear_shapes(self) -> list[tuple[int, int]]:
-        """(in, out) of each linear layer in one decoder block (LoRA sizing)."""
-        h, q, kv, i = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim, \
-            self.intermediate_size
-        return [(h, q), (h, kv), (h, kv), (q, h), (h, i), (h, i), (i, h)]
-
 
 @dataclass(frozen=True)
 class Linear:

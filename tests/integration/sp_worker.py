@@ -87,7 +87,7 @@ def run(out: Path, variant: str, zeros: list[int], packed: bool = True) -> None:
         mpu = ds.enable_sequence_parallel(model, 2, MICRO_BATCH)
         config = ds_config(zero, env.world_size // 2)  # more ranks: data-parallel groups on the same batch
         sp = ds.sequence_parallel_group(mpu, config)
-        token_mean = TokenMean(ds.token_mean_gradient_factor(config, env.world_size // 2, 2))
+        token_mean = TokenMean(ds.token_mean_gradient_factor(zero, env.world_size // 2, 2))
         wrapped = LanguageModelLoss(model, CHUNK_TOKENS, sequence_parallel=sp, offload_activations=levers,
                                     token_mean=token_mean)
         engine = ds.build_engine(wrapped, config, lambda step: 1.0, mpu=mpu)

@@ -119,7 +119,6 @@ def test_zero3_prefix_tuning_samples_equal_the_exported_adapters_answers(tmp_pat
     at the last evaluation are the answers one process gives from the exported adapter."""
     from dist_ft.evaluation.generate import Sampling, generate_ids, load_for_generation
     from dist_ft.rank.data import prompt_ids
-    from dist_ft.rank.stage_model import export_path
 
     prompts = ["Add the two numbers.\n\n2 3", "Name a colour."]
     finetune = lora_finetune(method="prefix", steps=2)
@@ -135,7 +134,7 @@ def test_zero3_prefix_tuning_samples_equal_the_exported_adapters_answers(tmp_pat
     last = [row["output"] for row in samples if row["step"] == 2]
 
     stage = plan.stages[-1]
-    model, tokenizer = load_for_generation(str(export_path(plan, stage)), None, "fp32")
+    model, tokenizer = load_for_generation(str(plan.run.stage(stage.name).model()), None, "fp32")
     stop = (tokenizer.eos_token_id,)
     alone = [generate_ids(model, tokenizer, prompt_ids(p, tokenizer, stage.data_format, stage.template,
                                                         stage.seq_len), Sampling(max_new_tokens=8), stop_ids=stop)

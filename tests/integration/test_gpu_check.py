@@ -66,7 +66,7 @@ def test_gpu_tests_are_collected_and_skipped_with_their_reason(smoke):
 
 def test_demo_trained_every_stage(smoke):
     demo = read(smoke, "03-demo.json")
-    assert demo["all_done"] and [s["stage"] for s in demo["stages"]] == ["ctx512", "ctx1k", "sft"]
+    assert demo["all_done"] and [s["stage"] for s in demo["stages"]] == ["ctx512", "sft"]
     for stage in demo["stages"]:
         assert len(stage["losses"]) == 2 and all(math.isfinite(x) for x in stage["losses"])
         assert stage["device"] == "cpu" and stage["step_time_s"] > 0 and stage["peak_memory_gib"] > 0

@@ -3,8 +3,6 @@ by `dist-ft eval`'s loader, scores the validation rows as the engine did."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.integration.training_helpers import lora_finetune, metric_rows, render, tiny_recipe, train
@@ -19,15 +17,12 @@ def eval_loader_loss(plan, run, stage_name: str) -> float:
 
     from dist_ft.evaluation.eval_model import RopeVariant, load_variant, resolve_target
     from dist_ft.rank.data import collate
-    from dist_ft.rank.distributed import read_env
     from dist_ft.rank.stage_data import load_stage_data
-    from dist_ft.rank.stage_model import export_path, stage_tokenizer
+    from dist_ft.rank.stage_model import stage_tokenizer
 
     stage = plan.stage(stage_name)
-    cfg = json.loads((run / stage.ds_config).read_text())
-    cfg["gradient_accumulation_steps"] = cfg["train_batch_size"] // cfg["train_micro_batch_size_per_gpu"]
-    data = load_stage_data(plan, stage, read_env({}, cuda_available=False), stage_tokenizer(plan), cfg)
-    target = resolve_target(str(export_path(plan, stage)), virtual_tokens=True)
+    data = load_stage_data(plan, stage, plan.rank_batch(stage, world_size=1, rank=0), stage_tokenizer(plan))
+    target = resolve_target(str(plan.run.stage(stage.name).model()), virtual_tokens=True)
     model = load_variant(target, RopeVariant("keep"), torch.float32, keep_peft_model=True)
     with torch.no_grad():
         values = [model(**collate([row]), use_cache=False).loss.item() for row in data.validation]

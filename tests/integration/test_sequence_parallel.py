@@ -82,19 +82,15 @@ def test_a_sequence_parallel_stage_trains_evaluates_and_exports(tmp_path):
 
 def reloaded_eval_loss(plan, run: Path) -> float:
     """Plain transformers, no DeepSpeed: the export scores the validation rows rank 0 scored."""
-    import json
-
     from transformers import AutoModelForCausalLM
 
     from dist_ft.rank.data import collate
-    from dist_ft.rank.distributed import read_env
     from dist_ft.rank.stage_data import load_stage_data
-    from dist_ft.rank.stage_model import export_path, stage_tokenizer
+    from dist_ft.rank.stage_model import stage_tokenizer
 
     stage = plan.stage("ctx")
-    env = read_env({"RANK": "0", "WORLD_SIZE": "2"}, cuda_available=False)
-    data = load_stage_data(plan, stage, env, stage_tokenizer(plan), json.loads((run / stage.ds_config).read_text()))
-    model = AutoModelForCausalLM.from_pretrained(export_path(plan, stage)).eval()
+    data = load_stage_data(plan, stage, plan.rank_batch(stage, world_size=2, rank=0), stage_tokenizer(plan))
+    model = AutoModelForCausalLM.from_pretrained(plan.run.stage(stage.name).model()).eval()
     with torch.no_grad():
         values = [model(**collate([row]), use_cache=False).loss.item() for row in data.validation]
     return sum(values) / len(values)

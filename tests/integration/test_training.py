@@ -160,15 +160,11 @@ def reloaded_eval_loss(plan, run, stage_name: str, path=None) -> float:
 
     from dist_ft.rank.data import collate
     from dist_ft.rank.stage_data import load_stage_data
-    from dist_ft.rank.distributed import read_env
-    from dist_ft.rank.stage_model import export_path, stage_tokenizer
+    from dist_ft.rank.stage_model import stage_tokenizer
 
     stage = plan.stage(stage_name)
-    env = read_env({}, cuda_available=False)
-    cfg = json.loads((run / stage.ds_config).read_text())
-    cfg["gradient_accumulation_steps"] = cfg["train_batch_size"] // cfg["train_micro_batch_size_per_gpu"]
-    data = load_stage_data(plan, stage, env, stage_tokenizer(plan), cfg)
-    path = path or export_path(plan, stage)
+    data = load_stage_data(plan, stage, plan.rank_batch(stage, world_size=1, rank=0), stage_tokenizer(plan))
+    path = path or plan.run.stage(stage.name).model()
     if (path / "adapter_config.json").exists():
         base = AutoModelForCausalLM.from_pretrained(run / "stages" / stage.init_from / "export")
         model = PeftModel.from_pretrained(base, path)

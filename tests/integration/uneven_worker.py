@@ -95,7 +95,8 @@ def run_variant(variant: str, env, out: Path) -> None:
     # as a real model's are, so that the LM head is gathered for real.
     config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     sp = ds.sequence_parallel_group(mpu, config) if mpu else None
-    token_mean = TokenMean(ds.token_mean_gradient_factor(config, env.world_size // sp_size, sp_size))
+    zero_stage = config["zero_optimization"]["stage"]
+    token_mean = TokenMean(ds.token_mean_gradient_factor(zero_stage, env.world_size // sp_size, sp_size))
     wrapped = LanguageModelLoss(model, sp_worker.CHUNK_TOKENS, sequence_parallel=sp, token_mean=token_mean)
     engine = ds.build_engine(wrapped, config, lambda step: 1.0, mpu=mpu)
     batch = sp_batch() if family == "sp" else rank_batch(kind, env.rank)

@@ -51,3 +51,31 @@ def test_zero12_export_holds_the_whole_state_dict_on_rank_0_only():
     engine = SimpleNamespace(zero_optimization_stage=lambda: 2, module=model)
     assert ds.full_state_dict(engine, is_main=False) is None
     assert set(ds.full_state_dict(engine, is_main=True)) == {"weight", "bias"}
+
+
+# ZeRO-3's marks on a partitioned parameter that dist_ft reads (hasattr/getattr or attribute access), and
+# the package's own names that merely start the same way.
+DEEPSPEED_PARAMETER_ATTRIBUTES = {"ds_id", "ds_numel", "ds_shape", "ds_tensor"}
+# StagePlan.ds_config (the rendered file's name), the ds_configs/ presets folder, DeepSpeed's ds_to_universal module.
+NOT_DEEPSPEED_ATTRIBUTES = {"ds_config", "ds_configs", "ds_to_universal"}
+
+
+def test_deepspeed_still_sets_the_parameter_attributes_the_ranks_read():
+    """The canary for the `ds_*` reads (head_loss, optimizer, methods, positions, engine, trainer): each is
+    still assigned to a parameter by DeepSpeed's ZeRO-3 partitioner, and no read escapes this list."""
+    import ast
+    import inspect
+    import re
+
+    from deepspeed.runtime.zero import partition_parameters
+    from tests.conftest import ROOT
+
+    tree = ast.parse(inspect.getsource(partition_parameters))
+    set_by_deepspeed = {target.attr for node in ast.walk(tree) if isinstance(node, ast.Assign)
+                        for target in node.targets if isinstance(target, ast.Attribute)
+                        and isinstance(target.value, ast.Name) and target.value.id == "param"}
+    read_here = set()
+    for path in (ROOT / "dist_ft").rglob("*.py"):
+        read_here |= set(re.findall(r"""(?:\.|["'])(ds_[a-z_]+)\b""", path.read_text())) - NOT_DEEPSPEED_ATTRIBUTES
+    assert read_here == DEEPSPEED_PARAMETER_ATTRIBUTES
+    assert DEEPSPEED_PARAMETER_ATTRIBUTES <= set_by_deepspeed

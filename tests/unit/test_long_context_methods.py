@@ -19,7 +19,7 @@ def test_progressive_stages_take_the_method_and_options_and_the_plan_counts_what
     assert [(s.method, s.method_options.r) for s in stages] == [("longlora", 4), ("longlora", 4)]
     count = trainable_params(plan.model_shape, "longlora", stages[0].method_options)
     assert count < plan.model_shape.num_params
-    report = format_plan(plan)
+    report = format_plan(plan, "python3")
     assert report.count(f"trainable: {count:,} parameters") == 2 and "method longlora (r 4" in report
     assert all(s.memory["total_gib"] > 0 for s in stages)
 
@@ -48,7 +48,7 @@ def test_shifted_sparse_attention_plans_a_quarter_group_per_stage_and_refuses_wh
     plan = plan_of(["long_context.attention=shifted_sparse"])
     assert [(s.attention, s.attention_group) for s in plan.stages] == [
         ("shifted_sparse", 128), ("shifted_sparse", 256), ("full", None)]
-    assert "attention S²-Attn (groups of 128, half the heads shifted)" in format_plan(plan)
+    assert "attention S²-Attn (groups of 128, half the heads shifted)" in format_plan(plan, "python3")
     found = problems_of(["long_context.attention=shifted_sparse", "long_context.shifted_sparse_group=2048",
                          "parallelism.sequence_parallel=2"])
     assert set(found) >= {"long_context.shifted_sparse_group", "long_context.attention"}

@@ -25,5 +25,5 @@ def test_each_path_and_its_reason(args, says):
 
 def test_the_plan_prints_the_loss_path_per_stage():
     plan = plan_of(["model.loss_chunk_tokens=256"])
-    lines = [line for line in format_plan(plan).splitlines() if line.startswith("    loss: ")]
+    lines = [line for line in format_plan(plan, "python3").splitlines() if line.startswith("    loss: ")]
     assert len(lines) == len(plan.stages) and all("fused chunks of 256 tokens" in line for line in lines)

@@ -109,6 +109,38 @@ def test_without_the_guard_the_qlora_trap_is_real():
     assert first_b is None or first_b.abs().sum() == 0
 
 
+def test_the_qlora_guard_still_reaches_what_bitsandbytes_has():
+    """The canary for keep_4bit_trainable's private reach, on any CPU (the test above needs AVX512-BF16):
+    bitsandbytes still has the switch its CPU repack checks, and a repack done with its own function is
+    undone by the guard, leaving the same 4-bit weights, the outputs (up to the block scales' round trip
+    through bf16 in the repack), a backward, and the switch off."""
+    import inspect
+
+    import bitsandbytes as bnb
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    from dist_ft.rank.model import keep_4bit_trainable
+
+    assert hasattr(bnb.nn.Linear4bit(8, 8), "support_avx512bf16_for_cpu")  # bitsandbytes' own, set in __init__
+    assert "support_avx512bf16_for_cpu" in inspect.getsource(bnb.nn.Linear4bit.forward)
+    model = tiny_base(quantize_4bit=True, attention_bias=False).eval()
+    linear = next(m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    x = torch.randn(3, linear.in_features)
+    with torch.no_grad():
+        before, weights = linear(x), linear.weight.data.clone()
+    linear.support_avx512bf16_for_cpu = True
+    linear.weight.data, linear.weight.quant_state = _convert_weight_packed_for_cpu(linear.weight.data,
+                                                                                 linear.weight.quant_state)
+    assert linear.weight.quant_state.packing_format_for_cpu  # what the repack leaves: no backward from here
+    keep_4bit_trainable(model)
+    assert not linear.weight.quant_state.packing_format_for_cpu and not linear.support_avx512bf16_for_cpu
+    assert torch.equal(linear.weight.data, weights)
+    after = linear(x.requires_grad_())
+    assert torch.allclose(after, before, rtol=2e-2, atol=2e-3)
+    after.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("method, tied", [("lora", False), ("dora", False), ("longlora", False), ("longlora", True)])
 def test_merged_export_reloads_in_plain_transformers(method, tied, tmp_path):
     model = apply_method(tiny_base(tie_word_embeddings=tied), method, OPTS)

@@ -133,7 +133,7 @@ def test_a_stage_loads_its_mixture_and_reports_it(sources, tmp_path):
     """The rank side: load_stage_data builds the stream from the mixture and reports it (one rank)."""
     from dist_ft.launcher.prepare import prepare
     from dist_ft.plan.plan import make_plan
-    from dist_ft.rank.distributed import DistEnv
+    from dist_ft.plan.batching import RankBatch
     from dist_ft.rank.stage_data import load_stage_data
     from dist_ft.recipe.config import recipe_from_dict
     from dist_ft.recipe.model_shape import shape_from_config
@@ -149,11 +149,8 @@ def test_a_stage_loads_its_mixture_and_reports_it(sources, tmp_path):
     del raw["finetune"]  # its relative paths are resolved by the CLI, not here
     recipe = recipe_from_dict(raw)
     plan = make_plan(recipe, shape_from_config(recipe.model.config, "test"), str(tmp_path / "run"))
-    env = DistEnv(rank=0, local_rank=0, world_size=1, local_world_size=1, backend="gloo", device="cpu",
-                  restart_count=0, slurm_job_id=None)
     prepare(plan, byte_tokenizer(), workers=1, progress=False)  # the ranks only read token stores
-    data = load_stage_data(plan, plan.stages[0], env, byte_tokenizer(),
-                           {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1})
+    data = load_stage_data(plan, plan.stages[0], RankBatch(micro=2, accum=1, dp=1, dp_rank=0), byte_tokenizer())
     assert "source 0 (a): weight 1" in data.report and "source 1 (b): weight 3" in data.report
     assert "100.0% of its own in long documents" in data.report.split("source 1")[1]
     assert data.validation and next(data.train)["input_ids"].shape == (2, 64)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,8 @@ def test_a_plan_of_another_version_asks_for_a_re_render():
 def spied(monkeypatch):
     """Which modules call each batching function (they must reach it as `batching.NAME`)."""
     callers: dict[str, set[str]] = {}
-    for name in ("data_parallel_size", "data_parallel_rank", "train_batch_size", "exact_grad_accum", "steps_per_epoch"):
+    for name in ("data_parallel_size", "data_parallel_rank", "train_batch_size", "exact_grad_accum", "steps_per_epoch",
+                 "rank_batch"):
         real = getattr(batching, name)
 
         def spy(*args, _real=real, _name=name):
@@ -80,18 +82,46 @@ def test_plan_deepspeed_config_data_and_world_size_change_share_one_batch_arithm
     plan = Plan.from_json((tmp_path / "run" / "plan.json").read_text())
     stage = plan.stage("sft")
     cfg = render_ds_config(plan, stage)
-    data = load_stage_data(plan, stage, read_env({"RANK": "1", "WORLD_SIZE": "2"}, cuda_available=False),
-                           stage_tokenizer(plan), cfg)
-    resumed = trainer._ds_config_for_world(plan, stage, read_env({}, cuda_available=False))
-    assert (data.dp_rank, data.dp_size, data.train.rows_per_step) == (1, 2, 2 * cfg["train_micro_batch_size_per_gpu"])
+    batch = trainer._rank_batch(plan, stage, read_env({"RANK": "1", "WORLD_SIZE": "2"}, cuda_available=False))
+    data = load_stage_data(plan, stage, batch, stage_tokenizer(plan))
+    one_rank = trainer._rank_batch(plan, stage, read_env({}, cuda_available=False))
+    resumed = trainer._ds_config(plan, stage, one_rank)
+    assert trainer._ds_config(plan, stage, batch) == cfg  # the planned world: the rendered numbers
+    assert (batch.dp_rank, batch.dp, data.train.rows_per_step) == (1, 2, 2 * cfg["train_micro_batch_size_per_gpu"])
     assert resumed["train_batch_size"] == cfg["train_batch_size"] == stage.global_batch_size
-    assert resumed["gradient_accumulation_steps"] == 2 * cfg["gradient_accumulation_steps"]
-    assert {"dist_ft.plan.plan", "dist_ft.rank.stage_data", "dist_ft.rank.trainer"} <= spied["data_parallel_size"]
-    assert {"dist_ft.plan.micro_batch", "dist_ft.launcher.deepspeed_config", "dist_ft.rank.stage_data",
-            "dist_ft.rank.trainer", "dist_ft.rank.data.batches"} <= spied["train_batch_size"]
-    assert spied["data_parallel_rank"] == {"dist_ft.rank.stage_data"}
-    assert spied["exact_grad_accum"] == {"dist_ft.rank.trainer"}
+    assert resumed["gradient_accumulation_steps"] == 2 * cfg["gradient_accumulation_steps"] == 2 * batch.accum
+    assert "world size 1 differs from the plan's 2" in capsys.readouterr().out
+    assert spied["data_parallel_size"] == {"dist_ft.plan.plan", "dist_ft.plan.micro_batch", "dist_ft.plan.batching"}
+    assert {"dist_ft.plan.micro_batch", "dist_ft.launcher.deepspeed_config", "dist_ft.plan.batching",
+            "dist_ft.rank.data.batches"} <= spied["train_batch_size"]
+    assert spied["rank_batch"] == {"dist_ft.plan.plan"}  # Plan.rank_batch, which the trainer calls
+    assert spied["data_parallel_rank"] == spied["exact_grad_accum"] == {"dist_ft.plan.batching"}
     assert spied["steps_per_epoch"] == {"dist_ft.rank.stage_data"}
+
+
+def test_a_rank_batch_keeps_the_global_batch_on_any_world_that_can():
+    assert batching.rank_batch(2, 16, world_size=4, rank=3, sequence_parallel=1) == batching.RankBatch(2, 2, 4, 3)
+    assert batching.rank_batch(2, 16, world_size=4, rank=3, sequence_parallel=2) == batching.RankBatch(2, 4, 2, 1)
+    assert batching.RankBatch(2, 4, 2, 1).global_batch == 16
+    for world, sp in ((3, 1), (16, 1), (3, 2)):  # 16 is not 2 x 3 x accum; 32 ranks of 2 overshoot; sp splits no 3
+        with pytest.raises(ValueError, match=f"world size {world} cannot keep the planned 16 sequences"):
+            batching.rank_batch(2, 16, world_size=world, rank=0, sequence_parallel=sp)
+
+
+def test_ranks_take_micro_batch_accumulation_and_zero_stage_from_the_plan_not_the_deepspeed_dict():
+    """The rendered DeepSpeed dict is written once (trainer._ds_config); no rank module reads a batch number or
+    the ZeRO stage back out of it (engine.py checks the dict's own reduce_scatter against its stage)."""
+    keys = ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "stage")
+    allowed = {'dist_ft/rank/engine.py: zero["stage"]'}
+    found = []
+    for path in sorted((PACKAGE / "rank").rglob("*.py")):
+        source = path.read_text()
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant) and node.slice.value in keys \
+                    and isinstance(node.ctx, ast.Load) and \
+                    f"{path.relative_to(ROOT)}: {ast.get_source_segment(source, node)}" not in allowed:
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.get_source_segment(source, node)}")
+    assert found == []
 
 
 BATCH_WORDS = ("world_size", "micro_batch_size", "grad_accum", "gradient_accumulation", "dp_size", "global_batch")
@@ -196,7 +226,8 @@ def test_the_token_store_sits_below_the_launcher_and_the_ranks():
 
 
 LAYOUT_NAMES = {"plan.json", "jobs.json", "stages", "DONE", "export", "adapter", "merged", "checkpoints", "universal",
-                "control", "logs", "eval", "ranks", "metrics.jsonl", "loss.png", "data_cache", "wandb"}
+                "control", "logs", "eval", "ranks", "metrics.jsonl", "loss.png", "data_cache", "wandb", "heartbeats",
+                "nodes", "ssh.json", "ssh.token"}
 
 
 def test_only_run_dir_spells_the_run_dir_layout():
@@ -211,3 +242,48 @@ def test_only_run_dir_spells_the_run_dir_layout():
                     isinstance(node.right, ast.Constant) and node.right.value in LAYOUT_NAMES:
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno}: {ast.get_source_segment(source, node)}")
     assert found == []
+
+
+# Folders whose file names their own module owns, not RunDir: token stores (store/format.py, and prepare's
+# summary beside them) and checkpoint tags (rank/checkpoint.py).
+OWN_LAYOUT = ("dist_ft/store/", "dist_ft/launcher/prepare.py", "dist_ft/rank/checkpoint.py")
+# A run dir file's name spelled in a string: a log (`.log`, `.out`, `.attempt`), a node record or heartbeat file.
+RUN_DIR_FILE_NAME = re.compile(r"\.(log|out)\b|\.attempt|\.node[{*]|rank[{*]|heartbeats/")
+
+
+def test_only_run_dir_builds_run_dir_file_names():
+    """No `folder / f"..."` path part, no glob or string spelling a log, heartbeat or node-record name outside
+    run_dir.py (the sbatch template gets its attempt log rendered in)."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        where = str(path.relative_to(ROOT))
+        if path.name == "run_dir.py" or where.startswith(OWN_LAYOUT):
+            continue
+        source = path.read_text()
+        tree = ast.parse(source)
+        docstrings = {id(n.value) for n in ast.walk(tree) if isinstance(n, ast.Expr)}
+        for node in ast.walk(tree):
+            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and isinstance(node.right, ast.JoinedStr):
+                found.append(f"{where}:{node.lineno}: {ast.get_source_segment(source, node)}")
+            elif id(node) not in docstrings and RUN_DIR_FILE_NAME.search(_literal_text(node)):
+                found.append(f"{where}:{node.lineno}: {ast.get_source_segment(source, node)}")
+    template = (PACKAGE / "slurm_templates" / "stage.sbatch.tmpl").read_text()
+    assert not RUN_DIR_FILE_NAME.search(template) and "attempt_log=@@ATTEMPT_LOG@@" in template
+    assert found == []
+
+
+def _literal_text(node) -> str:
+    """A string's text, an f-string's with `{}` for each value it formats; '' for anything else."""
+    if isinstance(node, ast.Constant):
+        return node.value if isinstance(node.value, str) else ""
+    if isinstance(node, ast.JoinedStr):
+        return "".join(v.value if isinstance(v, ast.Constant) else "{}" for v in node.values)
+    return ""
+
+
+def test_the_training_interpreter_is_resolved_by_the_commands_alone():
+    """`training_python` runs in cli.py, once per command; renderers and launchers take the result."""
+    callers = sorted(str(path.relative_to(ROOT)) for path in PACKAGE.rglob("*.py")
+                     for node in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "training_python")
+    assert callers == ["dist_ft/cli.py"] * 3

@@ -124,7 +124,7 @@ def test_the_report_prints_each_stages_trainable_parameters():
     plan = plan_of(["finetune.options.modules_to_save=[lm_head]"])
     shape = plan.model_shape
     lora = trainable_params(shape, "lora", plan.stage("sft").method_options)
-    text = format_plan(plan)
+    text = format_plan(plan, "python3")
     assert f"trainable: {shape.num_params:,} parameters (100% of the model's {shape.num_params:,})" in text
     percent = 100 * lora / shape.num_params
     assert f"trainable: {lora:,} parameters ({percent:.3g}% of the model's {shape.num_params:,})" in text
@@ -132,7 +132,8 @@ def test_the_report_prints_each_stages_trainable_parameters():
 
 def test_the_report_without_a_model_shape_says_so():
     recipe = recipe_from_dict(finetune_only())
-    assert "trainable: unknown (model config not readable)" in format_plan(make_plan(recipe, None, "/tmp/run"))
+    text = format_plan(make_plan(recipe, None, "/tmp/run"), "python3")
+    assert "trainable: unknown (model config not readable)" in text
 
 
 def test_the_catalogued_8b_lora_count():

@@ -3,6 +3,7 @@ several hosts, heartbeats. The real sshd runs are in tests/integration/test_ssh_
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -18,6 +19,8 @@ from dist_ft.launcher.ssh_launch import (EXIT_NO_RUN_DIR, Rendezvous, next_attem
                                          ssh_argv, supervise_hosts, torchrun_command)
 from dist_ft.plan.plan import Plan
 from dist_ft.plan.run_dir import RunDir
+from dist_ft.plan.run_records import (HeartbeatRow, LauncherProcess, NodeRecord, SshRecord, StageAttempt,
+                                      write_record)
 from dist_ft.rank.heartbeat import Heartbeat
 from dist_ft.recipe.hostfile import parse_hostfile
 from tests.conftest import demo_raw
@@ -105,9 +108,10 @@ def test_scripts_sent_to_hosts_are_valid_bash_and_quote_everything(tmp_path, rec
     run_dir = tmp_path / f"run {NASTY}"
     plan = _plan(tmp_path, recipe_file, capsys, run_dir)
     rdzv = Rendezvous("node-a:29400", "demo-ctx-1")
-    for script in (preflight_script(plan, "tok"), node_script(plan, plan.stages[0], 1, rdzv, 2)):
+    python = sys.executable
+    for script in (preflight_script(plan, python, "tok"), node_script(plan, plan.stages[0], python, 1, rdzv, 2)):
         assert subprocess.run(["bash", "-n", "-c", script]).returncode == 0
-    argv = ssh_argv(plan, "node-a", preflight_script(plan, "tok"))
+    argv = ssh_argv(plan, "node-a", preflight_script(plan, sys.executable, "tok"))
     assert argv[:3] == ["ssh", "-o", "BatchMode=yes"] and argv[-3:-1] == ["--", "node-a"]
     # run the remote command as the remote login shell would: the token differs, so exit 3; nothing executed
     result = subprocess.run(["bash", "-c", argv[-1]], cwd=tmp_path, capture_output=True, text=True)
@@ -177,26 +181,31 @@ def test_heartbeats_name_the_stale_rank_and_its_host(tmp_path, monkeypatch):
 
     beat.follow(State())
     time.sleep(0.3)
-    row = json.loads(run.heartbeat("ctx", 1).read_text())
-    assert row["step"] == 4 and row["host"] == "node-b" and row["rank"] == 1
+    row = HeartbeatRow.from_json(run.heartbeat("ctx", 1).read_text())
+    assert (row.step, row.host, row.rank) == (4, "node-b", 1)
     beat.close("stopped")
     now = time.time()
     assert stale_lines(run, "ctx", now=now + 3600) == []  # it said it ended
-    row = {**row, "time": now - 100}
-    run.heartbeat("ctx", 0).write_text(json.dumps({**row, "rank": 0, "interval_s": 5.0}))
+    row = dataclasses.replace(row, time=now - 100)
+    write_record(run.heartbeat("ctx", 0), dataclasses.replace(row, rank=0, interval_s=5.0))
     lines = stale_lines(run, "ctx", now=now)
     assert len(lines) == 1 and "rank 0 on node-b" in lines[0] and "no heartbeat for 100 s" in lines[0]
-    assert not is_stale({**row, "time": now - 10, "interval_s": 5.0}, now)
+    assert not is_stale(dataclasses.replace(row, time=now - 10, interval_s=5.0), now)
     report = heartbeat_report(tmp_path, ["ctx", "sft"], now=now)
     assert report[0] == "[ctx] heartbeats: 2 rank(s), 1 STALE" and "stopped at step 4" in report[2]
+
+
+def heartbeat_row(rank: int, host: str, pid: int, step: int | None, age_s: float, started_ago_s: float = 0.0,
+                  **extra) -> HeartbeatRow:
+    now = time.time()
+    return HeartbeatRow(rank=rank, host=host, hostname=host, pid=pid, restart=0, started=now - started_ago_s,
+                        interval_s=5.0, step=step, time=now - age_s, **extra)
 
 
 def _beat(run: RunDir, rank: int, age_s: float, started_ago_s: float = 0.0, **extra) -> None:
     path = run.heartbeat("ctx", rank)
     path.parent.mkdir(parents=True, exist_ok=True)
-    now = time.time()
-    path.write_text(json.dumps({"rank": rank, "host": f"node-{rank}", "pid": 100 + rank, "step": 7,
-                                "started": now - started_ago_s, "time": now - age_s, **extra}))
+    write_record(path, heartbeat_row(rank, f"node-{rank}", 100 + rank, 7, age_s, started_ago_s, **extra))
 
 
 def test_the_hang_watch_names_the_first_rank_silent_longer_than_the_timeout(tmp_path):
@@ -207,7 +216,7 @@ def test_the_hang_watch_names_the_first_rank_silent_longer_than_the_timeout(tmp_
     assert watch.silent_rank() is None
     _beat(run, 1, age_s=61)
     silent = watch.silent_rank()
-    assert silent["rank"] == 1 and silent["host"] == "node-1"
+    assert (silent.rank, silent.host) == (1, "node-1")
     message = watch.message(silent)
     assert "rank 1 on node-1 (pid 101) sent no heartbeat for 61 s" in message and "(60 s)" in message
 
@@ -218,7 +227,7 @@ def test_the_hang_watch_ignores_ranks_that_ended_and_heartbeats_of_an_earlier_la
     _beat(run, 0, age_s=500, started_ago_s=900)  # a rank of the previous attempt, killed without a word
     _beat(run, 1, age_s=120, ended="done")
     assert watch.silent_rank() is None
-    assert HangWatch(run, "ctx", after_s=60, every_s=0, since=0).silent_rank()["rank"] == 0
+    assert HangWatch(run, "ctx", after_s=60, every_s=0, since=0).silent_rank().rank == 0
 
 
 def test_the_hang_watch_looks_at_most_every_few_seconds(tmp_path):
@@ -227,7 +236,7 @@ def test_the_hang_watch_looks_at_most_every_few_seconds(tmp_path):
     assert watch.silent_rank() is None  # nothing yet; the next look is an hour away
     _beat(run, 0, age_s=50)
     assert watch.silent_rank() is None
-    assert watch.silent_rank(now=time.time() + 3601)["rank"] == 0
+    assert watch.silent_rank(now=time.time() + 3601).rank == 0
 
 
 @pytest.mark.integration  # starts host processes
@@ -261,17 +270,16 @@ def test_status_of_an_ssh_run_shows_hosts_attempts_and_stale_ranks(tmp_path, rec
     plan = _plan(tmp_path, recipe_file, capsys, run_dir)
     run = RunDir(run_dir)
     first = plan.stages[0].name
-    (run.path / "ssh.json").write_text(json.dumps({
-        "backend": "ssh", "hosts": ["node-a", "user@node-b"], "launcher": {"host": "elsewhere", "pid": 1},
-        "stages": {first: {"state": "running", "attempt": 2, "started": "2026-11-29T09:00:00+0000"}}}))
+    write_record(run.ssh_file, SshRecord(
+        hosts=["node-a", "user@node-b"], launcher=LauncherProcess("elsewhere", 1), started="2026-11-29T08:00:00+0000",
+        stages={first: StageAttempt("running", attempt=2, started="2026-11-29T09:00:00+0000")}))
     run.node_record(first, 1).parent.mkdir(parents=True)
-    run.node_record(first, 1).write_text(json.dumps({"host": "user@node-b", "pid": 77, "node_rank": 1,
-                                                     "attempt": 2, "started": time.time()}))
+    write_record(run.node_record(first, 1), NodeRecord(host="user@node-b", hostname="b", pid=77, node_rank=1,
+                                                       attempt=2, started=time.time(), endpoint="node-a:29400"))
     run.stage(first).metrics.parent.mkdir(parents=True)
     run.stage(first).metrics.write_text(json.dumps({"step": 3, "loss": 2.5}) + "\n")
     run.heartbeat(first, 1).parent.mkdir(parents=True)
-    run.heartbeat(first, 1).write_text(json.dumps({"rank": 1, "host": "user@node-b", "pid": 78, "step": 3,
-                                                   "time": time.time() - 120, "interval_s": 5.0}))
+    write_record(run.heartbeat(first, 1), heartbeat_row(1, "user@node-b", 78, 3, age_s=120))
     assert main(["status", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "ssh backend on node-a, user@node-b" in out and "(on another machine)" in out
@@ -286,7 +294,7 @@ def test_status_of_a_local_run_shows_stale_heartbeats_too(tmp_path, recipe_file,
     plan = _plan(tmp_path, recipe_file, capsys, run_dir)
     path = RunDir(run_dir).heartbeat(plan.stages[0].name, 0)
     path.parent.mkdir(parents=True)
-    path.write_text(json.dumps({"rank": 0, "host": "here", "pid": 5, "step": None, "time": time.time() - 40}))
+    write_record(path, heartbeat_row(0, "here", 5, None, age_s=40))
     assert main(["status", str(run_dir)]) == 0
     assert "rank 0 on here (pid 5): before its first step, STALE" in capsys.readouterr().out
 

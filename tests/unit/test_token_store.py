@@ -296,7 +296,7 @@ def test_best_fit_decreasing_packs_every_example_whole_into_fewer_rows(tokenizer
 def test_a_rank_without_its_store_stops_naming_the_prepare_command(tmp_path):
     from dist_ft.cli import main
     from dist_ft.plan.plan import Plan
-    from dist_ft.rank.distributed import read_env
+    from dist_ft.plan.batching import RankBatch
     from dist_ft.rank.stage_data import load_stage_data
 
     recipe = tmp_path / "recipe.yaml"
@@ -308,8 +308,7 @@ def test_a_rank_without_its_store_stops_naming_the_prepare_command(tmp_path):
     resolved = yaml.safe_load((tmp_path / "run" / "recipe.resolved.yaml").read_text())
     assert resolved["finetune"]["data"]["cache_dir"] == str(tmp_path / "token_store")  # prepare from anywhere
     with pytest.raises(SystemExit) as stop:
-        load_stage_data(plan, plan.stage("sft"), read_env({}, cuda_available=False), byte_tokenizer(),
-                        {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
+        load_stage_data(plan, plan.stage("sft"), RankBatch(micro=1, accum=1, dp=1, dp_rank=0), byte_tokenizer())
     assert str(stop.value) == (f"error: [sft] the token store {tmp_path}/token_store/{store_path_name(plan)} is "
                                f"missing: run `dist-ft prepare {tmp_path}/run/recipe.resolved.yaml`")
 
@@ -329,7 +328,7 @@ def test_a_hub_dataset_is_exported_by_prepare_and_read_by_the_ranks_from_the_sto
 
     from dist_ft.cli import main
     from dist_ft.plan.plan import Plan
-    from dist_ft.rank.distributed import read_env
+    from dist_ft.plan.batching import RankBatch
     from dist_ft.rank.stage_data import load_stage_data
 
     rows = [{"instruction": f"add {i} and {i}", "output": str(2 * i)} for i in range(40)]
@@ -349,8 +348,7 @@ def test_a_hub_dataset_is_exported_by_prepare_and_read_by_the_ranks_from_the_sto
     assert main(["prepare", *args]) == 0 and len(calls) == 1  # exported once, the store reused
     monkeypatch.setattr(datasets, "load_dataset", None)  # a rank that tried would fail
     plan = Plan.from_json((tmp_path / "run" / "plan.json").read_text())
-    data = load_stage_data(plan, plan.stage("sft"), read_env({}, cuda_available=False), byte_tokenizer(),
-                           {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
+    data = load_stage_data(plan, plan.stage("sft"), RankBatch(micro=1, accum=1, dp=1, dp_rank=0), byte_tokenizer())
     assert len(data.validation) >= 1 and next(data.train)["input_ids"].shape == (1, 256)
 
 
