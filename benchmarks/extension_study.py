@@ -33,7 +33,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -86,6 +86,11 @@ PROFILES = {
                   branch_lr=1e-3, heldout_files=12, passkey_depths=(), passkey_trials=0, methods=("yarn",),
                   warmup_steps=5),
 }
+# Issue 28: the ci setup (same base, data, tokens, lr and seed), its YaRN x4 stage trained by each method, with
+# and without S²-Attn. A branch is named rope[+method][+s2].
+METHOD_BRANCHES = ("yarn", "yarn+longlora", "yarn+lora", "yarn+s2", "yarn+longlora+s2", "yarn+lora+s2")
+PROFILES["methods"] = replace(PROFILES["ci"], methods=METHOD_BRANCHES)  # measured: docs/extension-study.md
+PROFILES["methods-full"] = replace(PROFILES["full"], methods=METHOD_BRANCHES)  # not run yet (~45 minutes)
 ZERO_SHOT = ("none", "linear", "dynamic", "yarn", "theta")
 COLOURS = {"none": "C0", "linear": "C1", "dynamic": "C2", "yarn": "C3", "theta": "C4", "yarn-progressive": "C5",
            "yarn-progressive@2x": "C6"}
@@ -143,9 +148,11 @@ def recipe(name: str, model: dict, stages: list[dict], paths: list[str], profile
             "checkpointing": {"every_steps": every, "keep_last": keep_last, "output_root": str(root)}}
 
 
-def branch_stages(method: str, profile: Profile, theta: float) -> list[dict]:
+def branch_stages(branch: str, profile: Profile, theta: float) -> list[dict]:
     target = profile.native * profile.factor
-    common = {"lr": profile.branch_lr, "warmup_steps": 2}
+    method, *extras = branch.split("+")
+    adapter = next((e for e in extras if e != "s2"), "full")
+    common = {"lr": profile.branch_lr, "warmup_steps": 2, "method": adapter}
     if method == "yarn-progressive":
         half = profile.branch_tokens // 2
         return [{"name": f"ctx{target // 2}", "seq_len": target // 2, "tokens": half, "rope": {"type": "yarn"},
@@ -177,7 +184,11 @@ def launch(recipe_dict: dict, recipes: Path, logs: Path, echo) -> dict:
     for stage in recipe_dict["long_context"]["stages"]:
         rows = [json.loads(line) for line in (run_dir / "stages" / stage["name"] / "metrics.jsonl").open()]
         steps = [r for r in rows if "loss" in r]
+        rank0 = json.loads((run_dir / "stages" / stage["name"] / "ranks" / "rank0.json").read_text())
         stages[stage["name"]] = {"steps": len(steps), "tokens": steps[-1]["tokens_seen"],
+                                 "trainable": rank0.get("trainable_elements"), "params": rank0["param_elements_total"],
+                                 "peak_memory_gib": max(r.get("peak_memory_gib", 0) for r in steps),
+                                 "step_s_median": statistics.median(r["step_time_s"] for r in steps[1:] or steps),
                                  "train_s": round(sum(r.get("step_time_s", 0) for r in steps), 1),
                                  "loss_first": steps[0]["loss"], "loss_last": steps[-1]["loss"],
                                  "losses": [(r["tokens_seen"], r["loss"]) for r in steps]}
@@ -331,8 +342,11 @@ def run_study(profile_name: str, out: Path, echo=print) -> Study:
                                                    f"zero-shot {name}")
     for method in profile.methods:
         model = {"name_or_path": base["export"], "dtype": "fp32"}
-        run = launch(recipe(f"branch-{method}", model, branch_stages(method, profile, theta),
-                            data_paths(EXTEND_PACKAGES), profile, root), recipes, logs, echo)
+        branch = recipe(f"branch-{method.replace('+', '-')}", model, branch_stages(method, profile, theta),
+                        data_paths(EXTEND_PACKAGES), profile, root)
+        if method.endswith("+s2"):
+            branch["long_context"]["attention"] = "shifted_sparse"
+        run = launch(branch, recipes, logs, echo)
         study.runs[method] = run
         study.trained[method] = evaluate_model(run["export"], "keep", None, profile, ids, tokenizer, echo,
                                                f"trained {method}")
@@ -456,6 +470,26 @@ def between_branches(study: Study) -> str:
     return "\n".join(lines)
 
 
+def methods_table(study: Study) -> str:
+    """Issue 28: what each method trained, cost and bought beyond the window (per window, vs zero-shot YaRN)."""
+    profile = PROFILES[study.profile]
+    n, long = profile.native, profile.native * profile.factor
+    lines = [f"| branch | trainable | peak RSS rank 0 | step (median) | {2 * n}–{long} / 0–{n} | {2 * n}–{long}: "
+             "zero-shot YaRN -> after (per window) | windows better |", "|---|---|---|---|---|---|---|"]
+    zero = band(study.zero_shot["yarn"], long, 2 * n)
+    for name, result in study.trained.items():
+        stage = next(iter(study.runs[name]["stages"].values()))
+        if stage.get("trainable") is None:
+            continue
+        beyond, inside = band(result, long, 2 * n), band(result, long, 0)
+        mean, se, wins, count = paired(beyond, zero)
+        lines.append(f"| {name} | {100 * stage['trainable'] / stage['params']:.1f}% | "
+                     f"{stage['peak_memory_gib']:.2f} GiB | {stage['step_s_median']:.2f} s | "
+                     f"{beyond['ppl'] / inside['ppl']:.3f} | {zero['ppl']:.2f} -> {beyond['ppl']:.2f} "
+                     f"({100 * (math.exp(mean) - 1):+.1f}% ±{100 * se:.1f}) | {wins}/{count} |")
+    return "\n".join(lines)
+
+
 def plateau_table(study: Study) -> str:
     """Held-out perplexity per pretraining checkpoint and its change over each interval."""
     points = study.plateau
@@ -560,7 +594,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(study: Study, out: Path, docs: bool) -> int:
-    text = "\n\n".join([plateau_table(study), table(study), comparison(study), between_branches(study)])
+    parts = [plateau_table(study), table(study), comparison(study), between_branches(study)]
+    if any("+" in name for name in study.trained):
+        parts.append(methods_table(study))
+    text = "\n\n".join(parts)
     (out / "table.md").write_text(text + "\n")
     pngs = plots(study, out)
     print(text)

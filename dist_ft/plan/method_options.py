@@ -145,29 +145,60 @@ def _frozen_out(tree: Layout, shape: ModelShape, o: MethodOptions) -> list[str]:
 
 def check_options(recipe: Recipe, shape: ModelShape | None, problems: list[Problem], warnings: list[str]) -> None:
     """The fine-tuning method's options against the method, the engine settings and the model's shape."""
-    ft = recipe.finetune
-    if ft is None:
-        return
-    method, o = ft.method, ft.options
+    if recipe.finetune is not None:
+        check_method_options(recipe, recipe.finetune.method, recipe.finetune.options, "finetune", shape, problems,
+                             warnings)
+
+
+def check_long_context_method(recipe: Recipe, method: str, o: MethodOptions, path: str, shape: ModelShape | None,
+                              problems: list[Problem], warnings: list[str]) -> None:
+    """A long-context stage's method: fine-tuning's vocabulary and checks, and where its engine can run it."""
+    check_method_options(recipe, method, o, path, shape, problems, warnings)
+    if method == "qlora" and not recipe.cluster.gpus_per_node:
+        problems.append(Problem(f"{path}.method", "qlora needs GPUs (bitsandbytes 4-bit training on CPU ranks is "
+                                "impractically slow and unsupported by ZeRO)",
+                                "use `longlora` or `lora` on CPU ranks, or set `cluster.gpus_per_node`"))
+    if method == "qlora" and recipe.parallelism.zero_stage == 3:
+        problems.append(Problem("parallelism.zero_stage", "qlora keeps 4-bit weights that ZeRO-3 cannot "
+                                "partition here", "use `zero_stage: 2` with qlora"))
+
+
+def carries_adapter(recipe: Recipe, method: str, o: MethodOptions, previous, path: str,
+                    problems: list[Problem]) -> bool:
+    """Whether a long-context stage keeps training the previous stage's adapter (long_context.adapter: carry):
+    both are adapter stages, with the same method and options (else refused: there is nothing to carry)."""
+    if recipe.long_context.adapter != "carry" or previous is None or "full" in (method, previous.method):
+        return False
+    if (method, o) != (previous.method, previous.method_options):
+        problems.append(Problem(f"{path}.method", f"carries stage {previous.name}'s adapter, which is {previous.method} "
+                                "with other options", "give adapter stages one method and options under "
+                                "`adapter: carry`, or set `long_context.adapter: merge`"))
+        return False
+    return True
+
+
+def check_method_options(recipe: Recipe, method: str, o: MethodOptions, path: str, shape: ModelShape | None,
+                         problems: list[Problem], warnings: list[str]) -> None:
+    """A stage's method options (the section at `path`: finetune, long_context.stages[i], ...)."""
     for name in o.set_options():
         methods = OPTION_METHODS[name]
         if method in methods:
             continue
         what = f"applies to method{'s' if len(methods) > 1 else ''} {', '.join(methods)} only, not {method}"
         if name in WARN_ONLY_OPTIONS:
-            warnings.append(f"finetune.options.{name} {what}: ignored")
+            warnings.append(f"{path}.options.{name} {what}: ignored")
         else:
-            problems.append(Problem(f"finetune.options.{name}", what,
+            problems.append(Problem(f"{path}.options.{name}", what,
                                     f"remove it, or use method {methods[0]}"))
     if method in LORA_FAMILY and o.init_lora_weights in BASE_CHANGING_INITS:
-        _check_base_changing_init(recipe, problems, warnings)
+        _check_base_changing_init(recipe, method, o.init_lora_weights, path, problems, warnings)
     if shape is not None:
-        _check_against_shape(method, o, shape, problems)
+        _check_against_shape(method, o, shape, path, problems)
 
 
-def _check_base_changing_init(recipe: Recipe, problems: list[Problem], warnings: list[str]) -> None:
-    init, method = recipe.finetune.options.init_lora_weights, recipe.finetune.method
-    path = "finetune.options.init_lora_weights"
+def _check_base_changing_init(recipe: Recipe, method: str, init: str, section: str, problems: list[Problem],
+                              warnings: list[str]) -> None:
+    path = f"{section}.options.init_lora_weights"
     if method == "qlora":
         why = ("peft refuses to decompose 4-bit weights" if init == "pissa" else
                "the base would be re-quantized after the decomposition, so no adapter over the original 4-bit "
@@ -182,17 +213,18 @@ def _check_base_changing_init(recipe: Recipe, problems: list[Problem], warnings:
         problems.append(Problem(path, f"{init} decomposes each whole weight when the adapter is created; ZeRO-3 "
                                 "has partitioned the weights by then", "use parallelism.zero_stage 1 or 2"))
     if recipe.model.dtype != "fp32":
-        warnings.append(f"finetune.options.init_lora_weights {init} under {recipe.model.dtype}: the base's "
+        warnings.append(f"{path} {init} under {recipe.model.dtype}: the base's "
                         f"residual weights are rounded to {recipe.model.dtype} after the decomposition, so the "
                         "exported adapter (converted to plain LoRA over the original base) matches the trained "
                         "model up to that rounding; model.dtype fp32 exports it exactly")
 
 
-def _check_against_shape(method: str, o: MethodOptions, shape: ModelShape, problems: list[Problem]) -> None:
+def _check_against_shape(method: str, o: MethodOptions, shape: ModelShape, path: str,
+                         problems: list[Problem]) -> None:
     if method in LORA_FAMILY and o.layers_to_transform is not None:
         beyond = [i for i in o.layers_to_transform if i >= shape.num_layers]
         if beyond:
-            problems.append(Problem("finetune.options.layers_to_transform",
+            problems.append(Problem(f"{path}.options.layers_to_transform",
                                     f"{beyond} are beyond the model's {shape.num_layers} layers (0-based)",
                                     f"use indices 0..{shape.num_layers - 1}"))
             return
@@ -200,7 +232,7 @@ def _check_against_shape(method: str, o: MethodOptions, shape: ModelShape, probl
         return
     tree = layout(shape)
     if method == "bitfit" and not any(name.endswith(".bias") for name in tree.parameters):
-        problems.append(Problem("finetune.method", f"bitfit trains only biases and this {shape.model_type} model "
+        problems.append(Problem(f"{path}.method", f"bitfit trains only biases and this {shape.model_type} model "
                                 "has none: it would train nothing",
                                 "choose another method (lora, ia3, freeze), or a model whose layers have biases "
                                 "(qwen2: the q/k/v projections)"))
@@ -212,25 +244,26 @@ def _check_against_shape(method: str, o: MethodOptions, shape: ModelShape, probl
     linear_names = {t.name for t in tree.linears}
     other = [m for m in tree.modules if m not in linear_names and re.fullmatch(regex, m)] if regex else []
     if other and method in (*LORA_FAMILY, "ia3"):
-        problems.append(Problem("finetune.options.target_modules", f"{regex!r} also matches {other[0]}, which is "
+        problems.append(Problem(f"{path}.options.target_modules", f"{regex!r} also matches {other[0]}, which is "
                                 "not a linear layer (peft adapts only those and refuses the rest)",
                                 "narrow the expression, e.g. end it in _proj, or list module names"))
     if method in (*LORA_FAMILY, "ia3") and not targets:
         where = " in layers_to_transform" if o.layers_to_transform and method in LORA_FAMILY else ""
-        problems.append(Problem("finetune.options.target_modules",
+        problems.append(Problem(f"{path}.options.target_modules",
                                 f"leaves the adapter no linear layer of this {shape.model_type} model{where} "
                                 "(modules_to_save ones are trained whole instead of adapted)",
                                 f"use names such as {', '.join(_short_names(tree.linears[:7]))}"))
     if o.modules_to_save and method in OPTION_METHODS["modules_to_save"]:
-        _check_modules_to_save(o.modules_to_save, tree, shape, problems)
+        _check_modules_to_save(o.modules_to_save, tree, shape, path, problems)
 
 
-def _check_modules_to_save(wanted: list[str], tree: Layout, shape: ModelShape, problems: list[Problem]) -> None:
+def _check_modules_to_save(wanted: list[str], tree: Layout, shape: ModelShape, path: str,
+                           problems: list[Problem]) -> None:
     known = sorted({m.rsplit(".", 1)[-1] for m in tree.modules if not m.split(".")[-1].isdigit()})
     for index, name in enumerate(wanted):
         if not saved_module_names(tree, [name]):
             close = difflib.get_close_matches(name, known, n=1)
-            problems.append(Problem(f"finetune.options.modules_to_save[{index}]",
+            problems.append(Problem(f"{path}.options.modules_to_save[{index}]",
                                     f"{name!r} names no module of this {shape.model_type} model",
                                     f"did you mean {close[0]!r}?" if close else f"use one of: {', '.join(known)}"))
 

@@ -17,8 +17,8 @@ MAX_MICRO_TOKENS = 32768  # beyond this a bigger micro-batch buys no throughput,
 
 def choose_batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int,
                  global_seqs: int, micro_override: int | None, dp: int, budget: oom_advice.Budget,
-                 where: tuple[str, str], problems: list[Problem],
-                 warnings: list[str]) -> tuple[int, int, int, dict | None]:
+                 where: tuple[str, str], problems: list[Problem], warnings: list[str],
+                 opts: MethodOptions | None = None) -> tuple[int, int, int, dict | None]:
     """(micro, accum, global sequences, memory) with global = micro x accum x dp. `where`: the stage's
     name and its micro-batch field."""
     name, path = where
@@ -29,13 +29,13 @@ def choose_batch(recipe: Recipe, shape: ModelShape | None, method: str, packed: 
     candidates = [micro_override] if micro_override else \
         _divisors_desc(per_rank, max(1, MAX_MICRO_TOKENS * sp // seq_len))
     for micro in candidates:
-        mem = _memory(recipe, shape, method, packed, seq_len, micro)
+        mem = _memory(recipe, shape, method, packed, seq_len, micro, opts)
         if mem is None or mem.total_gib <= oom_advice.TIGHT_FRACTION * budget.gib:
             break
     accum = batching.grad_accum_for(global_seqs, micro, dp)
     stage = oom_advice.Stage(name, path.rsplit(".", 1)[0], seq_len, method, micro, path, bool(micro_override))
     oom_advice.check_fit(recipe, shape, stage, mem, budget,
-                         lambda r, m: _memory(r, shape, method, packed, seq_len, m), problems, warnings)
+                         lambda r, m: _memory(r, shape, method, packed, seq_len, m, opts), problems, warnings)
     return micro, accum, batching.train_batch_size(micro, accum, dp), mem.as_dict() if mem else None
 
 
@@ -56,10 +56,10 @@ def _divisors_desc(n: int, limit: int) -> list[int]:
 
 
 def _memory(recipe: Recipe, shape: ModelShape | None, method: str, packed: bool, seq_len: int,
-            micro: int) -> memory.MemoryEstimate | None:
+            micro: int, opts: MethodOptions | None = None) -> memory.MemoryEstimate | None:
     if shape is None:
         return None
-    par, opts, model = recipe.parallelism, recipe.finetune.options if recipe.finetune else MethodOptions(), recipe.model
+    par, opts, model = recipe.parallelism, opts or MethodOptions(), recipe.model
     dp = batching.data_parallel_size(recipe.cluster.world_size, par.sequence_parallel)
     return memory.estimate(memory.MemoryInputs(
         shape=shape, trainable_params=memory.trainable_params(shape, method, opts), dtype=recipe.model.dtype,

@@ -24,7 +24,8 @@ from dist_ft.recipe.strict import Problem, RecipeError, build
 from . import batching, oom_advice
 from .checks import (check_cluster, check_extends, check_method, check_model_source, check_positions,
                      check_time_limit, check_training)
-from .method_options import check_options
+from .attention_checks import shifted_sparse_group
+from .method_options import carries_adapter, check_long_context_method, check_options
 from .micro_batch import choose_batch, packing_safe_micro
 from .sp_checks import check_sequence_lengths
 from .rope import addressable_length, inherited_theta, max_positions, rope_parameters
@@ -69,6 +70,9 @@ class StagePlan:
     metrics: list[str] = field(default_factory=lambda: ["loss"])  # on validation and test data (finetune.metrics)
     metric_rows: int | None = None
     samples: Samples | None = None
+    attention: str = "full"  # training-time attention (long_context.attention)
+    attention_group: int | None = None  # S²-Attn tokens per group
+    carry_adapter: bool = False  # keeps training the previous stage's adapter, over its base
 
 
 @dataclass(frozen=True)
@@ -235,8 +239,9 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
     check_positions(shape, stage.seq_len, _table_length(shape, previous), stage.extend_positions, path, problems)
     global_seqs = max(1, round(lc.tokens_per_step / stage.seq_len))
     micro = packing_safe_micro(recipe, lc.data, stage.micro_batch_size, f"{path}.micro_batch_size", problems)
-    batch = choose_batch(recipe, shape, "full", lc.data.packing, stage.seq_len, global_seqs, micro, dp, budget,
-                         (stage.name, f"{path}.micro_batch_size"), problems, warnings)
+    check_long_context_method(recipe, stage.method, stage.options, path, shape, problems, warnings)
+    batch = choose_batch(recipe, shape, stage.method, lc.data.packing, stage.seq_len, global_seqs, micro, dp, budget,
+                         (stage.name, f"{path}.micro_batch_size"), problems, warnings, stage.options)
     micro, accum, global_seqs, mem = batch
     tokens_per_step = batching.tokens_per_step(global_seqs, stage.seq_len)
     if tokens_per_step != lc.tokens_per_step:
@@ -246,13 +251,16 @@ def _long_stage(recipe: Recipe, shape: ModelShape | None, stage: Stage, index: i
     check_training(recipe, stage, steps, path, problems, warnings)
     return StagePlan(
         index=index, name=stage.name, phase="continued_pretraining", seq_len=stage.seq_len,
-        rope_parameters=rope, max_position_embeddings=max_positions(shape, stage.seq_len, rope), method="full",
-        method_options=None, data=lc.data, data_format="text", template=None,
+        rope_parameters=rope, max_position_embeddings=max_positions(shape, stage.seq_len, rope),
+        method=stage.method, method_options=None if stage.method == "full" else stage.options, data=lc.data,
+        data_format="text", template=None,
         micro_batch_size=micro, grad_accum=accum, global_batch_size=global_seqs, tokens_per_step=tokens_per_step,
         steps=steps, epochs=None, lr=stage.lr, optimizer=stage.optimizer, scheduler=stage.schedule,
         init_from=previous.name if previous else None, eval_every=_long_eval_every(lc, steps),
-        metrics=["loss", "perplexity"], early_stopping=None, merge_adapter=False, memory=mem, ds_config=ds_config_name(stage.name),
-        sbatch=sbatch_name(stage.name), extend_positions=stage.extend_positions,
+        metrics=["loss", "perplexity"], early_stopping=None, merge_adapter=False, memory=mem,
+        ds_config=ds_config_name(stage.name), sbatch=sbatch_name(stage.name), extend_positions=stage.extend_positions,
+        attention=lc.attention, attention_group=shifted_sparse_group(recipe, shape, stage.seq_len, problems),
+        carry_adapter=carries_adapter(recipe, stage.method, stage.options, previous, path, problems),
     )
 
 
@@ -282,7 +290,7 @@ def _finetune_stage(recipe: Recipe, shape: ModelShape | None, index: int, last: 
     micro = packing_safe_micro(recipe, ft.data, ft.micro_batch_size, "finetune.micro_batch_size", problems)
     micro, accum, global_seqs, mem = choose_batch(recipe, shape, ft.method, ft.data.packing, seq_len,
                                                   ft.global_batch_size, micro, dp, budget,
-                                                  (ft.name, "finetune.micro_batch_size"), problems, warnings)
+                                                  (ft.name, "finetune.micro_batch_size"), problems, warnings, ft.options)
     if global_seqs != ft.global_batch_size:  # dp does not divide it: said, as for long-context tokens_per_step
         warnings.append(f"{ft.name}: {global_seqs} sequences per step (asked {ft.global_batch_size}): {micro} x "
                         f"{accum} accumulation x {dp} data-parallel ranks")

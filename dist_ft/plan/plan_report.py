@@ -58,6 +58,11 @@ def _params(n: int) -> str:
     return f"{n / 1e9:.2f}B params" if n >= 1e9 else f"{n / 1e6:.1f}M params"
 
 
+def _attention(s: StagePlan) -> str:
+    return f"   attention S²-Attn (groups of {s.attention_group}, half the heads shifted)" \
+        if s.attention == "shifted_sparse" else ""
+
+
 def _stage_block(plan: Plan, s: StagePlan) -> str:
     phase = "continued pretraining" if s.phase == "continued_pretraining" else "fine-tuning"
     steps = f"{s.steps} steps" if s.steps is not None else f"{s.epochs:g} epochs (steps counted from the data)"
@@ -65,7 +70,7 @@ def _stage_block(plan: Plan, s: StagePlan) -> str:
     offload = "/".join(x for x in (par.offload_optimizer, par.offload_params) if x != "none") or "no offload"
     lines = [
         f"[{s.index}] {s.name}  ({phase}{', from ' + s.init_from if s.init_from else ''})",
-        f"    seq_len {s.seq_len}   rope {_rope(s.rope_parameters)}{_positions(s)}",
+        f"    seq_len {s.seq_len}   rope {_rope(s.rope_parameters)}{_positions(s)}{_attention(s)}",
         f"    method {s.method}{_options(s)}",
         f"    trainable: {_trainable(plan, s)}",
         f"    micro-batch {s.micro_batch_size} x grad-accum {s.grad_accum} x dp {plan.dp} = {s.global_batch_size}"

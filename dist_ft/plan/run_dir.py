@@ -14,6 +14,8 @@ listings (`*_files`, `stage_logs`, `node_log_attempts`) read a folder.
     RUN/stages/<stage>/samples.jsonl  test_metrics.json              evaluation during and after fine-tuning
     RUN/stages/<stage>/checkpoints/  universal/                      see checkpoint.py
     RUN/stages/<stage>/export/  (adapter/, merged/ for adapter methods)
+    RUN/stages/<stage>/adapter/                                     a long-context adapter stage's adapter; its
+                                                                    export/ is the adapter merged (the next stage's start)
 
 Token stores live outside any run dir, shared by runs and recipes: data.cache_dir, by default
 token_store_root(checkpointing.output_root); dist_ft/store/format.py describes one.
@@ -79,6 +81,11 @@ class StageDir:
     @property
     def merged(self) -> Path:
         return self.export / "merged"
+
+    @property
+    def merged_from(self) -> Path:
+        """A long-context adapter stage's adapter (its export holds the adapter merged into the base)."""
+        return self.path / "adapter"
 
     @property
     def metrics(self) -> Path:

@@ -115,12 +115,13 @@ def is_zero3(engine) -> bool:
 
 
 @contextlib.contextmanager
-def gathered(params: list[torch.nn.Parameter], enabled: bool) -> Iterator[None]:
-    """Whole tensors on every rank for the duration (ZeRO-3 shards them otherwise)."""
+def gathered(params: list[torch.nn.Parameter], enabled: bool, modifier_rank: int | None = None) -> Iterator[None]:
+    """Whole tensors on every rank for the duration (ZeRO-3 shards them otherwise); `modifier_rank`: the
+    rank whose changes are kept (None: read only)."""
     if not enabled:
         yield
         return
-    with GatheredParameters(params, modifier_rank=None):
+    with GatheredParameters(params, modifier_rank=modifier_rank):
         yield
 
 

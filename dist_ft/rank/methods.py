@@ -357,6 +357,20 @@ def save_trained(model: torch.nn.Module, out_dir: str | Path, *, tokenizer: PreT
     return export_model_dir(model.merge_and_unload(), tokenizer, out)
 
 
+def load_adapter_weights(model: torch.nn.Module, adapter_dir: Path,
+                         gather: Callable[[list[torch.nn.Parameter]], contextlib.AbstractContextManager]) -> None:
+    """Start `model`'s adapter (peft, same method and options) from the weights saved in `adapter_dir`;
+    `gather` makes partitioned (ZeRO-3) trainable parameters whole while they are written."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    state = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    with gather([p for p in model.parameters() if p.requires_grad]):
+        result = set_peft_model_state_dict(model, state)
+    if result.unexpected_keys:
+        raise MethodError(f"{adapter_dir} does not fit this adapter: {result.unexpected_keys[:3]} ...")
+
+
 def load_trained(path: str | Path, *, base_model: PreTrainedModel | None = None,
                  trainable: bool = False) -> torch.nn.Module:
     """Reload what save_trained wrote: an adapter onto `base_model`, or a full directory."""

@@ -25,6 +25,7 @@ from .heartbeat import Heartbeat
 from .loop import LoopConfig, LoopHooks, LoopState, NonFiniteLossError, run_loop
 from .head_loss import choose_head_kernel
 from .loss import LanguageModelLoss, TokenMean
+from .methods import trainable_summary
 from .metrics import NullMetrics, RankZeroMetrics, mfu, quiet_progress_bars
 from .optimizer import client_optimizer, parameter_groups
 from .position_bands import LossWatch
@@ -277,7 +278,7 @@ def _write_rank_info(folder: StageDir, env: DistEnv, batch: batching.RankBatch, 
     held, total = ds.parameter_residency(engine)
     info = {"rank": env.rank, "world_size": env.world_size, "dp_rank": batch.dp_rank, "dp_size": batch.dp,
             "zero_stage": engine.zero_optimization_stage(), "param_elements_held": held,
-            "param_elements_total": total, "device": env.device, "restart": env.restart_count,
+            "param_elements_total": total, "trainable_elements": trainable_summary(engine.module)[0], "device": env.device, "restart": env.restart_count,
             "collective_timeout_s": ds.collective_timeout_s()}
     path = folder.rank_info(env.rank)
     path.parent.mkdir(parents=True, exist_ok=True)

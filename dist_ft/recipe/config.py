@@ -7,16 +7,15 @@ run's infrastructure in `run_sections.py`, optimizer and schedule in `optimizati
 
 from __future__ import annotations
 
-import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from .finetune_options import (  # noqa: F401 - re-exported: the method's vocabulary is the recipe's
-    ANSWER_METRICS, BASE_CHANGING_INITS, EVAL_METRICS, LORA_FAMILY, LOSS_METRICS, MAX_NEW_TOKENS, MAX_SAMPLES,
-    OPTION_METHODS, PEFT_ADAPTERS, PEFT_WITH_MODULES_TO_SAVE, VIRTUAL_TOKEN_METHODS, WARN_ONLY_OPTIONS,
-    EarlyStopping, LoraBias, LoraInit, Method, MethodOptions, Samples, metric_direction)
+    ADAPTER_DOC, ANSWER_METRICS, ATTENTION_DOC, BASE_CHANGING_INITS, EVAL_METRICS, GROUP_DOC, LONG_CONTEXT_METHOD_DOC,
+    LONG_EVAL_EVERY_DOC, LORA_FAMILY, LOSS_METRICS, MAX_NEW_TOKENS, MAX_SAMPLES, OPTION_METHODS, PEFT_ADAPTERS,
+    PEFT_WITH_MODULES_TO_SAVE, VIRTUAL_TOKEN_METHODS, WARN_ONLY_OPTIONS, EarlyStopping, LongContextMethod, LoraBias,
+    LoraInit, Method, MethodOptions, Samples, metric_direction)
 from .limits import (  # noqa: F401 - re-exported: the bounds are part of the recipe's vocabulary
     MAX_ADAPTER_SIZE, MAX_BATCH, MAX_EPOCHS, MAX_GPUS_PER_NODE, MAX_MICRO_BATCH, MAX_NAME, MAX_NODES,
     MAX_PROCS_PER_NODE, MAX_ROPE_FACTOR, MAX_ROPE_THETA, MAX_SEED, MAX_SEQ_LEN, MAX_STAGES, MAX_STEPS, MAX_TOKENS,
@@ -31,6 +30,7 @@ from .raw_recipe import apply_overrides, to_dict  # noqa: F401 - re-exported: lo
 from .recipe_yaml import read_recipe
 from .run_sections import (  # noqa: F401 - re-exported: the sections are the recipe's
     Checkpointing, Cluster, Evaluation, Parallelism, Tracking, printable_line)
+from .names import check_name
 from .strict import Invalid, build, spec
 
 RopeType = Literal["none", "linear", "dynamic", "yarn", "llama3", "longrope"]
@@ -132,6 +132,8 @@ class Stage:
     extend_positions: PositionExtension = spec("none", doc=EXTEND_POSITIONS_DOC)
     micro_batch_size: int | None = spec(None, min=1, max=MAX_MICRO_BATCH,
                                         doc="Sequences per rank per micro-step; planned when unset.")
+    method: LongContextMethod = spec("full", doc=LONG_CONTEXT_METHOD_DOC)
+    options: MethodOptions = spec(factory=MethodOptions, doc="Method options (as finetune.options).")
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -160,6 +162,8 @@ class Progressive:
     rope: Rope = spec(factory=Rope, doc="Applied to every stage; factor derived per stage when unset.")
     extend_positions: PositionExtension = spec("none", doc="Applied to every stage: " + EXTEND_POSITIONS_DOC)
     name_prefix: str = spec("ctx", doc="Stage names are prefix + seq_len (ctx8k, ctx16k, ...).")
+    method: LongContextMethod = spec("full", doc="Every stage's method: " + LONG_CONTEXT_METHOD_DOC)
+    options: MethodOptions = spec(factory=MethodOptions, doc="Every stage's method options (as finetune.options).")
 
     def __post_init__(self) -> None:
         if self.target < self.start:
@@ -187,7 +191,8 @@ class Progressive:
     def expand(self) -> list[Stage]:
         return [Stage(name=f"{self.name_prefix}{_short(n)}", seq_len=n, steps=self.steps, tokens=self.tokens,
                       lr=self.lr, min_lr_ratio=self.min_lr_ratio, warmup_steps=self.warmup_steps, rope=self.rope,
-                      extend_positions=self.extend_positions, optimizer=self.optimizer, scheduler=self.scheduler)
+                      extend_positions=self.extend_positions, optimizer=self.optimizer, scheduler=self.scheduler,
+                      method=self.method, options=self.options)
                 for n in self.lengths()]
 
 
@@ -198,10 +203,10 @@ class LongContext:
     data: Data = spec(doc="Long documents for continued pretraining.")
     stages: list[Stage] = spec(factory=list, doc="Explicit stages, seq_len increasing.")
     progressive: Progressive | None = spec(None, doc="Compact form: start, target, growth.")
-    eval_every: int | None = spec(None, min=1, max=MAX_STEPS, doc="Validate every N steps of each stage (and at "
-                                  "its end) on held-out long documents (`data.validation_fraction` or "
-                                  "`validation_paths`): loss and perplexity, overall and by position band at "
-                                  "the stage's seq_len. Unset: four times per stage when there is validation data.")
+    eval_every: int | None = spec(None, min=1, max=MAX_STEPS, doc=LONG_EVAL_EVERY_DOC)
+    attention: Literal["full", "shifted_sparse"] = spec("full", doc=ATTENTION_DOC)
+    shifted_sparse_group: int | None = spec(None, min=2, max=MAX_SEQ_LEN, doc=GROUP_DOC)
+    adapter: Literal["merge", "carry"] = spec("merge", doc=ADAPTER_DOC)
 
     def __post_init__(self) -> None:
         if self.eval_every and not self.data.has_validation:
@@ -210,6 +215,9 @@ class LongContext:
         if self.data.columns:
             raise Invalid("data.columns", "maps fine-tuning rows' fields; long-context documents read `text_field`",
                           "remove columns and set `text_field: <column>`")
+        if self.shifted_sparse_group is not None and self.attention != "shifted_sparse":
+            raise Invalid("shifted_sparse_group", "is read by `attention: shifted_sparse` only",
+                          "set `attention: shifted_sparse`, or remove shifted_sparse_group")
         if not self.data.packing:  # the ranks pack every long-context stage: false would be ignored
             raise Invalid("data.packing", "long-context stages always pack documents into full rows",
                           "remove long_context.data.packing (`long_documents` chooses what happens to a document "
@@ -364,21 +372,6 @@ class Recipe:
         if self.long_context is None and self.finetune is None:
             raise Invalid("long_context", "the recipe has no stage",
                           "add a `long_context` section, a `finetune` section, or both")
-
-
-_PORTABLE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-
-
-def check_name(name: str) -> None:
-    """Names become file names and job names: keep them tame."""
-    if len(name) > MAX_NAME:  # file systems refuse names over 255 bytes: fail here, not when writing
-        raise Invalid("name", f"is {len(name)} characters long, more than {MAX_NAME}",
-                      "use a shorter name (it becomes file, folder and job names)")
-    # ASCII only, and a letter or digit first: `-x` would read as an option on a command line,
-    # `.x` is hidden, and other scripts' characters are not portable across file and job systems.
-    if not _PORTABLE_NAME.fullmatch(name):
-        raise Invalid("name", f"{name!r} is not a valid name",
-                      "start with a letter or digit; then use ASCII letters, digits, '-', '_' and '.' only")
 
 
 def _short(n: int) -> str:

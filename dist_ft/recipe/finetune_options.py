@@ -17,6 +17,23 @@ Method = Literal["full", "lora", "qlora", "dora", "prefix", "prompt", "ptuning",
 PEFT_ADAPTERS = ("lora", "qlora", "dora", "prefix", "prompt", "ptuning", "ia3", "longlora")
 LORA_FAMILY = ("lora", "qlora", "dora", "longlora")
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt", "ptuning")
+# What a long-context (continued-pretraining) stage may train: every weight, or the LoRA family.
+LongContextMethod = Literal["full", "longlora", "lora", "qlora", "dora"]
+LONG_CONTEXT_METHOD_DOC = ("Which parameters train: full (every weight), longlora (LoRA+: LoRA plus trainable "
+                           "embeddings and norms, as in LongLoRA), lora, qlora (CUDA only), dora. An adapter is "
+                           "merged into the stage's export, so the next stage starts from merged weights.")
+ATTENTION_DOC = ("Training-time attention of every long-context stage. full: causal attention over each packed "
+                 "document; shifted_sparse: LongLoRA's S²-Attn: each document cut into groups of "
+                 "shifted_sparse_group tokens, half of the heads attend within groups, the other half within "
+                 "groups shifted by half a group (never across documents). Exports and evaluation always use "
+                 "full attention.")
+GROUP_DOC = "S²-Attn tokens per group (even); unset: a quarter of each stage's seq_len (LongLoRA's choice)."
+ADAPTER_DOC = ("Adapter stages: merge (the next stage trains a new adapter over the merged weights) or carry (it keeps "
+               "training this adapter over the same base). The export is merged either way.")
+LONG_EVAL_EVERY_DOC = ("Validate every N steps of each stage (and at its end) on held-out long documents "
+                       "(`data.validation_fraction` or `validation_paths`): loss and perplexity, overall and by "
+                       "position band at the stage's seq_len. Unset: four times per stage when there is validation "
+                       "data.")
 
 LoraBias = Literal["none", "all", "lora_only"]
 LoraInit = Literal["default", "gaussian", "pissa", "olora"]
