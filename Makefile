@@ -27,7 +27,17 @@ demo: setup
 test: setup
 	bash slurm/local_cluster/up.sh || echo "local SLURM cluster unavailable: the slurm tests will say why they skip"
 	bash tests/ssh/up.sh || echo "test sshd unavailable: the ssh backend tests will say why they skip"
-	$(PY) -m pytest -q -n 2 --dist loadgroup --durations=25; status=$$?; bash slurm/local_cluster/down.sh; bash tests/ssh/down.sh; exit $$status
+	@# The in-process tests run in a second session beside the ones that start processes (ranks, SLURM jobs,
+	@# ssh), on the cores those leave idle while processes start up and wait; its report follows theirs.
+	start=$$(date +%s); \
+	$(PY) -m pytest -q -p no:cacheprovider -m "not integration and not slurm" --durations=5 > .in-process-tests.log 2>&1 & unit=$$!; \
+	$(PY) -m pytest -q -m "integration or slurm" --durations=25; status=$$?; \
+	wait $$unit; unit_status=$$?; \
+	echo "---- the in-process tests (run beside the above) ----"; \
+	if [ $$unit_status = 0 ]; then tail -n 12 .in-process-tests.log; else cat .in-process-tests.log; fi; \
+	bash slurm/local_cluster/down.sh; bash tests/ssh/down.sh; \
+	echo "make test: $$(( $$(date +%s) - start )) s in all"; \
+	if [ $$status = 0 ]; then exit $$unit_status; else exit $$status; fi
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow and not slurm"

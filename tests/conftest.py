@@ -40,14 +40,7 @@ def recipe_file(tmp_path):
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests that start processes (ranks, SLURM jobs, ssh) run one at a time on one xdist worker: each uses
-    the machine's cores and some time their collectives. Under `make test` (`-n 2 --dist loadgroup`) the
-    in-process tests run beside them on the other worker, in the time those processes start up and wait.
-    `longrun` tests take many minutes on 2 cores: they run when DIST_FT_LONGRUN=1, not in CI."""
-    serial = pytest.mark.xdist_group("processes")
-    for item in items:
-        if "integration" in item.keywords or "slurm" in item.keywords:
-            item.add_marker(serial)
+    """`longrun` tests take many minutes on 2 cores: they run when DIST_FT_LONGRUN=1, not in CI."""
     if os.environ.get("DIST_FT_LONGRUN") == "1":
         return
     skip = pytest.mark.skip(reason="long run (minutes of CPU): set DIST_FT_LONGRUN=1 to run it")

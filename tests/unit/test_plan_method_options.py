@@ -51,7 +51,7 @@ def test_an_option_of_another_method_is_an_error_naming_its_path(method, option,
     found = problems_of([f"finetune.method={method}", f"finetune.options.{option}={value}",
                          "finetune.data.packing=false"])
     problem = found[f"finetune.options.{option}"]
-    assert problem.what.startswith(f"applies to method") and methods in problem.what and method in problem.what
+    assert problem.what.startswith("applies to method") and methods in problem.what and method in problem.what
 
 
 def test_the_older_options_only_warn_when_another_method_ignores_them():
